@@ -1,0 +1,7 @@
+"""optimfx: fused PyTorch optimizers with a plain-PyTorch reference and Triton kernels."""
+
+from ._dispatch import resolve_backend, triton_available
+from ._version import __version__
+from .optim import AdaX, AdaXW
+
+__all__ = ["AdaX", "AdaXW", "__version__", "resolve_backend", "triton_available"]

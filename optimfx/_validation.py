@@ -1,0 +1,70 @@
+"""Hyperparameter checks shared by every optimizer.
+
+Each helper raises :class:`ValueError` whose message starts with the argument's name, so a user who
+mistypes ``betas=(0.9, 1.1)`` reads ``Invalid betas[1]: 1.1 (must be in [0, 1))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+_BACKENDS = ("auto", "reference", "triton", "compiled")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        return float(value.detach().cpu().reshape(()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
+    return float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """Return ``value`` as a float after checking it lies in the interval ``low .. high``."""
+    x = _as_float(name, value)
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if math.isnan(x) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {x} (must be in {left}{low}, {high}{right})")
+    return x
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    return check_range(name, value, 0.0, math.inf)
+
+
+def check_positive(name: str, value: Any) -> float:
+    return check_range(name, value, 0.0, math.inf, low_open=True)
+
+
+def check_lr(value: Any) -> None:
+    """``lr`` may be a non-negative float or a 1-element tensor (for compiled steps)."""
+    check_nonnegative("lr", value)
+
+
+def check_betas(value: Any, ranges: tuple[tuple[float, float, bool, bool], ...]) -> tuple[float, ...]:
+    """Check a ``betas`` tuple element by element; ``ranges`` holds (low, high, low_open, high_open)."""
+    if not isinstance(value, (tuple, list)) or len(value) != len(ranges):
+        raise ValueError(f"Invalid betas: {value!r} (must be a tuple of {len(ranges)} numbers)")
+    return tuple(
+        check_range(f"betas[{i}]", v, lo, hi, low_open=lo_open, high_open=hi_open)
+        for i, (v, (lo, hi, lo_open, hi_open)) in enumerate(zip(value, ranges))
+    )
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+    return value
+
+
+def check_backend(value: Any) -> str:
+    return check_choice("backend", value, _BACKENDS)

@@ -1,0 +1,6 @@
+"""``torch.optim.Optimizer`` subclasses: validation, state layout and docs; maths lives in reference/."""
+
+from .adax import AdaX, AdaXW
+from .base import FxOptimizer
+
+__all__ = ["AdaX", "AdaXW", "FxOptimizer"]

@@ -1,0 +1,132 @@
+"""AdaX and AdaXW: validation, state layout and documentation (maths in ``reference/adax.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .._algorithm import Algorithm
+from .._validation import check_betas, check_choice, check_nonnegative, check_positive
+from ..reference import adax as ref
+from .base import FxOptimizer
+
+ADAX = Algorithm(
+    name="adax",
+    state_names=ref.STATE_NAMES,
+    hyper=ref.AdaXHyper.from_group,
+    scalars=ref.host_scalars,
+    reference_step=ref.step_,
+)
+
+_SHARED_ARGS = r"""
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate :math:`\alpha` (float or 1-element tensor). Default: {lr}.
+        betas: ``(b1, b2)``; ``b1`` in [0, 1) is the momentum coefficient, ``b2`` > 0 the
+            long-term-memory rate. Default: ``(0.9, 1e-4)`` (paper and official code).
+        eps: ε. Default: ``1e-12`` (official code).
+        weight_decay: {wd_doc} Default: {wd}.
+        eps_mode: where ε enters the denominator: ``"official"`` (on the raw ``sqrt(v_t)``, i.e.
+            ``ε/sqrt(c_t)`` on ``sqrt(v̂)``, the code the paper's experiments used), ``"adam"``
+            (``sqrt(v̂) + ε``) or ``"inside"`` (``sqrt(v̂ + ε)``, the blog notation). Default: ``"official"``.
+        maximize: ascend the objective instead of descending. Default: ``False``.
+        skip_nonfinite: skip a group's step when its gradients hold inf/NaN, leaving parameters and
+            state untouched, so one bad batch cannot poison the moments. Default: ``True``.
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"reference"``, ``"triton"`` or
+            ``"compiled"``. Default: ``"auto"``.
+"""
+
+_EQUATIONS = r"""
+    .. math::
+
+        g_t &\leftarrow \nabla_\theta f(\theta_{{t-1}}){l2}\\
+        m_t &= b_1 m_{{t-1}} + (1-b_1) g_t \\
+        \hat v_t &= \hat v_{{t-1}} + w_t (g_t^2 - \hat v_{{t-1}}),\quad
+            w_t = \frac{{b_2}}{{(1+b_2)^t - 1}} \\
+        \theta_t &= \theta_{{t-1}}{decay} - \alpha \frac{{m_t}}{{\sqrt{{\hat v_t}} + \epsilon_{{\rm eff}}}}
+
+    ``v̂`` is the official raw second moment divided by its bias correction ``c_t = (1+b_2)^t - 1``,
+    updated with the stable weight ``w_t``: the same numbers as the official recursion, without its
+    fp32 overflow near 0.9 M steps.
+"""
+
+
+class _AdaXBase(FxOptimizer):
+    algorithm = ADAX
+    _decoupled: bool
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, betas: tuple[float, float],
+                 eps: float, weight_decay: float, *, eps_mode: str, maximize: bool,
+                 skip_nonfinite: bool, backend: str) -> None:
+        betas = check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, True, True)))
+        defaults = dict(
+            lr=lr, betas=betas, eps=check_positive("eps", eps),
+            weight_decay=check_nonnegative("weight_decay", weight_decay),
+            eps_mode=check_choice("eps_mode", eps_mode, ref.EPS_MODES),
+            decoupled=self._decoupled, maximize=bool(maximize),
+            skip_nonfinite=bool(skip_nonfinite), backend=backend,
+        )
+        super().__init__(params, defaults)
+
+
+class AdaX(_AdaXBase):
+    __doc__ = (
+        r"""AdaX with coupled L2 weight decay, as the official ``AdaX`` class.
+
+    AdaX replaces Adam's exponential-moving second moment with an exponentially *growing* long-term
+    memory, so the preconditioner settles instead of tracking recent gradients.
+"""
+        + _EQUATIONS.format(l2=r" + \lambda\theta_{t-1}", decay="")
+        + _SHARED_ARGS.format(lr="``1.5e-3``", wd="``5e-4``",
+                              wd_doc="coupled L2 coefficient λ: ``g ← g + λθ`` before the moments "
+                                     "(``p.grad`` itself is never modified).")
+        + r"""
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = optimfx.AdaX(model.parameters(), lr=1.5e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Li et al, `AdaX: Adaptive Gradient Descent with Exponential Long Term Memory
+        <https://arxiv.org/abs/2004.09740>`_, 2020.
+"""
+    )
+    _decoupled = False
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.5e-3,
+                 betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-4,
+                 *, eps_mode: str = "official", maximize: bool = False, skip_nonfinite: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode, maximize=maximize,
+                         skip_nonfinite=skip_nonfinite, backend=backend)
+
+
+class AdaXW(_AdaXBase):
+    __doc__ = (
+        r"""AdaX with decoupled weight decay (AdaX-W), as the official ``AdaXW`` class.
+"""
+        + _EQUATIONS.format(l2="", decay=r"(1 - \alpha\lambda)")
+        + _SHARED_ARGS.format(lr="``5e-3``", wd="``5e-2``",
+                              wd_doc="decoupled decay λ: ``θ ← θ·(1 − lr·λ)`` each step.")
+        + r"""
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = optimfx.AdaXW(model.parameters(), lr=5e-3, weight_decay=5e-2)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Li et al, `AdaX: Adaptive Gradient Descent with Exponential Long Term Memory
+        <https://arxiv.org/abs/2004.09740>`_, 2020.
+"""
+    )
+    _decoupled = True
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 5e-3,
+                 betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-2,
+                 *, eps_mode: str = "official", maximize: bool = False, skip_nonfinite: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode, maximize=maximize,
+                         skip_nonfinite=skip_nonfinite, backend=backend)

@@ -1,0 +1,122 @@
+"""``FxOptimizer``: the one step skeleton every optimfx optimizer runs.
+
+A subclass provides ``algorithm`` (an :class:`~optimfx._algorithm.Algorithm`), its hyperparameter
+validation and its docstring; it holds no maths. ``step()`` gathers each group's tensors, creates
+state lazily, and hands the group to :func:`optimfx._dispatch.run`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from itertools import chain
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .. import _dispatch
+from .._algorithm import Algorithm
+from .._precision import compute_dtype, real_view, state_like
+from .._validation import check_backend, check_lr
+
+Tensor = torch.Tensor
+
+
+class FxOptimizer(Optimizer):
+    """Base class of the optimfx optimizers (not instantiated directly)."""
+
+    algorithm: ClassVar[Algorithm]
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        check_lr(defaults["lr"])
+        check_backend(defaults["backend"])
+        super().__init__(params, defaults)
+        self._warned_skip = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # keep checkpoints written before an option existed loadable
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("_warned_skip", False)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: list[list[Tensor]], step_counts: list[Tensor]) -> None:
+        """Collect the tensors of ``group`` that have gradients, creating their state on first use."""
+        name = type(self).__name__
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if p.is_complex() != grad.is_complex():
+                raise RuntimeError(f"{name}: gradient and parameter must both be real or both complex")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.int64)
+                for key in self.algorithm.state_names:
+                    state[key] = state_like(p)
+            elif not (isinstance(state["step"], Tensor) and state["step"].dtype == torch.int64
+                      and state["step"].device.type == "cpu"):
+                # a checkpoint may carry a float, a Python number or a device tensor
+                state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
+            params.append(real_view(p))
+            grads.append(real_view(grad))
+            for k, key in enumerate(self.algorithm.state_names):
+                states[k].append(state[key])
+            step_counts.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            states: list[list[Tensor]] = [[] for _ in self.algorithm.state_names]
+            step_counts: list[Tensor] = []
+            self._init_group(group, params, grads, states, step_counts)
+            if not params:
+                continue
+            backend = _dispatch.resolve_backend(group["backend"], params)
+            stepped = _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
+                                    self.algorithm.hyper(group), group["lr"], group["skip_nonfinite"])
+            if not stepped and not self._warned_skip:
+                self._warned_skip = True
+                warnings.warn(f"{type(self).__name__}: gradients hold inf/NaN; the step was skipped for "
+                              "that parameter group (parameters and state unchanged). This warning is "
+                              "shown once.", RuntimeWarning, stacklevel=2)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, keeping optimfx's state dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
+        which would turn fp32 statistics of a bf16 model into bf16. Here floating state is restored
+        in the precision policy's dtype (fp32, or fp64 for fp64 parameters) from the saved values.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        current = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, current):
+            if saved_id not in saved_state:
+                continue
+            for key, value in saved_state[saved_id].items():
+                if key == "step" or not isinstance(value, Tensor):
+                    continue
+                dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
+                restored = value.detach().to(device=p.device, dtype=dtype)
+                self.state[p][key] = restored.clone() if restored is value else restored

@@ -1,0 +1,120 @@
+r"""AdaX / AdaXW reference (``spec/algorithms.md`` §2), one parameter tensor at a time.
+
+AdaX keeps a long-term-memory second moment. The official recursion on the raw state is
+
+.. math::
+
+    m_t = b_1 m_{t-1} + (1-b_1) g_t,\qquad v_t = (1+b_2) v_{t-1} + b_2 g_t^2,\qquad
+    c_t = (1+b_2)^t - 1,\qquad \theta_t = \theta_{t-1} - \alpha\, m_t / (\sqrt{v_t / c_t} + \epsilon_{\rm eff})
+
+The raw ``v_t`` grows like :math:`(1+b_2)^t` and overflows fp32 near 0.9 M steps, so optimfx stores
+:math:`\hat v_t = v_t / c_t` and updates it with the stable EMA weight (§2.1)
+
+.. math::
+
+    w_t = b_2 / c_t,\qquad \hat v_t = \hat v_{t-1} + w_t (g_t^2 - \hat v_{t-1})
+
+which equals the raw recursion exactly in real arithmetic (``raw_step_`` is kept as the oracle).
+
+References:
+    Li et al, `AdaX: Adaptive Gradient Descent with Exponential Long Term Memory
+    <https://arxiv.org/abs/2004.09740>`_, 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .._precision import working_copy, write_back_
+from .common import apply_, prepare_grad
+
+STATE_NAMES = ("exp_avg", "exp_avg_sq")
+EPS_MODES = ("official", "adam", "inside")
+
+
+@dataclass(frozen=True)
+class AdaXHyper:
+    """Per-group hyperparameters, read from ``param_group`` once per step."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    eps_mode: str
+    weight_decay: float
+    decoupled: bool
+    maximize: bool
+
+    @classmethod
+    def from_group(cls, group: dict) -> "AdaXHyper":
+        b1, b2 = group["betas"]
+        return cls(float(b1), float(b2), float(group["eps"]), group["eps_mode"],
+                   float(group["weight_decay"]), bool(group["decoupled"]), bool(group["maximize"]))
+
+
+class AdaXScalars(NamedTuple):
+    """Host-side float64 scalars of step ``t`` (§2.1 step 1)."""
+
+    weight: float  # w_t = b2 / c_t, the EMA weight of the new g²; w_1 = 1
+    eps_eff: float  # eps / sqrt(c_t) ("official") or eps ("adam", "inside")
+
+
+def log_bias_correction(step: int, beta2: float) -> float:
+    """``log c_t`` with ``c_t = (1 + b2)^t - 1``, finite for every step count.
+
+    ``expm1`` overflows float64 past ``t·log1p(b2) ≈ 709.78`` (7.1 M steps at ``b2 = 1e-4``); the log
+    form ``x + log(-expm1(-x))`` never does.
+    """
+    x = step * math.log1p(beta2)
+    return x + math.log(-math.expm1(-x))
+
+
+def host_scalars(step: int, hp: AdaXHyper) -> AdaXScalars:
+    log_c = log_bias_correction(step, hp.beta2)
+    weight = hp.beta2 * math.exp(-log_c)
+    eps_eff = hp.eps * math.exp(-0.5 * log_c) if hp.eps_mode == "official" else hp.eps
+    return AdaXScalars(min(weight, 1.0), eps_eff)
+
+
+def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               hp: AdaXHyper, sc: AdaXScalars) -> torch.Tensor:
+    """Update the moments in place and return the AdaX direction ``m / (sqrt(v̂) + ε_eff)``."""
+    # §2.1: m ← b1·m + (1 − b1)·g   (no bias correction, as the paper and official code)
+    exp_avg.lerp_(grad32, 1.0 - hp.beta1)
+    # §2.1: v̂ ← v̂ + w_t·(g² − v̂)
+    exp_avg_sq.mul_(1.0 - sc.weight).addcmul_(grad32, grad32, value=sc.weight)
+    if hp.eps_mode == "inside":
+        denom = exp_avg_sq.add(sc.eps_eff).sqrt_()
+    else:
+        denom = exp_avg_sq.sqrt().add_(sc.eps_eff)
+    return torch.div(exp_avg, denom, out=denom)
+
+
+def step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+          hp: AdaXHyper, sc: AdaXScalars, lr: float) -> None:
+    """One AdaX/AdaXW step of one tensor; ``param`` is written, ``grad`` never is."""
+    param32 = working_copy(param)
+    grad32 = prepare_grad(grad, param32, maximize=hp.maximize,
+                          l2=0.0 if hp.decoupled else hp.weight_decay)
+    d = direction_(grad32, exp_avg, exp_avg_sq, hp, sc)
+    apply_(param32, d, lr, hp.weight_decay if hp.decoupled else 0.0)
+    write_back_(param, param32)
+
+
+def raw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, raw_v: torch.Tensor,
+              step: int, hp: AdaXHyper, lr: float) -> None:
+    """The official raw recursion (switchablenorms/AdaX), kept as a test oracle only.
+
+    ``raw_v`` holds the unnormalised ``v_t``; the step size is ``lr·sqrt(c_t)`` and ε sits on
+    ``sqrt(v_t)``, so this matches ``eps_mode="official"``.
+    """
+    grad = prepare_grad(grad, param, maximize=hp.maximize, l2=0.0 if hp.decoupled else hp.weight_decay)
+    if hp.decoupled:
+        param.mul_(1.0 - lr * hp.weight_decay)
+    exp_avg.mul_(hp.beta1).add_(grad, alpha=1.0 - hp.beta1)
+    raw_v.mul_(1.0 + hp.beta2).addcmul_(grad, grad, value=hp.beta2)
+    c_t = (1.0 + hp.beta2) ** step - 1.0
+    param.addcdiv_(exp_avg, raw_v.sqrt().add_(hp.eps), value=-lr * math.sqrt(c_t))

@@ -1,0 +1,28 @@
+"""Pieces every reference optimizer shares: gradient preparation and the apply step."""
+
+from __future__ import annotations
+
+import torch
+
+from .._precision import working_copy
+
+
+def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l2: float) -> torch.Tensor:
+    """The gradient the direction sees: fp32, negated for ``maximize``, plus coupled L2 ``l2·θ``.
+
+    Returns ``grad`` itself only when nothing changes it; it is never written in place, so the
+    user's ``p.grad`` stays as it was.
+    """
+    g = working_copy(grad)
+    if maximize:
+        g = torch.neg(g)
+    if l2 != 0.0:
+        g = g.add(param32, alpha=l2)
+    return g
+
+
+def apply_(param32: torch.Tensor, direction: torch.Tensor, lr: float, decoupled_weight_decay: float) -> None:
+    """``θ ← θ·(1 − lr·λ) − lr·d``: decoupled weight decay (Loshchilov & Hutter), then the step."""
+    if decoupled_weight_decay != 0.0:
+        param32.mul_(1.0 - lr * decoupled_weight_decay)
+    param32.add_(direction, alpha=-lr)
