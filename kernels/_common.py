@@ -40,9 +40,25 @@ def load_f32(p, o, m, MASKED: tl.constexpr):
 
 
 @triton.jit
+def round_to_bf16(x):
+    """fp32 → bf16 with round-to-nearest-even done on the bits.
+
+    Spelled out so every backend rounds the same way: Triton's CPU interpreter truncates a plain
+    ``.to(tl.bfloat16)``. NaN stays NaN (the carry could otherwise turn a NaN payload into inf).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), y)
+
+
+@triton.jit
 def store_cast(p, o, x, m, MASKED: tl.constexpr):
-    """Round ``x`` once to the pointer's element type and store it."""
-    x = x.to(p.dtype.element_ty)
+    """Round ``x`` once (to nearest even) to the pointer's element type and store it."""
+    if p.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16(x)
+    else:
+        x = x.to(p.dtype.element_ty)
     if MASKED:
         tl.store(p + o, x, mask=m)
     else:

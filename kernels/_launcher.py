@@ -63,7 +63,7 @@ def _build(lists: Sequence[Sequence[Tensor]], block: int, aligned: bool) -> Mult
     block_tensor = [i for i, c in enumerate(chunks) for _ in range(c)]
     block_chunk = [j for c in chunks for j in range(c)]
     return MultiTensorPlan(
-        tables=_host_table(ptrs, torch.int64, device),
+        tables=_host_table(ptrs, torch.int64, device).reshape(n_tensors, len(lists)),
         numels=_host_table(numels, torch.int64, device),
         block_tensor=_host_table(block_tensor, torch.int32, device),
         block_chunk=_host_table(block_chunk, torch.int32, device),
