@@ -1,0 +1,69 @@
+"""The built distributions ship ``kernels/`` as ``optimfx._kernels`` and nothing at the top level."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("build")
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+                   check=True, capture_output=True)
+    return out
+
+
+def _wheel(dist: Path) -> Path:
+    (wheel,) = dist.glob("optimfx-*.whl")
+    return wheel
+
+
+def test_wheel_layout(dist):
+    names = zipfile.ZipFile(_wheel(dist)).namelist()
+    top_level = {n.split("/")[0] for n in names}
+    assert "optimfx/_kernels/__init__.py" in names
+    assert "optimfx/_kernels/adax.py" in names and "optimfx/_kernels/_launcher.py" in names
+    assert "optimfx/py.typed" in names
+    assert "kernels" not in top_level and "tests" not in top_level and "benches" not in top_level
+    assert not any(n.endswith(".pyc") for n in names)
+
+
+def test_sdist_has_kernels_sources(dist):
+    import tarfile
+
+    (sdist,) = dist.glob("optimfx-*.tar.gz")
+    names = tarfile.open(sdist).getnames()
+    assert any(n.endswith("/kernels/adax.py") for n in names)
+    assert any(n.endswith("/LICENSE") for n in names)
+
+
+def test_twine_check(dist):
+    pytest.importorskip("twine")
+    files = [str(p) for p in dist.iterdir()]
+    result = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *files],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wheel_installs_and_imports_outside_the_checkout(dist, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(_wheel(dist))],
+                   check=True, capture_output=True)
+    code = ("import optimfx, optimfx._kernels, importlib.util, torch;"
+            "assert importlib.util.find_spec('kernels') is None or 'site-packages/kernels' not in "
+            "str(importlib.util.find_spec('kernels').origin);"
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3);"
+            "optimfx.AdaXW([p]).step(); print(optimfx.__file__)")
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert str(env_dir) in out.stdout
