@@ -70,14 +70,15 @@ def adax_step_kernel(tables, numels, block_tensor, block_chunk, lr_ptr, skip_ptr
                     EPS_INSIDE, True)
 
 
-def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]],
+def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
            hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None) -> None:
     """Host launcher: one kernel launch per (device, dtype, alignment) group of tensors.
 
     ``skip_flag``, when given, is a device int32 tensor; a non-zero value makes the launch a no-op
     (set by :func:`optimfx._kernels.checks.nonfinite_flag`), with no host synchronisation.
     """
-    exp_avg, exp_avg_sq = states
+    exp_avg = [s["exp_avg"] for s in states]
+    exp_avg_sq = [s["exp_avg_sq"] for s in states]
     work = [_launcher.contiguous_or_copy(p) for p in params]
     grads = [_launcher.contiguous_or_copy(g) for g in grads]
     device = params[0].device

@@ -12,15 +12,17 @@ class Algorithm:
 
     Attributes:
         name: kernel module name in ``optimfx._kernels`` and the key of compiled-function caches.
-        state_names: per-parameter state buffers, each shaped like the parameter (real view), in the
-            policy dtype of :mod:`optimfx._precision`, in the order the step functions take them.
+        init_state: ``(param, hyper) -> {name: tensor}``, the per-parameter state buffers (besides
+            ``step``) for a parameter (its real view for complex ones), in the policy dtype of
+            :mod:`optimfx._precision`. Keys may depend on the shape (AdaFactor's factored state).
         hyper: ``param_group -> hyperparameter record`` (hashable, read once per step).
         scalars: ``(step, hyper) -> host scalars`` in float64, shared by every backend.
-        reference_step: ``(param, grad, *state, hyper, scalars, lr) -> None``, the specification.
+        reference_step: ``(param, grad, state, hyper, scalars, lr) -> None``, the specification;
+            ``state`` is the parameter's state dict, updated in place.
     """
 
     name: str
-    state_names: tuple[str, ...]
+    init_state: Callable[[Any, Any], dict]
     hyper: Callable[[dict], Any]
     scalars: Callable[[int, Any], Any]
     reference_step: Callable[..., None]

@@ -84,11 +84,11 @@ def all_finite(grads: list[Tensor]) -> bool:
 
 
 def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor],
-        states: list[list[Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
+        states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
         skip_nonfinite: bool) -> bool:
     """Apply one step of ``algo`` to a group's tensors (already real views, with grads).
 
-    ``states[k][i]`` is state buffer ``algo.state_names[k]`` of tensor ``i``; ``step_counts[i]`` is
+    ``states[i]`` is the state dict of tensor ``i`` (``algo.init_state`` buffers); ``step_counts[i]`` is
     its int64 CPU step counter, incremented here. With ``skip_nonfinite`` a step whose gradients
     hold inf/NaN leaves parameters and state untouched: checked on the host for the reference
     backends (returns ``False`` when skipped), on the device for Triton (the step counters still
@@ -107,12 +107,12 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
         for idx in _indices_by_step(steps).values():
             sc = algo.scalars(steps[idx[0]], hyper)
             pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-            kernels.launch(pick(params), pick(grads), [pick(s) for s in states], hyper, sc, lr, flag)
+            kernels.launch(pick(params), pick(grads), pick(states), hyper, sc, lr, flag)
         return True
     step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
     lr_f = _host_lr(lr)
     for i, (p, g) in enumerate(zip(params, grads)):
-        step_fn(p, g, *(s[i] for s in states), hyper, algo.scalars(steps[i], hyper), lr_f)
+        step_fn(p, g, states[i], hyper, algo.scalars(steps[i], hyper), lr_f)
     return True
 
 

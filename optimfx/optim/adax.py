@@ -13,7 +13,7 @@ from .base import FxOptimizer
 
 ADAX = Algorithm(
     name="adax",
-    state_names=ref.STATE_NAMES,
+    init_state=ref.init_state,
     hyper=ref.AdaXHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,

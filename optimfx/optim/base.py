@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from .. import _dispatch
 from .._algorithm import Algorithm
-from .._precision import compute_dtype, real_view, state_like
+from .._precision import compute_dtype, real_view
 from .._validation import check_backend, check_lr
 
 Tensor = torch.Tensor
@@ -42,7 +42,7 @@ class FxOptimizer(Optimizer):
         self.__dict__.setdefault("_warned_skip", False)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: list[list[Tensor]], step_counts: list[Tensor]) -> None:
+                    states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any) -> None:
         """Collect the tensors of ``group`` that have gradients, creating their state on first use."""
         name = type(self).__name__
         for p in group["params"]:
@@ -56,16 +56,14 @@ class FxOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.int64)
-                for key in self.algorithm.state_names:
-                    state[key] = state_like(p)
+                state.update(self.algorithm.init_state(real_view(p), hyper))
             elif not (isinstance(state["step"], Tensor) and state["step"].dtype == torch.int64
                       and state["step"].device.type == "cpu"):
                 # a checkpoint may carry a float, a Python number or a device tensor
                 state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
             params.append(real_view(p))
             grads.append(real_view(grad))
-            for k, key in enumerate(self.algorithm.state_names):
-                states[k].append(state[key])
+            states.append(state)
             step_counts.append(state["step"])
 
     @torch.no_grad()
@@ -85,14 +83,15 @@ class FxOptimizer(Optimizer):
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
-            states: list[list[Tensor]] = [[] for _ in self.algorithm.state_names]
+            states: list[dict[str, Tensor]] = []
             step_counts: list[Tensor] = []
-            self._init_group(group, params, grads, states, step_counts)
+            hyper = self.algorithm.hyper(group)
+            self._init_group(group, params, grads, states, step_counts, hyper)
             if not params:
                 continue
             backend = _dispatch.resolve_backend(group["backend"], params)
             stepped = _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
-                                    self.algorithm.hyper(group), group["lr"], group["skip_nonfinite"])
+                                    hyper, group["lr"], group["skip_nonfinite"])
             if not stepped and not self._warned_skip:
                 self._warned_skip = True
                 warnings.warn(f"{type(self).__name__}: gradients hold inf/NaN; the step was skipped for "

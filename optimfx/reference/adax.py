@@ -29,10 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._precision import working_copy, write_back_
+from .._precision import state_like, working_copy, write_back_
 from .common import apply_, prepare_grad
 
-STATE_NAMES = ("exp_avg", "exp_avg_sq")
 EPS_MODES = ("official", "adam", "inside")
 
 
@@ -60,6 +59,11 @@ class AdaXScalars(NamedTuple):
 
     weight: float  # w_t = b2 / c_t, the EMA weight of the new g²; w_1 = 1
     eps_eff: float  # eps / sqrt(c_t) ("official") or eps ("adam", "inside")
+
+
+def init_state(param: torch.Tensor, hp: AdaXHyper) -> dict[str, torch.Tensor]:
+    """``exp_avg`` (m) and ``exp_avg_sq`` (v̂), fp32, shaped like the parameter."""
+    return {"exp_avg": state_like(param), "exp_avg_sq": state_like(param)}
 
 
 def log_bias_correction(step: int, beta2: float) -> float:
@@ -93,9 +97,10 @@ def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Te
     return torch.div(exp_avg, denom, out=denom)
 
 
-def step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-          hp: AdaXHyper, sc: AdaXScalars, lr: float) -> None:
-    """One AdaX/AdaXW step of one tensor; ``param`` is written, ``grad`` never is."""
+def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], hp: AdaXHyper,
+          sc: AdaXScalars, lr: float) -> None:
+    """One AdaX/AdaXW step of one tensor; ``param`` and ``state`` are written, ``grad`` never is."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     param32 = working_copy(param)
     grad32 = prepare_grad(grad, param32, maximize=hp.maximize,
                           l2=0.0 if hp.decoupled else hp.weight_decay)

@@ -34,7 +34,7 @@ def _run(hp, lr, grads=(G1, G2)):
     p, m, v = _t(W0), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)
     out = []
     for t, g in enumerate(grads, start=1):
-        ref.step_(p, _t(g), m, v, hp, ref.host_scalars(t, hp), lr)
+        ref.step_(p, _t(g), {"exp_avg": m, "exp_avg_sq": v}, hp, ref.host_scalars(t, hp), lr)
         out.append((p.clone(), m.clone(), v.clone()))
     return out
 
@@ -97,7 +97,7 @@ def test_stable_form_equals_raw_official_recursion(mode, decoupled):
     m_r, v_r = torch.zeros_like(p_stable), torch.zeros_like(p_stable)
     for t in range(1, 31):
         g = torch.randn(7, 5, generator=gen, dtype=torch.float64)
-        ref.step_(p_stable, g, m_s, v_s, hp, ref.host_scalars(t, hp), 1e-2)
+        ref.step_(p_stable, g, {"exp_avg": m_s, "exp_avg_sq": v_s}, hp, ref.host_scalars(t, hp), 1e-2)
         ref.raw_step_(p_raw, g, m_r, v_r, t, raw_hp, 1e-2)
         c_t = (1 + 1e-4) ** t - 1
         torch.testing.assert_close(v_s, v_r / c_t, rtol=1e-12, atol=0)
