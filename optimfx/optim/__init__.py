@@ -1,6 +1,7 @@
 """``torch.optim.Optimizer`` subclasses: validation, state layout and docs; maths lives in reference/."""
 
+from .adafactor import AdaFactor
 from .adax import AdaX, AdaXW
 from .base import FxOptimizer
 
-__all__ = ["AdaX", "AdaXW", "FxOptimizer"]
+__all__ = ["AdaFactor", "AdaX", "AdaXW", "FxOptimizer"]

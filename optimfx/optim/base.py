@@ -26,6 +26,8 @@ class FxOptimizer(Optimizer):
     """Base class of the optimfx optimizers (not instantiated directly)."""
 
     algorithm: ClassVar[Algorithm]
+    #: pointwise algorithms optimise a complex parameter as its real view; shape-dependent ones refuse
+    supports_complex: ClassVar[bool] = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_lr(defaults["lr"])
@@ -51,6 +53,8 @@ class FxOptimizer(Optimizer):
             grad = p.grad
             if grad.is_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients")
+            if (p.is_complex() or grad.is_complex()) and not self.supports_complex:
+                raise RuntimeError(f"{name} does not support complex parameters or gradients")
             if p.is_complex() != grad.is_complex():
                 raise RuntimeError(f"{name}: gradient and parameter must both be real or both complex")
             state = self.state[p]

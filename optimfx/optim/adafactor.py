@@ -1,0 +1,129 @@
+"""AdaFactor: validation, state layout and documentation (maths in ``reference/adafactor.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .._algorithm import Algorithm
+from .._validation import check_choice, check_nonnegative, check_positive, check_range
+from ..reference import adafactor as ref
+from .base import FxOptimizer
+
+ADAFACTOR = Algorithm(
+    name="adafactor",
+    init_state=ref.init_state,
+    hyper=ref.AdaFactorHyper.from_group,
+    scalars=ref.host_scalars,
+    reference_step=ref.step_,
+)
+
+
+class AdaFactor(FxOptimizer):
+    r"""AdaFactor: factored second moment, update clipping and relative step size.
+
+    Accepts the keyword names and defaults of ``transformers.optimization.Adafactor``; the defaults
+    run the paper's algorithm.
+
+    .. math::
+
+        \rho_t &= \min(10^{-2}, 1/\sqrt t), \qquad \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\rho_t\\
+        R_t &= \hat\beta_{2t} R_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_j(G_t^2 + \epsilon_1),\quad
+        C_t = \hat\beta_{2t} C_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_i(G_t^2 + \epsilon_1),\quad
+        \hat\beta_{2t} = 1 - t^{-0.8}\\
+        U_t &= G_t / \sqrt{R_t C_t^\top / \bar R_t}, \qquad
+        \theta_t = \theta_{t-1} - \alpha_t\, U_t / \max(1, \mathrm{RMS}(U_t)/d)
+
+    Tensors with ``ndim ≥ 2`` are factored on their last two axes (each leading index separately);
+    others keep a full second moment ``V``.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: ``None`` (default) with ``relative_step=True``: the paper's relative step, and the group's
+            ``lr`` is stored as ``1.0``, a multiplier that LR schedulers scale. A number with
+            ``relative_step=False``: the step size ρ_t itself (before the parameter scale). With
+            ``lr_mode="rho_max"`` and ``relative_step=True`` it caps ρ_t as in ``torch.optim.Adafactor``.
+        eps: ``(ε1, ε2)``: ε1 regularises the squared gradient, ε2 floors the parameter RMS.
+            Default: ``(1e-30, 1e-3)``. ``ε1=None`` is allowed with ``eps_mode="torch"`` (machine
+            epsilon of the parameter dtype).
+        clip_threshold: update-clipping threshold ``d``. Default: ``1.0``.
+        decay_rate: ``-c`` in ``β̂2t = 1 − t^{-c}``. Default: ``-0.8``.
+        beta1: momentum on the scaled, clipped update (reference-code placement; not in the paper's
+            final algorithm). Default: ``None`` (off).
+        weight_decay: λ. Default: ``0.0``.
+        scale_parameter: multiply the step by ``max(ε2, RMS(θ))``. Default: ``True``.
+        relative_step: use ``ρ_t = min(1e-2, 1/√t)``. Default: ``True``.
+        warmup_init: ``ρ_t = min(1e-6·t, 1/√t)`` (needs ``relative_step``). Default: ``False``.
+        min_dim_size_to_factor: factor only when both of the last two dims are at least this large
+            (``128`` gives the T5/optax behaviour for small matrices). Default: ``None`` (factor every
+            tensor with ``ndim ≥ 2``, as transformers and torch).
+        beta2_cap: cap on β̂2t (e.g. ``0.999``) so long runs keep adapting. Default: ``None`` (paper).
+        lr_mode: ``"scale"`` (lr multiplies ρ_t) or ``"rho_max"`` (``ρ_t = min(lr, 1/√t)``, torch).
+        eps_mode: ``"paper"`` (ε1 added to ``G²``) or ``"torch"`` (ε1 clamps ``R̄`` and ``V̂``).
+        decay_mode: ``"hf"`` (``θ −= λ·α_t·θ``) or ``"torch"`` (``θ *= 1 − lr·λ``).
+        maximize: ascend the objective. Default: ``False``.
+        skip_nonfinite: skip a group's step when its gradients hold inf/NaN. Default: ``True``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``. Default: ``"auto"``.
+
+    Note:
+        ``torch.optim.Adafactor(lr=a, eps=(None, e2), d=d, beta2_decay=c, weight_decay=w)`` is
+        reproduced by ``AdaFactor(lr=a, eps=(None, e2), clip_threshold=d, decay_rate=c,
+        weight_decay=w, lr_mode="rho_max", eps_mode="torch", decay_mode="torch")``.
+
+    Example:
+        >>> model = torch.nn.Linear(16, 8)
+        >>> opt = optimfx.AdaFactor(model.parameters())
+        >>> model(torch.randn(4, 16)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+        <https://arxiv.org/abs/1804.04235>`_, 2018.
+    """
+
+    algorithm = ADAFACTOR
+    supports_complex = False
+
+    def __init__(self, params: Iterable[Any], lr: Optional[float | torch.Tensor] = None,
+                 eps: tuple[Optional[float], float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, beta1: Optional[float] = None, weight_decay: float = 0.0,
+                 scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,
+                 *, min_dim_size_to_factor: Optional[int] = None, beta2_cap: Optional[float] = None,
+                 lr_mode: str = "scale", eps_mode: str = "paper", decay_mode: str = "hf",
+                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto") -> None:
+        lr_mode = check_choice("lr_mode", lr_mode, ref.LR_MODES)
+        if lr is None:
+            if not relative_step:
+                raise ValueError("Invalid lr: None (an lr is required when relative_step=False)")
+            lr = 1.0
+        elif relative_step and lr_mode == "scale":
+            raise ValueError("Invalid lr: a manual lr cannot be combined with relative_step=True "
+                             "(leave lr=None, or pass relative_step=False, or lr_mode='rho_max')")
+        if warmup_init and not relative_step:
+            raise ValueError("Invalid warmup_init: warmup_init=True requires relative_step=True")
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"Invalid eps: {eps!r} (must be a pair (eps1, eps2))")
+        eps_mode = check_choice("eps_mode", eps_mode, ref.EPS_MODES)
+        if eps[0] is None and eps_mode != "torch":
+            raise ValueError("Invalid eps[0]: None is only allowed with eps_mode='torch'")
+        eps1 = None if eps[0] is None else check_nonnegative("eps[0]", eps[0])
+        if min_dim_size_to_factor is not None and (not isinstance(min_dim_size_to_factor, int)
+                                                   or min_dim_size_to_factor < 1):
+            raise ValueError(f"Invalid min_dim_size_to_factor: {min_dim_size_to_factor!r} "
+                             "(must be None or a positive int)")
+        defaults = dict(
+            lr=lr, eps=(eps1, check_nonnegative("eps[1]", eps[1])),
+            clip_threshold=check_range("clip_threshold", clip_threshold, 1.0, float("inf")),
+            decay_rate=check_range("decay_rate", decay_rate, float("-inf"), 0.0, high_open=True),
+            beta1=None if beta1 is None else check_range("beta1", beta1, 0.0, 1.0, high_open=True),
+            weight_decay=check_nonnegative("weight_decay", weight_decay),
+            scale_parameter=bool(scale_parameter), relative_step=bool(relative_step),
+            warmup_init=bool(warmup_init), min_dim_size_to_factor=min_dim_size_to_factor,
+            beta2_cap=None if beta2_cap is None else check_range("beta2_cap", beta2_cap, 0.0, 1.0,
+                                                                   high_open=True),
+            lr_mode=lr_mode, eps_mode=eps_mode,
+            decay_mode=check_choice("decay_mode", decay_mode, ref.DECAY_MODES),
+            maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
+        )
+        super().__init__(params, defaults)
