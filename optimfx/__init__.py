@@ -2,6 +2,6 @@
 
 from ._dispatch import resolve_backend, triton_available
 from ._version import __version__
-from .optim import AdaFactor, AdaX, AdaXW
+from .optim import AdaFactor, AdamW, AdaX, AdaXW, ChildTuningAdamW
 
-__all__ = ["AdaFactor", "AdaX", "AdaXW", "__version__", "resolve_backend", "triton_available"]
+__all__ = ["AdaFactor", "AdamW", "AdaX", "AdaXW", "ChildTuningAdamW", "__version__", "resolve_backend", "triton_available"]

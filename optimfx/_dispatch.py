@@ -69,7 +69,10 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 def _compiled_step(algo: Algorithm) -> Callable[..., None]:
     fn = _COMPILED.get(algo.name)
     if fn is None:
-        fn = torch.compile(algo.reference_step, fullgraph=False, dynamic=False)
+        compiled = torch.compile(algo.reference_step)
+        # per-step floats (w_t, ρ_t, lr) become graph inputs instead of baked-in constants, so the
+        # step compiles once per tensor shape class rather than once per step
+        fn = torch._dynamo.config.patch(specialize_float=False)(compiled)
         _COMPILED[algo.name] = fn
     return fn
 

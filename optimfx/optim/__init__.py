@@ -1,7 +1,8 @@
 """``torch.optim.Optimizer`` subclasses: validation, state layout and docs; maths lives in reference/."""
 
 from .adafactor import AdaFactor
+from .adamw import AdamW, ChildTuningAdamW
 from .adax import AdaX, AdaXW
 from .base import FxOptimizer
 
-__all__ = ["AdaFactor", "AdaX", "AdaXW", "FxOptimizer"]
+__all__ = ["AdaFactor", "AdamW", "ChildTuningAdamW", "AdaX", "AdaXW", "FxOptimizer"]

@@ -118,8 +118,14 @@ class FxOptimizer(Optimizer):
             if saved_id not in saved_state:
                 continue
             for key, value in saved_state[saved_id].items():
-                if key == "step" or not isinstance(value, Tensor):
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step":
+                    # the saved counter may belong to a live optimizer that increments it in place
+                    self.state[p][key] = value.detach().clone()
                     continue
                 dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
                 restored = value.detach().to(device=p.device, dtype=dtype)
-                self.state[p][key] = restored.clone() if restored is value else restored
+                # ``.to`` returns the saved buffer itself when nothing changes: never share it
+                same = restored.data_ptr() == value.data_ptr()
+                self.state[p][key] = restored.clone() if same else restored

@@ -21,8 +21,16 @@ def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l
     return g
 
 
-def apply_(param32: torch.Tensor, direction: torch.Tensor, lr: float, decoupled_weight_decay: float) -> None:
-    """``θ ← θ·(1 − lr·λ) − lr·d``: decoupled weight decay (Loshchilov & Hutter), then the step."""
-    if decoupled_weight_decay != 0.0:
+def apply_(param32: torch.Tensor, direction: torch.Tensor, lr: float, decoupled_weight_decay: float, *,
+           direction_scale: float = 1.0, decay_first: bool = True) -> None:
+    """``θ ← θ·(1 − lr·λ) − lr·s·d`` (decoupled weight decay, Loshchilov & Hutter, then the step).
+
+    ``decay_first=False`` decays the already-updated parameter, ``θ ← (θ − lr·s·d)·(1 − lr·λ)``, the
+    order of the legacy transformers AdamW that ChildTuning's official code uses.
+    """
+    decay = decoupled_weight_decay != 0.0
+    if decay and decay_first:
         param32.mul_(1.0 - lr * decoupled_weight_decay)
-    param32.add_(direction, alpha=-lr)
+    param32.add_(direction, alpha=-lr * direction_scale)
+    if decay and not decay_first:
+        param32.mul_(1.0 - lr * decoupled_weight_decay)

@@ -1,0 +1,146 @@
+"""AdamW / ChildTuning reference vs spec/algorithms.md §4.6 (float64, masks injected) and torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import optimfx
+from optimfx.reference import child_tuning as ct
+
+W0 = [[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]
+G1 = [[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]]
+G2 = [[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]]
+SPEC = dict(rtol=1e-9, atol=1e-12)  # the spec prints 10 significant digits
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def _official(params, **kw):
+    return optimfx.ChildTuningAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                                    backend="reference", **kw)
+
+
+def test_child_tuning_f_with_injected_masks(monkeypatch):
+    masks = iter([_t([[1, 0, 1], [0, 1, 1]]).bool(), _t([[0, 1, 1], [1, 0, 1]]).bool()])
+    monkeypatch.setattr(ct, "bernoulli_keep", lambda shape, p, key, device: next(masks))
+    p = torch.nn.Parameter(_t(W0))
+    opt = _official([p], reserve_p=0.5, mode="ChildTuning-F")
+    p.grad = _t(G1)
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["exp_avg"], _t([[0.02, 0, 0.06], [0, 0, -0.02]]), **SPEC)
+    torch.testing.assert_close(p.detach(), _t([[0.4989951681, -0.299997, 0.1989980627],
+                                               [0.099999, 0.399996, -0.5989941681]]), **SPEC)
+    p.grad = _t(G2)
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], _t([[3.996e-5, 4e-5, 5.1964e-4],
+                                                               [1.6e-6, 0, 4.636e-5]]), **SPEC)
+    torch.testing.assert_close(p.detach(), _t([[0.4983202326, -0.3007380118, 0.1980257729],
+                                               [0.09925445845, 0.399992, -0.5980897439]]), **SPEC)
+
+
+def test_child_tuning_f_torch_decay_order(monkeypatch):
+    masks = iter([_t([[1, 0, 1], [0, 1, 1]]).bool(), _t([[0, 1, 1], [1, 0, 1]]).bool()])
+    monkeypatch.setattr(ct, "bernoulli_keep", lambda shape, p, key, device: next(masks))
+    p = torch.nn.Parameter(_t(W0))
+    opt = _official([p], reserve_p=0.5, mode="ChildTuning-F", decay_order="torch")
+    for g in (G1, G2):
+        p.grad = _t(g)
+        opt.step()
+    torch.testing.assert_close(p.detach(), _t([[0.4983202159, -0.3007380192, 0.1980257532],
+                                               [0.09925445101, 0.399992, -0.5980897249]]), **SPEC)
+
+
+def test_child_tuning_d_with_fisher_mask():
+    p = torch.nn.Parameter(_t(W0))
+    opt = _official([p], reserve_p=0.3, mode="ChildTuning-D")
+    opt.set_gradient_mask({p: _t([[1, 0, 1], [0, 0, 0]])})
+    p.grad = _t(G1)
+    opt.step()
+    torch.testing.assert_close(p.detach(), _t([[0.4989953261, -0.299997, 0.1989981154],
+                                               [0.099999, 0.399996, -0.599994]]), **SPEC)
+    p.grad = _t(G2)
+    opt.step()
+    torch.testing.assert_close(p.detach(), _t([[0.4987240771, -0.299994, 0.1980258681],
+                                               [0.09999800001, 0.399992, -0.5999880001]]), **SPEC)
+    assert opt.state[p]["child_mask"].dtype == torch.uint8
+
+
+def _train(make, steps=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in init] for _ in range(steps)]
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params
+
+
+def test_reserve_p_one_is_plain_adamw_bitwise():
+    plain = _train(lambda ps: optimfx.AdamW(ps, backend="reference"))
+    masked = _train(lambda ps: optimfx.AdamW(ps, child_tuning_mode="F", reserve_p=1.0, backend="reference"))
+    for a, b in zip(plain, masked):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6), dict(maximize=True)])
+def test_matches_torch_adamw(kw):
+    """Same equations, different operation order: float64 round-off only (rtol=1e-12)."""
+    ours = _train(lambda ps: optimfx.AdamW(ps, lr=1e-2, backend="reference", **kw))
+    theirs = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False, **kw))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_f_mode_keep_rate_and_unbiasedness():
+    """Keep rate and E[g̃] = g, with bounds of 5 binomial standard deviations (false alarm < 1e-6)."""
+    p_keep, n, steps = 0.3, 20_000, 4
+    g = torch.linspace(-1, 1, n, dtype=torch.float64)
+    kept, total = 0, torch.zeros(n, dtype=torch.float64)
+    for step in range(1, steps + 1):
+        keep = ct.bernoulli_keep(g.shape, p_keep, ct.mask_key(7, 3, step), g.device)
+        kept += int(keep.sum())
+        total += ct.apply_mask(g, keep, 1 / p_keep)
+    trials = n * steps
+    assert abs(kept / trials - p_keep) < 5 * math.sqrt(p_keep * (1 - p_keep) / trials)
+    # mean over all elements of (g̃ − g)/|g|max: each term has variance ≤ (1−p)/p
+    err = (total / steps - g).mean()
+    assert abs(float(err)) < 5 * math.sqrt((1 - p_keep) / p_keep / trials)
+
+
+def test_f_masks_are_reproducible_and_fresh_each_step():
+    a = ct.bernoulli_keep((1000,), 0.5, ct.mask_key(1, 0, 1), torch.device("cpu"))
+    assert torch.equal(a, ct.bernoulli_keep((1000,), 0.5, ct.mask_key(1, 0, 1), torch.device("cpu")))
+    for other in (ct.mask_key(1, 0, 2), ct.mask_key(1, 1, 1), ct.mask_key(2, 0, 1)):
+        assert not torch.equal(a, ct.bernoulli_keep((1000,), 0.5, other, torch.device("cpu")))
+
+
+def test_d_mode_leaves_non_child_entries_to_weight_decay_only():
+    p = torch.nn.Parameter(_t(W0))
+    opt = _official([p], mode="ChildTuning-D")
+    opt.set_gradient_mask({p: torch.zeros(2, 3)})
+    for g in (G1, G2):
+        p.grad = _t(g)
+        opt.step()
+    torch.testing.assert_close(p.detach(), _t(W0) * (1 - 1e-3 * 0.01) ** 2, rtol=1e-14, atol=0)
+
+
+def test_grad_untouched_and_errors():
+    p = torch.nn.Parameter(torch.randn(4))
+    g = torch.randn(4)
+    p.grad = g.clone()
+    optimfx.AdamW([p], child_tuning_mode="F", reserve_p=0.5).step()
+    assert torch.equal(p.grad, g)
+    with pytest.raises(ValueError, match="reserve_p"):
+        optimfx.AdamW([p], reserve_p=0.0)
+    with pytest.raises(ValueError, match="child_tuning_mode"):
+        optimfx.AdamW([p], child_tuning_mode="X")
+    with pytest.raises(ValueError, match="mask shape"):
+        optimfx.AdamW([p], child_tuning_mode="D").set_gradient_mask({p: torch.ones(3)})
