@@ -4,5 +4,6 @@ from .adafactor import AdaFactor
 from .adamw import AdamW, ChildTuningAdamW
 from .adax import AdaX, AdaXW
 from .base import FxOptimizer
+from .eg import EGStepSize, Funnel
 
-__all__ = ["AdaFactor", "AdamW", "ChildTuningAdamW", "AdaX", "AdaXW", "FxOptimizer"]
+__all__ = ["AdaFactor", "AdamW", "ChildTuningAdamW", "AdaX", "AdaXW", "EGStepSize", "Funnel", "FxOptimizer"]

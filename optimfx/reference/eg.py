@@ -81,13 +81,17 @@ def update_gains_(gains: Tensor, avg_grad_prev: Tensor, grad: Tensor, hp: EGHype
 
 def step_(param: Tensor, grad: Tensor, direction: Tensor, state: dict[str, Tensor], exponent: Tensor,
           hp: EGHyper) -> None:
-    """§3.1 steps 1–5 for one tensor, given its scale exponent (from its scope unit)."""
+    """§3.1 steps 1–5 for one tensor, given its scale exponent (from its scope unit).
+
+    ``param`` holds the base's proposal ``θ_{t-1} − d_t`` and becomes ``θ_{t-1} − s_t·ν_t``, written as
+    ``param + (d_t − s_t·ν_t)`` so that with γ = 0, μ = 0, η = 1 the base's result comes out bit for bit.
+    """
     scale, gains = state["scale"], state["gains"]
     velocity, avg_grad = state["velocity"], state["avg_grad"]
     scale.mul_(exponent.exp())
     update_gains_(gains, avg_grad, grad, hp)
     velocity.mul_(hp.momentum).addcmul_(gains, direction, value=hp.lr)
-    param.addcmul_(velocity, scale, value=-1.0)
+    param.add_(direction.addcmul(velocity, scale, value=-1.0))
     avg_grad.lerp_(grad, 1.0 - hp.beta)
 
 

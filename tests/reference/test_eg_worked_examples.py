@@ -25,6 +25,7 @@ def _funnel(normalize, gamma):
     out = []
     for g in map(_t, GS):
         exponent = eg.scale_exponent(*eg.scale_exponent_parts(state["velocity"], g), hp)
+        p.sub_(g)  # the base's proposal θ − d with d = g
         eg.step_(p, g, g, state, exponent, hp)
         out.append((p.clone(), {k: v.clone() for k, v in state.items()}))
     return out

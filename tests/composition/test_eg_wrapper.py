@@ -1,0 +1,149 @@
+"""EGStepSize around real base optimizers: identities, scopes, robustness and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import optimfx
+
+W0 = [[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]
+GS = [[[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]], [[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]],
+      [[0.04, -0.05, 0.1], [0.01, 0.02, -0.03]]]
+
+BASES = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "torch-adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "optimfx-adaxw": lambda ps: optimfx.AdaXW(ps, lr=1e-2),
+    "optimfx-adafactor": lambda ps: optimfx.AdaFactor(ps),
+    "optimfx-adamw-ct": lambda ps: optimfx.AdamW(ps, child_tuning_mode="F", reserve_p=0.5, seed=3),
+}
+
+
+def _problem(seed=0, steps=6):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(6, 5, generator=gen), torch.randn(5, generator=gen), torch.randn(3, 2, 2, generator=gen)]
+    grads = [[torch.randn(x.shape, generator=gen) for x in init] for _ in range(steps)]
+    return init, grads
+
+
+def _run(make, init, grads):
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def test_funnel_class_matches_spec_normalised_example():
+    p = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    opt = optimfx.Funnel([p], lr=0.1, momentum=0.9, beta=0.9, gamma_scale=0.1, gamma_gain=0.1,
+                         exp_clip=None, gain_clamp=(None, None))
+    for g in GS:
+        p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    expected = [[0.4768640401, -0.2556371432, 0.02594339191], [0.08032466016, 0.3914710726, -0.5591426876]]
+    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert opt.scale_stats()[0]["scale_mean"] == pytest.approx(1.14515564, rel=1e-9)
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_zero_meta_step_is_the_base_bit_for_bit(base):
+    init, grads = _problem()
+    plain, _ = _run(BASES[base], init, grads)
+    wrapped, _ = _run(lambda ps: optimfx.EGStepSize(BASES[base](ps), gamma_scale=0.0, gamma_gain=0.0), init, grads)
+    for a, b in zip(plain, wrapped):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_shared_scopes_share_one_scale(scope):
+    init, grads = _problem()
+    _, opt = _run(lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.05), momentum=0.9, gamma_scale=0.5,
+                                                 scope=scope), init, grads)
+    scales = {float(s["scale"]) for s in opt.state.values()}
+    assert len(scales) == 1 and scales != {1.0}
+
+
+def test_global_scope_does_not_depend_on_parameter_order():
+    init, grads = _problem()
+    make = lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.05), momentum=0.9,  # noqa: E731
+                                         gamma_scale=0.5, gamma_gain=0.1, scope="global")
+    forward, _ = _run(make, init, grads)
+    backward, _ = _run(make, init[::-1], [g[::-1] for g in grads])
+    for a, b in zip(forward, backward[::-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # fp32 sums in another order
+
+
+def test_scale_and_gains_stay_positive_and_finite_under_huge_meta_steps():
+    init, grads = _problem(steps=20)
+    _, opt = _run(lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.05), gamma_scale=1e6, gamma_gain=1e6,
+                                                 normalize=False, exp_clip=5.0, gain_clamp=(1e-3, 1e3)),
+                  init, grads)
+    for state in opt.state.values():
+        assert float(state["scale"]) > 0 and torch.isfinite(state["scale"])
+        assert (state["gains"] >= 1e-3).all() and (state["gains"] <= 1e3).all()
+
+
+def test_nonfinite_gradient_skips_base_and_eg():
+    init, grads = _problem(steps=2)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = optimfx.EGStepSize(torch.optim.Adam(params, lr=1e-2), gamma_scale=0.5)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    opt.step()
+    snapshot = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    bad = [g.clone() for g in grads[1]]
+    bad[1][0] = float("inf")
+    for p, g in zip(params, bad):
+        p.grad = g
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    after = opt.state_dict()
+    for key, state in snapshot["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(after["state"][key][name]), torch.as_tensor(value))
+
+
+def test_state_dict_round_trip_continues_in_lockstep():
+    init, grads = _problem(steps=8)
+    make = lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1)  # noqa: E731
+    ref_params, ref_opt = _run(make, init, grads[:4])
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    opt = make(params)
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    for gs in grads[4:]:
+        for a, b, g in zip(ref_params, params, gs):
+            a.grad, b.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    for a, b in zip(ref_params, params):
+        assert torch.equal(a, b)
+
+
+def test_scheduler_on_the_wrapper_drives_the_base_lr():
+    p = torch.nn.Parameter(torch.ones(3))
+    base = torch.optim.SGD([p], lr=0.1)
+    opt = optimfx.EGStepSize(base)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    p.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_errors():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError):
+        optimfx.EGStepSize([p])
+    with pytest.raises(ValueError, match="scope"):
+        optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), scope="layer")
+    with pytest.raises(ValueError, match="gamma_scale"):
+        optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), gamma_scale=-1.0)
