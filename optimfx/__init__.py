@@ -3,6 +3,6 @@
 from ._dispatch import resolve_backend, triton_available
 from ._version import __version__
 from .fisher import build_fisher_mask
-from .optim import AdaFactor, AdamW, AdaX, AdaXW, ChildTuningAdamW, EGStepSize, Funnel
+from .optim import AdaFactor, AdamW, AdaX, AdaXW, ChildTuning, ChildTuningAdamW, EGStepSize, Funnel
 
-__all__ = ["AdaFactor", "AdamW", "AdaX", "AdaXW", "ChildTuningAdamW", "EGStepSize", "Funnel", "__version__", "build_fisher_mask", "resolve_backend", "triton_available"]
+__all__ = ["AdaFactor", "AdamW", "AdaX", "AdaXW", "ChildTuning", "ChildTuningAdamW", "EGStepSize", "Funnel", "__version__", "build_fisher_mask", "resolve_backend", "triton_available"]

@@ -1,0 +1,80 @@
+"""ChildTuning around foreign optimizers: p.grad untouched, identities with the fused AdamW path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import optimfx
+
+
+def _problem(seed=0, steps=5):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(6, 5, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn(x.shape, generator=gen) for x in init] for _ in range(steps)]
+    return init, grads
+
+
+def _run(make, init, grads):
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = make(params)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def test_reserve_p_one_is_the_base_bitwise():
+    init, grads = _problem()
+    plain, _ = _run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), init, grads)
+    wrapped, _ = _run(lambda ps: optimfx.ChildTuning(torch.optim.SGD(ps, lr=0.1, momentum=0.9), "F", 1.0),
+                      init, grads)
+    for a, b in zip(plain, wrapped):
+        assert torch.equal(a, b)
+
+
+def test_adapter_equals_fused_adamw_f_mode_on_the_reference_backend():
+    """Same seed and stream ids → the same masks; AdamW(torch order) == torch.optim.AdamW maths."""
+    init, grads = _problem()
+    fused, _ = _run(lambda ps: optimfx.AdamW(ps, lr=1e-2, child_tuning_mode="F", reserve_p=0.4, seed=11,
+                                             backend="reference"), init, grads)
+    adapted, _ = _run(lambda ps: optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2, foreach=False), "F", 0.4,
+                                                     seed=11), init, grads)
+    for a, b in zip(fused, adapted):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # fp32, different op order
+
+
+def test_user_gradients_are_restored_and_untouched():
+    p = torch.nn.Parameter(torch.randn(50))
+    g = torch.randn(50)
+    p.grad = g
+    opt = optimfx.ChildTuning(torch.optim.SGD([p], lr=0.1), "F", 0.3)
+    opt.step()
+    assert p.grad is g and torch.equal(g, g.clone())
+
+
+def test_d_mode_masks_and_checkpoint():
+    init, grads = _problem()
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = optimfx.ChildTuning(torch.optim.SGD(params, lr=0.1), "ChildTuning-D")
+    opt.set_gradient_mask({params[0]: torch.zeros(6, 5)})
+    for gs in grads[:2]:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    assert torch.equal(params[0].detach(), init[0])
+    assert not torch.equal(params[1].detach(), init[1])
+    restored = optimfx.ChildTuning(torch.optim.SGD(params, lr=0.1), "D")
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert restored.state[params[0]]["child_mask"].dtype == torch.uint8
+
+
+def test_errors():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="mode"):
+        optimfx.ChildTuning(torch.optim.SGD([p], lr=0.1), "G")
+    with pytest.raises(ValueError, match="reserve_p"):
+        optimfx.ChildTuning(torch.optim.SGD([p], lr=0.1), "F", reserve_p=1.5)
