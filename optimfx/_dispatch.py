@@ -46,7 +46,19 @@ def triton_unsupported_reason(params: Sequence[Tensor]) -> str | None:
 
 
 def resolve_backend(requested: str, params: Sequence[Tensor]) -> str:
-    """Map ``"auto"`` to a concrete backend; raise if an explicit choice cannot run."""
+    """Map ``"auto"`` to a concrete backend for a group's tensors.
+
+    Args:
+        requested: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``.
+        params: the group's parameters that take a step.
+
+    Returns:
+        ``"triton"`` for ``"auto"`` when every parameter is a float32/bfloat16/float16 CUDA tensor and
+        Triton is installed, else ``"reference"``; an explicit choice unchanged.
+
+    Raises:
+        RuntimeError: ``"triton"`` was requested but cannot run these tensors (the message says why).
+    """
     if requested == "auto":
         on_cuda = bool(params) and all(p.is_cuda for p in params)
         if on_cuda and triton_unsupported_reason(params) is None:
@@ -69,10 +81,11 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 def _compiled_step(algo: Algorithm) -> Callable[..., None]:
     fn = _COMPILED.get(algo.name)
     if fn is None:
-        compiled = torch.compile(algo.reference_step)
-        # per-step floats (w_t, ρ_t, lr) become graph inputs instead of baked-in constants, so the
-        # step compiles once per tensor shape class rather than once per step
-        fn = torch._dynamo.config.patch(specialize_float=False)(compiled)
+        # specialize_float=False gave wrong steps in torch 2.13: a float passed as a Scalar argument
+        # (``alpha=``/``value=``) is specialised anyway, and the FX graph cache reuses the kernel
+        # with the first value baked in. Floats stay constants (a recompile per step) until the
+        # step scalars reach the graph as tensors.
+        fn = torch.compile(algo.reference_step, fullgraph=False, dynamic=False)
         _COMPILED[algo.name] = fn
     return fn
 

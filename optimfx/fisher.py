@@ -107,9 +107,24 @@ def build_fisher_mask(model: torch.nn.Module, batches: Iterable[Any], loss_fn: C
                       max_grad_norm: float | None = None, rule: str = "percentile") -> dict[torch.nn.Parameter, Tensor]:
     """ChildTuning-D masks: ``{parameter: bool mask}`` for the parameters ``name_filter`` selects.
 
+    Args:
+        model: the model to fine-tune.
+        batches: the training data (e.g. the ``DataLoader``), one pass is made.
+        loss_fn: ``(model, batch) -> scalar loss``.
+        reserve_p: fraction of the selected entries to keep trainable, in (0, 1].
+        name_filter: substring (official: ``"layer"``) or predicate selecting the masked tensors.
+        max_grad_norm: per-tensor gradient clipping before squaring (official: the Trainer's value).
+        rule: ``"percentile"`` (official) or ``"topk"``, see :func:`fisher_threshold`.
+
+    Returns:
+        ``{parameter: bool tensor}``; ``True`` marks the child network.
+
     Example:
-        >>> masks = optimfx.build_fisher_mask(model, loader, lambda m, b: m(**b).loss, reserve_p=0.3)
-        >>> opt = optimfx.ChildTuningAdamW(model.parameters(), lr=4e-5, mode="ChildTuning-D")
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(3)]
+        >>> loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> masks = optimfx.build_fisher_mask(model, data, loss, reserve_p=0.3, name_filter="0.")
+        >>> opt = optimfx.ChildTuningAdamW(model.parameters(), lr=1e-3, mode="ChildTuning-D")
         >>> opt.set_gradient_mask(masks)
     """
     fisher = fisher_information(model, batches, loss_fn, name_filter=name_filter, max_grad_norm=max_grad_norm)

@@ -48,7 +48,7 @@ class AdaFactor(FxOptimizer):
             Default: ``(1e-30, 1e-3)``. ``ε1=None`` is allowed with ``eps_mode="torch"`` (machine
             epsilon of the parameter dtype).
         clip_threshold: update-clipping threshold ``d``. Default: ``1.0``.
-        decay_rate: ``-c`` in ``β̂2t = 1 − t^{-c}``. Default: ``-0.8``.
+        decay_rate: :math:`-c` in :math:`\hat\beta_{2t} = 1 - t^{-c}`. Default: ``-0.8``.
         beta1: momentum on the scaled, clipped update (reference-code placement; not in the paper's
             final algorithm). Default: ``None`` (off).
         weight_decay: λ. Default: ``0.0``.
@@ -58,10 +58,14 @@ class AdaFactor(FxOptimizer):
         min_dim_size_to_factor: factor only when both of the last two dims are at least this large
             (``128`` gives the T5/optax behaviour for small matrices). Default: ``None`` (factor every
             tensor with ``ndim ≥ 2``, as transformers and torch).
-        beta2_cap: cap on β̂2t (e.g. ``0.999``) so long runs keep adapting. Default: ``None`` (paper).
-        lr_mode: ``"scale"`` (lr multiplies ρ_t) or ``"rho_max"`` (``ρ_t = min(lr, 1/√t)``, torch).
+        beta2_cap: cap on :math:`\hat\beta_{2t}` (e.g. ``0.999``) so long runs keep adapting.
+            Default: ``None`` (paper).
+        lr_mode: ``"scale"`` (lr multiplies :math:`\rho_t`) or ``"rho_max"``
+            (:math:`\rho_t = \min(\mathrm{lr}, 1/\sqrt t)`, torch). Default: ``"scale"``.
         eps_mode: ``"paper"`` (ε1 added to ``G²``) or ``"torch"`` (ε1 clamps ``R̄`` and ``V̂``).
-        decay_mode: ``"hf"`` (``θ −= λ·α_t·θ``) or ``"torch"`` (``θ *= 1 − lr·λ``).
+            Default: ``"paper"``.
+        decay_mode: ``"hf"`` (``θ −= λ·α_t·θ``) or ``"torch"`` (``θ *= 1 − lr·λ``; needs a real lr:
+            ``relative_step=False`` or ``lr_mode="rho_max"``). Default: ``"hf"``.
         maximize: ascend the objective. Default: ``False``.
         skip_nonfinite: skip a group's step when its gradients hold inf/NaN. Default: ``True``.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``. Default: ``"auto"``.
@@ -100,6 +104,10 @@ class AdaFactor(FxOptimizer):
         elif relative_step and lr_mode == "scale":
             raise ValueError("Invalid lr: a manual lr cannot be combined with relative_step=True "
                              "(leave lr=None, or pass relative_step=False, or lr_mode='rho_max')")
+        if decay_mode == "torch" and relative_step and lr_mode == "scale":
+            raise ValueError("Invalid decay_mode: 'torch' decays by lr·λ, but with relative_step=True and "
+                             "lr_mode='scale' the lr is a multiplier of the relative step; use "
+                             "decay_mode='hf' or lr_mode='rho_max'")
         if warmup_init and not relative_step:
             raise ValueError("Invalid warmup_init: warmup_init=True requires relative_step=True")
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
@@ -127,3 +135,11 @@ class AdaFactor(FxOptimizer):
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a transformers Adafactor checkpoint stores lr=None for the relative step: here the group's
+        # lr is the multiplier that schedulers scale, 1.0 by default
+        for group in self.param_groups:
+            if group.get("lr") is None and group.get("relative_step", True):
+                group["lr"] = 1.0

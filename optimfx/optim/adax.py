@@ -46,9 +46,10 @@ _EQUATIONS = r"""
             w_t = \frac{{b_2}}{{(1+b_2)^t - 1}} \\
         \theta_t &= \theta_{{t-1}}{decay} - \alpha \frac{{m_t}}{{\sqrt{{\hat v_t}} + \epsilon_{{\rm eff}}}}
 
-    ``v̂`` is the official raw second moment divided by its bias correction ``c_t = (1+b_2)^t - 1``,
-    updated with the stable weight ``w_t``: the same numbers as the official recursion, without its
-    fp32 overflow near 0.9 M steps.
+    with :math:`\epsilon_{{\rm eff}} = \epsilon/\sqrt{{c_t}}` for ``eps_mode="official"`` and
+    :math:`\epsilon` otherwise. :math:`\hat v` is the official raw second moment divided by its bias
+    correction :math:`c_t = (1+b_2)^t - 1`, updated with the stable weight :math:`w_t`: the same numbers
+    as the official recursion, without its fp32 overflow near 0.9 M steps.
 """
 
 

@@ -32,6 +32,9 @@ class FxOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_lr(defaults["lr"])
         check_backend(defaults["backend"])
+        # torch.optim's __setstate__ adds this key on load; having it from the start keeps
+        # state_dict → load → state_dict identical
+        defaults.setdefault("differentiable", False)
         super().__init__(params, defaults)
         self._warned_skip = False
 

@@ -192,9 +192,23 @@ class EGStepSize(Optimizer):
 
 def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: float = 0.9,
            gamma_scale: float = 1e-2, gamma_gain: float = 1e-2, **kwargs: Any) -> EGStepSize:
-    """Funnel: EG step-size adaptation of SGD with momentum, the paper's setting.
+    r"""Funnel: EG step-size adaptation of SGD with momentum, the paper's setting.
 
-    ``ν_t = μ·ν_{t-1} + η·p_t ⊙ g_t``, ``θ_t = θ_{t-1} − s_t·ν_t`` (``η = lr``; SGD supplies ``η·g_t``).
+    .. math::
+
+        \nu_t = \mu\,\nu_{t-1} + \eta\, p_t \odot g_t, \qquad \theta_t = \theta_{t-1} - s_t\,\nu_t
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: η, the SGD learning rate (schedulers scale it). Default: ``0.1``.
+        momentum: μ. Default: ``0.9``.
+        beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
+        gamma_scale: γ_s. Default: ``1e-2``.
+        gamma_gain: γ_p. Default: ``1e-2``.
+        **kwargs: any other :class:`EGStepSize` keyword (``normalize``, ``scope``, ``exp_clip``, ...).
+
+    Returns:
+        An :class:`EGStepSize` around ``torch.optim.SGD(params, lr=lr)``.
     """
     return EGStepSize(torch.optim.SGD(params, lr=lr), lr=1.0, momentum=momentum, beta=beta,
                       gamma_scale=gamma_scale, gamma_gain=gamma_gain, **kwargs)

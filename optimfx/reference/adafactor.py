@@ -157,8 +157,14 @@ def factored_direction(grad32: Tensor, row: Tensor, col: Tensor, hp: AdaFactorHy
         r_factor = (row / row_mean.clamp(min=torch.finfo(row.dtype).tiny)).rsqrt_()
         return (grad32 * r_factor.unsqueeze(-1)).mul_(col.rsqrt().unsqueeze(-2))
     # torch.optim.Adafactor: V̂ = R·C / max(R̄, ε1), U = G / sqrt(max(V̂, ε1²))
-    v_hat = (row.unsqueeze(-1) * col.unsqueeze(-2)).div_(row_mean.clamp(min=eps1).unsqueeze(-1))
-    return v_hat.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad32)
+    v_hat = (row.unsqueeze(-1) * col.unsqueeze(-2)).div_(row_mean.clamp(min=_floor(eps1, row)).unsqueeze(-1))
+    return v_hat.clamp_(min=_floor(eps1 * eps1, row)).rsqrt_().mul_(grad32)
+
+
+def _floor(value: float, like: Tensor) -> float:
+    """A clamp floor that stays positive in ``like``'s dtype (ε1² = 1e-60 underflows fp32 to 0, and a
+    zero row would then give 0·rsqrt(0) = NaN; torch.optim.Adafactor has that NaN, optimfx does not)."""
+    return max(value, torch.finfo(like.dtype).tiny)
 
 
 def unfactored_direction(grad32: Tensor, v: Tensor, hp: AdaFactorHyper, sc: AdaFactorScalars,
@@ -168,7 +174,7 @@ def unfactored_direction(grad32: Tensor, v: Tensor, hp: AdaFactorHyper, sc: AdaF
         v.mul_(1.0 - sc.weight).addcmul_(grad32, grad32, value=sc.weight).add_(sc.weight * eps1)
         return v.rsqrt().mul_(grad32)
     v.lerp_(grad32 * grad32, sc.weight)
-    return v.clamp(min=eps1 * eps1).rsqrt_().mul_(grad32)
+    return v.clamp(min=_floor(eps1 * eps1, v)).rsqrt_().mul_(grad32)
 
 
 def clip_scale(update: Tensor, hp: AdaFactorHyper) -> Tensor:
