@@ -113,9 +113,17 @@ class FxOptimizer(Optimizer):
         which would turn fp32 statistics of a bf16 model into bf16. Here floating state is restored
         in the precision policy's dtype (fp32, or fp64 for fp64 parameters) from the saved values.
         """
+        # restore from the dict torch actually loads: the one the user's load pre-hooks returned
+        # (a hook registered now runs after all of them)
+        hooked: dict[str, Any] = {}
+        handle = self.register_load_state_dict_pre_hook(lambda _, sd: hooked.update(sd=sd))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        state_dict = hooked["sd"]
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        super().load_state_dict(state_dict)
         current = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, current):
             if saved_id not in saved_state:

@@ -1,0 +1,170 @@
+"""``state_dict`` / ``load_state_dict``: resume equality, serialisation, state dtypes, old formats, hooks."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from _harness import assert_runs_equal, clone_params, make_grads, make_params, require, run
+from optim_db import rows, rows_x_backends
+
+SHAPES = [(6, 4), ()]  # few shapes: each shape is a new graph per step for the compiled backend
+
+
+def _resume(row, backend, device, steps=(2, 2), edit=None):
+    """Run ``steps[0]`` steps, save, load into a fresh optimizer, run both ``steps[1]`` more.
+
+    ``edit(state_dict)`` may rewrite the saved state dict (on a deep copy) before it is loaded.
+    Returns the uninterrupted and the resumed (optimizer, params).
+    """
+    params = make_params(SHAPES, device)
+    grads = make_grads(params, sum(steps))
+    opt = row.make(params, backend)
+    run(opt, params, grads[:steps[0]])
+    resumed = clone_params(params)
+    opt_resumed = row.make(resumed, backend)
+    saved = opt.state_dict()
+    if edit is not None:
+        saved = edit(copy.deepcopy(saved))
+    opt_resumed.load_state_dict(saved)
+    run(opt, params, grads[steps[0]:])
+    run(opt_resumed, resumed, grads[steps[0]:])
+    return (opt, params), (opt_resumed, resumed)
+
+
+@pytest.mark.parametrize("row, backend", rows_x_backends(("reference", "triton", "compiled")))
+def test_resume_continues_in_lockstep(row, backend, device):
+    require(backend, device)
+    (opt, params), (opt2, params2) = _resume(row, backend, device)
+    assert_runs_equal(opt, params, opt2, params2)
+    # loaded state must be the new optimizer's own, not tensors shared with the saved optimizer
+    mine = {v.data_ptr() for p in params for v in opt.state[p].values() if v.numel()}
+    assert not mine & {v.data_ptr() for p in params2 for v in opt2.state[p].values() if v.numel()}
+
+
+def _assert_state_dicts_equal(a, b):
+    """``b`` holds everything ``a`` does (torch's ``__setstate__`` may add group keys on load)."""
+    assert [{k: g[k] for k in ga} for ga, g in zip(a["param_groups"], b["param_groups"])] == a["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i, state in a["state"].items():
+        assert state.keys() == b["state"][i].keys()
+        for key, value in state.items():
+            other = b["state"][i][key]
+            assert value.dtype == other.dtype and value.device == other.device, (i, key)
+            assert torch.equal(value, other), (i, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row, backend", rows_x_backends())
+def test_torch_save_then_load_weights_only_keeps_state_and_dtypes(row, backend, dtype, device):
+    """bf16 parameters keep fp32 state through save, ``torch.load(weights_only=True)`` and
+    ``load_state_dict`` (which, in torch.optim, would cast state to the parameter dtype)."""
+    require(backend, device)
+    params = make_params(SHAPES, device, dtype)
+    grads = make_grads(params, 4)
+    opt = row.make(params, backend)
+    run(opt, params, grads[:2])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    _assert_state_dicts_equal(opt.state_dict(), loaded)
+    resumed = clone_params(params)
+    opt_resumed = row.make(resumed, backend)
+    opt_resumed.load_state_dict(loaded)
+    _assert_state_dicts_equal(opt.state_dict(), opt_resumed.state_dict())
+    run(opt, params, grads[2:])
+    run(opt_resumed, resumed, grads[2:])
+    assert_runs_equal(opt, params, opt_resumed, resumed)
+
+
+@pytest.mark.parametrize("row, backend", rows_x_backends())
+def test_fp32_checkpoint_loads_into_a_bf16_model(row, backend, device):
+    require(backend, device)
+    params = make_params(SHAPES, "cpu")
+    opt = row.make(params, backend)
+    run(opt, params, make_grads(params, 2))
+    saved = opt.state_dict()
+    low = [p.detach().to(device=device, dtype=torch.bfloat16).requires_grad_() for p in params]
+    opt_low = row.make(low, backend)
+    opt_low.load_state_dict(saved)
+    for p, q in zip(params, low):
+        for key, value in opt.state[p].items():
+            restored = opt_low.state[q][key]
+            assert restored.dtype == value.dtype, key
+            assert torch.equal(restored.cpu(), value), key
+    run(opt_low, low, make_grads(low, 2, seed=5))
+    for q in low:
+        assert q.dtype == torch.bfloat16 and q.isfinite().all()
+        floating = [v for k, v in opt_low.state[q].items() if k != "step" and v.is_floating_point()]
+        assert all(v.dtype == torch.float32 for v in floating)
+
+
+def _number_steps(kind):
+    def edit(sd):
+        for state in sd["state"].values():
+            state["step"] = kind(state["step"].item())
+        return sd
+    return edit
+
+
+@pytest.mark.parametrize("kind", [int, float])
+@pytest.mark.parametrize("row, backend", rows_x_backends())
+def test_state_dict_with_python_number_step_loads_and_steps(row, backend, kind, device):
+    require(backend, device)
+    (opt, params), (opt2, params2) = _resume(row, backend, device, edit=_number_steps(kind))
+    assert_runs_equal(opt, params, opt2, params2)
+    assert all(int(opt2.state[p]["step"]) == 4 for p in params2)
+
+
+def _drop_group_keys(sd):
+    for group in sd["param_groups"]:
+        for key in [k for k in group if k not in ("params", "lr")]:
+            del group[key]
+    return sd
+
+
+@pytest.mark.parametrize("row", rows())
+def test_state_dict_from_before_an_option_existed_loads(row):
+    """Groups saved with only ``lr`` get every other hyperparameter from the current defaults."""
+    (opt, params), (opt2, params2) = _resume(row, "reference", "cpu", edit=_drop_group_keys)
+    assert set(opt2.defaults) <= set(opt2.param_groups[0])
+    assert_runs_equal(opt, params, opt2, params2)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_load_rejects_a_different_group_layout(row):
+    a, b = make_params(SHAPES), make_params(SHAPES)
+    saved = row.make([{"params": a[:1]}, {"params": a[1:]}]).state_dict()
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        row.make(b).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_state_dict_hooks_and_a_remapping_load_pre_hook(row):
+    """A load pre-hook may rewrite the state dict (here: the new optimizer lists the parameters in
+    the other order); what gets loaded is the hook's result, not the dict passed in."""
+    params = make_params(SHAPES)
+    opt = row.make(params)
+    run(opt, params, make_grads(params, 1))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("save post") or {**sd, "extra": 1})
+
+    def load_pre(o, sd):
+        calls.append("load pre")
+        state = {len(params) - 1 - i: s for i, s in sd["state"].items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    saved = opt.state_dict()
+    assert saved["extra"] == 1
+    reordered = clone_params(params)[::-1]
+    target = row.make(reordered)
+    target.register_load_state_dict_pre_hook(load_pre)
+    target.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    target.load_state_dict(saved)
+    assert calls == ["save pre", "save post", "load pre", "load post"]
+    assert_runs_equal(opt, params, target, reordered[::-1])

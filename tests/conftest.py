@@ -1,0 +1,31 @@
+"""Shared pytest setup: Triton's CPU interpreter when there is no GPU, seeding, and devices.
+
+``TRITON_INTERPRET`` must be set before the first import of a Triton kernel module, so it is set
+here, at collection time; importing torch alone does not import any kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the same global RNG state, so reruns are bit-identical."""
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """CPU always; CUDA when available."""
+    return torch.device(request.param)
