@@ -1,4 +1,4 @@
-"""``@triton.jit`` helpers shared by the kernels: block coordinates, table pointers, fp32 I/O."""
+"""``@triton.jit`` helpers shared by the kernels: block and tile coordinates, table pointers, fp32 I/O."""
 
 from __future__ import annotations
 
@@ -63,3 +63,48 @@ def store_cast(p, o, x, m, MASKED: tl.constexpr):
         tl.store(p + o, x, mask=m)
     else:
         tl.store(p + o, x)
+
+
+@triton.jit
+def tile_coords(block_tensor, block_chunk, meta, NMETA: tl.constexpr):
+    """``(i_t, p_meta, i_s, i_r, i_c)`` of a tile program (``_launcher.TilePlan``).
+
+    The tensor, a pointer to its meta row (columns ``_launcher.TILE_META``), and the slice, tile
+    row and tile column this program owns; all indices int64.
+    """
+    pid = tl.program_id(0)
+    i_t = tl.load(block_tensor + pid).to(tl.int64)
+    p_meta = meta + i_t * NMETA
+    k = tl.load(block_chunk + pid).to(tl.int64)
+    # meta columns 3, 4: tiles_r, tiles_c
+    t_r = tl.load(p_meta + 3)
+    t_c = tl.load(p_meta + 4)
+    i_s = k // (t_r * t_c)
+    k = k - i_s * (t_r * t_c)
+    i_r = k // t_c
+    return i_t, p_meta, i_s, i_r, k - i_r * t_c
+
+
+@triton.jit
+def tile_offsets(p_meta, n, i_s, i_r, i_c, BR: tl.constexpr, BC: tl.constexpr, ALIGNED: tl.constexpr):
+    """``(o_r [BR], o_c [BC], o [BR, BC], m [BR, BC], full, n_r, n_c)`` of tile ``(i_s, i_r, i_c)``.
+
+    ``o`` is the flat offset in the ``[slices, rows, cols]`` view, ``m`` masks rows, columns and
+    flat offsets past ``n`` (flat tensors viewed with padded rows); ``full`` means ``m`` is all true;
+    ``n_r``, ``n_c`` are the view's rows and columns.
+    """
+    # meta columns 1, 2: rows, cols
+    n_r = tl.load(p_meta + 1)
+    n_c = tl.load(p_meta + 2)
+    if ALIGNED:
+        # row starts stay 16-byte aligned, so rows load as 128-bit vectors
+        n_c = tl.multiple_of(n_c, 16)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_s = i_s * n_r * n_c
+    o = o_s + o_r[:, None] * n_c + o_c[None, :]
+    m = (o_r[:, None] < n_r) & (o_c[None, :] < n_c) & (o < n)
+    # the tile's last element: flat views end inside their padded last row
+    o_last = o_s + (i_r * BR + BR - 1) * n_c + i_c * BC + BC - 1
+    full = (i_r * BR + BR <= n_r) & (i_c * BC + BC <= n_c) & (o_last < n)
+    return o_r, o_c, o, m, full, n_r, n_c

@@ -14,6 +14,13 @@ The kernel is launched once per group on a grid of ``n_blocks`` programs, never 
 Tables are cached by the tensors' addresses and sizes, so a step whose tensors did not move reuses
 them; any change (``zero_grad(set_to_none=True)`` re-allocating a gradient, ``load_state_dict``,
 ``.to()``) rebuilds them.
+
+Kernels that need a 2-D view of each tensor (row/column reductions) use a :class:`TilePlan`: every
+tensor is seen as ``[slices, rows, cols]`` (row-major, the tensor's own memory order) and every
+program is one ``BR × BC`` tile of one slice. On top of the tables above it carries an int64
+``meta [T, NMETA]`` table: the columns of :data:`TILE_META`, then caller columns, then the offset of
+each tensor in each caller-sized scratch *segment*. Several passes over the same tensors reuse one
+plan; scratch comes from :func:`workspace`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ Tensor = torch.Tensor
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _CACHE_SIZE = 64
+
+#: leading columns of ``TilePlan.meta``, in order; the jit helper ``_common.tile_coords`` reads them
+TILE_META = ("slices", "rows", "cols", "tiles_r", "tiles_c", "first", "tiles")
+#: index of the first caller column of ``TilePlan.meta``
+META_USER = len(TILE_META)
+#: row lengths (in elements) that are multiples of this keep every row start 16-byte aligned
+ROW_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -47,11 +61,14 @@ class MultiTensorPlan:
 _plans: "OrderedDict[tuple, MultiTensorPlan]" = OrderedDict()
 
 
-def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def _host_table(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _build(lists: Sequence[Sequence[Tensor]], block: int, aligned: bool) -> MultiTensorPlan:
@@ -88,14 +105,20 @@ def plan(lists: Sequence[Sequence[Tensor]], block: int) -> MultiTensorPlan:
     return built
 
 
-def groups(lists: Sequence[Sequence[Tensor]]) -> list[list[int]]:
-    """Split tensor indices into launch groups by (device, dtype of each list, alignment)."""
+def groups(lists: Sequence[Sequence[Tensor]], row_lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Split tensor indices into launch groups by (device, dtype of each list, alignment).
+
+    With ``row_lengths`` (tile plans) a tensor counts as aligned only if its rows also start on
+    16-byte boundaries (row length a multiple of :data:`ROW_ALIGN`).
+    """
     out: dict[tuple, list[int]] = {}
     for i in range(len(lists[0])):
         if lists[0][i].numel() == 0:
             continue
-        key = (lists[0][i].device, tuple(lst[i].dtype for lst in lists),
-               all(lst[i].data_ptr() % 16 == 0 for lst in lists))
+        aligned = all(lst[i].data_ptr() % 16 == 0 for lst in lists)
+        if row_lengths is not None:
+            aligned = aligned and row_lengths[i] % ROW_ALIGN == 0
+        key = (lists[0][i].device, tuple(lst[i].dtype for lst in lists), aligned)
         out.setdefault(key, []).append(i)
     return list(out.values())
 
@@ -115,11 +138,32 @@ def launch(kernel: Any, lists: Sequence[Sequence[Tensor]], *args: Any, block: in
     for idx in groups(lists):
         sub = [[lst[i] for i in idx] for lst in lists]
         p = plan(sub, block)
-        kernel[(p.n_blocks,)](
-            p.tables, p.numels, p.block_tensor, p.block_chunk, *args,
-            **{f"DTYPE{k}": dt for k, dt in enumerate(p.dtypes)},
-            ALIGNED=p.aligned, BLOCK=block, num_warps=num_warps, **constexprs,
-        )
+        _enqueue(kernel, (p.n_blocks,), p.tables, p.numels, p.block_tensor, p.block_chunk, *args,
+                 **{f"DTYPE{k}": dt for k, dt in enumerate(p.dtypes)},
+                 ALIGNED=p.aligned, BLOCK=block, num_warps=num_warps, **constexprs)
+
+
+def _enqueue(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """The one place a kernel is launched (tests count launches here)."""
+    kernel[grid](*args, **kwargs)
+
+
+_workspaces: dict[tuple, Tensor] = {}
+
+
+def workspace(name: str, numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Scratch of at least ``numel`` elements (contents undefined), shared by every launch.
+
+    One grow-only buffer per ``(device, name, dtype)``: launches on a stream run in order, so groups
+    and steps can take turns with it, and memory stays at the largest group's need (a plan-owned
+    buffer would pin one per cached plan). After the first step the address no longer changes.
+    """
+    key = (torch.device(device), name, dtype)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        _workspaces[key] = buf
+    return buf
 
 
 def device_scalar(value: Any, device: torch.device, cache: dict) -> Tensor:
@@ -137,3 +181,121 @@ def device_scalar(value: Any, device: torch.device, cache: dict) -> Tensor:
         cache[device] = (value, t)
         return t
     return slot[1]
+
+
+@dataclass(frozen=True)
+class TilePlan(MultiTensorPlan):
+    """A plan whose programs are ``BR × BC`` tiles of ``[slices, rows, cols]`` views (module docstring).
+
+    ``block_chunk`` holds the tile index inside its tensor, slice-major then row-major over tiles;
+    ``meta[i, "first"]`` is the program id of tensor ``i``'s first tile, so per-tile partial results
+    stored at ``pid`` are contiguous per tensor.
+    """
+
+    meta: Tensor
+    n_tensors: int
+    tile: tuple[int, int]
+    segment_sizes: tuple[int, ...]
+
+    def launch(self, kernel: Any, *args: Any, num_warps: int, per_tensor: bool = False,
+               **constexprs: Any) -> None:
+        """One launch over every tile (or, with ``per_tensor``, one program per tensor).
+
+        The kernel's leading parameters are ``(tables, numels, block_tensor, block_chunk, meta)``,
+        then ``*args``, then constexprs ``DTYPE<k>``, ``ALIGNED``, ``BR``, ``BC`` and ``NMETA``.
+        ``ALIGNED`` also promises that every row length is a multiple of :data:`ROW_ALIGN`.
+        """
+        grid = (self.n_tensors,) if per_tensor else (self.n_blocks,)
+        _enqueue(kernel, grid, self.tables, self.numels, self.block_tensor, self.block_chunk, self.meta,
+                 *args, **{f"DTYPE{k}": dt for k, dt in enumerate(self.dtypes)},
+                 ALIGNED=self.aligned, BR=self.tile[0], BC=self.tile[1], NMETA=self.meta.shape[1],
+                 num_warps=num_warps, **constexprs)
+
+
+def tile_counts(view: Sequence[int], tile: Sequence[int]) -> tuple[int, int]:
+    """``(tiles_r, tiles_c)`` of a ``[slices, rows, cols]`` view."""
+    return -(-view[1] // tile[0]), -(-view[2] // tile[1])
+
+
+def _build_tiles(lists: Sequence[Sequence[Tensor]], views: Sequence[tuple[int, int, int]],
+                 tile: tuple[int, int], columns: Sequence[Sequence[int]],
+                 segments: Sequence[Sequence[int]], aligned: bool) -> TilePlan:
+    device = lists[0][0].device
+    n_tensors = len(views)
+    rows, first = [], 0
+    offsets = [0] * len(segments)
+    for i, (slices, n_r, n_c) in enumerate(views):
+        t_r, t_c = tile_counts((slices, n_r, n_c), tile)
+        tiles = slices * t_r * t_c
+        seg = []
+        for k, sizes in enumerate(segments):
+            seg.append(offsets[k])
+            offsets[k] += sizes[i]
+        rows.append([slices, n_r, n_c, t_r, t_c, first, tiles] + [c[i] for c in columns] + seg)
+        first += tiles
+    meta = torch.tensor(rows, dtype=torch.int64)
+    tiles = meta[:, TILE_META.index("tiles")]
+    # tensor-major block map, built vectorised (a large model has ~10^5 tiles)
+    block_tensor = torch.repeat_interleave(torch.arange(n_tensors, dtype=torch.int32), tiles)
+    starts = torch.repeat_interleave(meta[:, TILE_META.index("first")], tiles)
+    block_chunk = (torch.arange(first, dtype=torch.int64) - starts).to(torch.int32)
+    ptrs = [lst[i].data_ptr() for i in range(n_tensors) for lst in lists]
+    return TilePlan(
+        tables=_host_table(ptrs, torch.int64, device).reshape(n_tensors, len(lists)),
+        numels=_host_table([t.numel() for t in lists[0]], torch.int64, device),
+        block_tensor=_to_device(block_tensor, device),
+        block_chunk=_to_device(block_chunk, device),
+        n_blocks=first,
+        dtypes=tuple(TL_DTYPES[lst[0].dtype] for lst in lists),
+        aligned=aligned,
+        meta=_to_device(meta, device),
+        n_tensors=n_tensors,
+        tile=tuple(tile),
+        segment_sizes=tuple(offsets),
+    )
+
+
+def tile_plan(lists: Sequence[Sequence[Tensor]], views: Sequence[tuple[int, int, int]],
+              tile: tuple[int, int], columns: Sequence[Sequence[int]] = (),
+              segments: Sequence[Sequence[int]] = ()) -> TilePlan:
+    """The cached tile plan of one launch group.
+
+    ``views[i] = (slices, rows, cols)`` with ``slices·rows·cols ≥ numel`` of tensor ``i`` (a flat
+    tensor may be viewed as ``(1, ceil(n / cols), cols)``; kernels mask flat offsets ``≥ numel``).
+    ``columns``: extra int64 meta columns, each one value per tensor. ``segments``: scratch sizes,
+    each one size per tensor; tensor ``i``'s offset in segment ``k`` is meta column
+    ``META_USER + len(columns) + k`` and the segment's total is ``segment_sizes[k]``.
+    """
+    views = [tuple(int(x) for x in v) for v in views]
+    columns = [tuple(int(x) for x in c) for c in columns]
+    segments = [tuple(int(x) for x in s) for s in segments]
+    key = ("tiles", tuple(tile), tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst),
+           tuple(views), tuple(columns), tuple(segments))
+    found = _plans.get(key)
+    if found is not None:
+        _plans.move_to_end(key)
+        return found
+    aligned = (all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
+               and all(v[2] % ROW_ALIGN == 0 for v in views))
+    built = _build_tiles(lists, views, tile, columns, segments, aligned)
+    _plans[key] = built
+    if len(_plans) > _CACHE_SIZE:
+        _plans.popitem(last=False)
+    return built
+
+
+def tile_groups(lists: Sequence[Sequence[Tensor]], views: Sequence[tuple[int, int, int]],
+                tile: tuple[int, int], columns: Sequence[Sequence[int]] = (),
+                segments: Sequence[Sequence[int]] = ()) -> list[tuple[list[int], TilePlan]]:
+    """``(indices, plan)`` for every launch group of ``lists`` (empty tensors are left out).
+
+    ``views``, ``columns`` and ``segments`` are given for all tensors, as in :func:`tile_plan`;
+    each plan sees its own group's subset.
+    """
+    out = []
+    for idx in groups(lists, [v[2] for v in views]):
+        sub = [[lst[i] for i in idx] for lst in lists]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        out.append((idx, tile_plan(sub, pick(views), tile, [pick(c) for c in columns],
+                                   [pick(s) for s in segments])))
+    return out
