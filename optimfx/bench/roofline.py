@@ -23,10 +23,11 @@ _MIN_BYTES = 16 * 2**20
 
 @dataclass
 class Bandwidth:
-    """One bandwidth measurement: bytes counted per repetition and the per-repetition times."""
+    """One bandwidth measurement: bytes counted per repetition, buffer bytes, per-repetition times."""
 
     kind: str
     nbytes: int
+    footprint: int
     seconds: list[float] = field(default_factory=list)
 
     @property
@@ -103,7 +104,7 @@ def cpu_rmw(nbytes: int | None = None, reps: int = 10, dtype: torch.dtype = torc
     a = torch.ones(n, dtype=dtype)
     b = torch.ones(n, dtype=dtype)
     a.add_(b, alpha=1e-9)  # first touch and warm-up, not timed
-    out = Bandwidth("cpu in-place add_ (2R+1W)", 3 * n * itemsize)
+    out = Bandwidth("cpu in-place add_ (2R+1W)", 3 * n * itemsize, 2 * n * itemsize)
     for _ in range(reps):
         t0 = time.perf_counter()
         a.add_(b, alpha=1e-9)
@@ -136,8 +137,10 @@ def cuda_roof(device: torch.device | str = "cuda", nbytes: int | None = None, re
     n = max(int(nbytes), 1024) // 8
     a = torch.ones(n, device=device)
     b = torch.ones(n, device=device)
-    copy = Bandwidth("cuda D2D copy_ (1R+1W)", 2 * n * 4, _cuda_timed(lambda: a.copy_(b), reps))
-    rmw = Bandwidth("cuda in-place add_ (2R+1W)", 3 * n * 4, _cuda_timed(lambda: a.add_(b, alpha=1e-9), reps))
+    copy = Bandwidth("cuda D2D copy_ (1R+1W)", 2 * n * 4, 2 * n * 4,
+                     _cuda_timed(lambda: a.copy_(b), reps))
+    rmw = Bandwidth("cuda in-place add_ (2R+1W)", 3 * n * 4, 2 * n * 4,
+                    _cuda_timed(lambda: a.add_(b, alpha=1e-9), reps))
     return Roof(str(device), rmw, copy)
 
 
@@ -156,5 +159,5 @@ def merge(a: Roof, b: Roof) -> Roof:
     def pool(x: Bandwidth | None, y: Bandwidth | None) -> Bandwidth | None:
         if x is None or y is None:
             return x or y
-        return Bandwidth(x.kind, x.nbytes, x.seconds + y.seconds) if x.nbytes == y.nbytes else x
+        return Bandwidth(x.kind, x.nbytes, x.footprint, x.seconds + y.seconds) if x.nbytes == y.nbytes else x
     return Roof(a.device, pool(a.rmw, b.rmw), pool(a.copy, b.copy))

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite for optimizer steps (run explicitly: ``pytest benches``)."""

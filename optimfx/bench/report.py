@@ -1,0 +1,131 @@
+"""Tables and JSON reports of timed steps: ms/step, speedup, effective GB/s, fraction of the roof."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .roofline import Roof
+from .timing import Result, quantile
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Versions and machine facts worth keeping next to the figures."""
+    import optimfx
+
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "optimfx": optimfx.__version__, "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+def rows(results: Sequence[Result], baseline: str, roof: Roof | None) -> list[dict[str, Any]]:
+    """One dict per implementation with the derived figures (``None`` where it did not run).
+
+    ``speedup`` is ``median(baseline) / median(impl)``: above 1 the implementation is faster.
+    """
+    base = next((r for r in results if r.name == baseline and r.ok), None)
+    out = []
+    for r in results:
+        row: dict[str, Any] = {
+            "name": r.name, "family": r.family, "backend": r.backend, "error": r.error,
+            "n_params": r.n_params, "bytes_per_param": r.bytes_per_param,
+            "state_bytes": r.state_bytes,
+            "state_bytes_per_param": r.state_bytes / r.n_params if r.n_params else None,
+            "first_step_ms": r.first_step_s * 1e3 if r.ok else None,
+            "warmup_ms": r.warmup_s * 1e3 if r.ok else None,
+            "steps": len(r.seconds), "ms": [s * 1e3 for s in r.seconds],
+            "ms_median": None, "ms_p20": None, "ms_p80": None, "speedup": None,
+            "gbps": None, "roof_fraction": None,
+        }
+        if r.ok:
+            row.update(ms_median=r.median_s * 1e3, ms_p20=quantile(r.seconds, 0.2) * 1e3,
+                       ms_p80=quantile(r.seconds, 0.8) * 1e3, gbps=r.gbps)
+            if base is not None:
+                row["speedup"] = base.median_s / r.median_s
+            if roof is not None:
+                row["roof_fraction"] = r.gbps / roof.gbps
+        out.append(row)
+    return out
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(table: Sequence[dict[str, Any]], baseline: str, roof: Roof | None) -> str:
+    """A fixed-width text table, with a legend under it."""
+    header = ("implementation", "backend", "ms/step", "p20-p80 ms", "speedup", "GB/s", "of roof",
+              "state B/param")
+    lines = []
+    for row in table:
+        spread = (f"{row['ms_p20']:.3g}-{row['ms_p80']:.3g}" if row["ms_median"] is not None else "-")
+        lines.append((row["name"], row["backend"] or "-", _fmt(row["ms_median"], ".3f"), spread,
+                      _fmt(row["speedup"], ".2f", "x"), _fmt(row["gbps"], ".1f"),
+                      _fmt(row["roof_fraction"] and 100 * row["roof_fraction"], ".0f", "%"),
+                      _fmt(row["state_bytes_per_param"], ".2f")))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    text = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
+    errors = [f"  {row['name']}: {row['error']}" for row in table if row["error"]]
+    if errors:
+        text += ["", "not run:", *errors]
+    bpp = sorted({f"{row['bytes_per_param']:.4g}" for row in table if row["ms_median"] is not None})
+    text += ["",
+             f"speedup = median ms of {baseline} (torch.optim.Adam's default here) / median ms; "
+             ">1 is faster.",
+             f"GB/s = params x minimum bytes/param ({', '.join(bpp) or '-'}) / median step time."]
+    if roof is not None:
+        text.append(f"roof = {roof.rmw.kind}: {roof.gbps:.1f} GB/s over "
+                    f"{roof.rmw.footprint / 2**20:.0f} MiB, measured in this process"
+                    + (f" (D2D copy: {roof.copy.gbps:.1f} GB/s)" if roof.copy is not None else "") + ".")
+    return "\n".join(text)
+
+
+def write_json(report: dict[str, Any], folder: str | os.PathLike[str]) -> Path:
+    """Write ``report`` as ``bench-<device>-<UTC time>.json`` under ``folder`` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    device = str(report.get("environment", {}).get("device", "device")).replace(":", "")
+    path = folder / f"bench-{device}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
