@@ -91,12 +91,22 @@ def _compiled_step(algo: Algorithm) -> Callable[..., None]:
 
 
 def all_finite(grads: list[Tensor]) -> bool:
-    """Host check that no gradient holds inf/NaN (a device sync on CUDA; the Triton path avoids it)."""
+    """Host check that no gradient holds inf/NaN (a device sync on CUDA; the Triton path avoids it).
+
+    A finite 2-norm proves every element finite (inf/NaN propagate into it), and the foreach 2-norm
+    is ~4x cheaper on CPU than the inf-norm. Only when a 2-norm is not finite, a non-finite
+    element or an overflowing sum of squares, the exact inf-norm decides.
+    """
     grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return True
-    norms = torch._foreach_norm(grads, float("inf"))
-    return bool(torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all())
+    if _norms_finite(torch._foreach_norm(grads, 2), grads[0].device):
+        return True
+    return _norms_finite(torch._foreach_norm(grads, float("inf")), grads[0].device)
+
+
+def _norms_finite(norms: Sequence[Tensor], device: torch.device) -> bool:
+    return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
 
 
 def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor],

@@ -84,16 +84,20 @@ def host_scalars(step: int, hp: AdaXHyper) -> AdaXScalars:
 
 
 def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               hp: AdaXHyper, sc: AdaXScalars) -> torch.Tensor:
-    """Update the moments in place and return the AdaX direction ``m / (sqrt(v̂) + ε_eff)``."""
+               hp: AdaXHyper, sc: AdaXScalars, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Update the moments in place and return the AdaX direction ``m / (sqrt(v̂) + ε_eff)``.
+
+    ``scratch`` (optional, may be ``grad32`` itself when that is a private copy) receives the
+    direction instead of a new tensor.
+    """
     # §2.1: m ← b1·m + (1 − b1)·g   (no bias correction, as the paper and official code)
     exp_avg.lerp_(grad32, 1.0 - hp.beta1)
     # §2.1: v̂ ← v̂ + w_t·(g² − v̂)
     exp_avg_sq.mul_(1.0 - sc.weight).addcmul_(grad32, grad32, value=sc.weight)
     if hp.eps_mode == "inside":
-        denom = exp_avg_sq.add(sc.eps_eff).sqrt_()
+        denom = torch.add(exp_avg_sq, sc.eps_eff, out=scratch).sqrt_()
     else:
-        denom = exp_avg_sq.sqrt().add_(sc.eps_eff)
+        denom = torch.sqrt(exp_avg_sq, out=scratch).add_(sc.eps_eff)
     return torch.div(exp_avg, denom, out=denom)
 
 
@@ -104,7 +108,9 @@ def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor
     param32 = working_copy(param)
     grad32 = prepare_grad(grad, param32, maximize=hp.maximize,
                           l2=0.0 if hp.decoupled else hp.weight_decay)
-    d = direction_(grad32, exp_avg, exp_avg_sq, hp, sc)
+    # a private gradient copy (L2, maximize, low precision) is free once the moments are updated
+    scratch = grad32 if grad32.data_ptr() != grad.data_ptr() else None
+    d = direction_(grad32, exp_avg, exp_avg_sq, hp, sc, scratch)
     apply_(param32, d, lr, hp.weight_decay if hp.decoupled else 0.0)
     write_back_(param, param32)
 
