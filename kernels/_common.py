@@ -108,3 +108,40 @@ def tile_offsets(p_meta, n, i_s, i_r, i_c, BR: tl.constexpr, BC: tl.constexpr, A
     o_last = o_s + (i_r * BR + BR - 1) * n_c + i_c * BC + BC - 1
     full = (i_r * BR + BR <= n_r) & (i_c * BC + BC <= n_c) & (o_last < n)
     return o_r, o_c, o, m, full, n_r, n_c
+
+
+@triton.jit
+def mix32(x):
+    """The lowbias32 integer hash of uint32 ``x`` (``optimfx._precision.mix32`` is the reference)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def round_to_bf16_stochastic(x, o, key):
+    """fp32 → bf16 rounded up with probability equal to the discarded fraction (unbiased).
+
+    ``o`` is the element's int64 row-major index and ``key`` the step key
+    (``optimfx._precision.round_key``); the same bits as ``optimfx._precision.stochastic_round_bf16``.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    h = mix32(o.to(tl.uint32) ^ key.to(tl.uint32))
+    r = mix32(h ^ (o >> 32).to(tl.uint32) ^ ((bits >> 16) << 16)) >> 16
+    y = ((bits + r) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), y)
+
+
+@triton.jit
+def store_cast_stochastic(p, o, x, m, key, MASKED: tl.constexpr):
+    """:func:`store_cast`, with stochastic rounding (key ``key``) when the pointer is bf16."""
+    if p.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16_stochastic(x, o, key)
+    else:
+        x = x.to(p.dtype.element_ty)
+    if MASKED:
+        tl.store(p + o, x, mask=m)
+    else:
+        tl.store(p + o, x)

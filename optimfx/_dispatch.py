@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
+import weakref
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
 from ._algorithm import Algorithm
+from ._precision import round_key, rounding, working_copy
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,37 +112,135 @@ def _norms_finite(norms: Sequence[Tensor], device: torch.device) -> bool:
     return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
 
 
+@torch.compiler.disable
 def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor],
         states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
-        skip_nonfinite: bool) -> bool:
+        skip_nonfinite: bool, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+        rounding_seed: int | None = None) -> bool:
     """Apply one step of ``algo`` to a group's tensors (already real views, with grads).
 
     ``states[i]`` is the state dict of tensor ``i`` (``algo.init_state`` buffers); ``step_counts[i]`` is
-    its int64 CPU step counter, incremented here. With ``skip_nonfinite`` a step whose gradients
-    hold inf/NaN leaves parameters and state untouched: checked on the host for the reference
-    backends (returns ``False`` when skipped), on the device for Triton (the step counters still
-    advance there, since reading the flag would synchronise).
+    its int64 CPU step counter, incremented here.
+
+    A step is skipped, leaving parameters, state and step counters untouched, when ``found_inf``
+    (``torch.amp.GradScaler``'s flag) is non-zero or, with ``skip_nonfinite`` and no ``found_inf``,
+    when a gradient holds inf/NaN. The reference backends decide on the host. The Triton backend
+    decides on the device (no host sync): its kernels read the flag, and the counters, advanced
+    optimistically, are corrected when the flag is read back, right away for CPU tensors and at the
+    group's next ``run`` (or ``state_dict``) for CUDA tensors, once the flag's copy has arrived.
+
+    ``grad_scale`` (GradScaler's scale) divides the gradients, in private fp32 copies (``p.grad`` is
+    never written). ``rounding_seed`` selects stochastic rounding of bf16 parameters, keyed by
+    ``(rounding_seed, step)`` (:func:`optimfx._precision.round_key`); ``None`` rounds to nearest even.
+
+    Runs outside ``torch.compile`` graphs (``torch.compiler.disable``): inside a compiled training step
+    the whole optimizer update is one eager region whose host scalars are exact float64, so no step
+    count or scalar is baked into a graph and nothing recompiles as the step advances.
+
+    Returns:
+        ``False`` when the step was skipped by the non-finite check here (the caller reports it);
+        ``True`` otherwise, also when GradScaler's ``found_inf`` skipped it (the scaler reports those).
     """
-    if skip_nonfinite and backend != "triton" and not all_finite(grads):
+    settle_skips(step_counts)
+    if backend == "triton":
+        _run_triton(algo, params, grads, states, step_counts, hyper, lr, skip_nonfinite, grad_scale,
+                    found_inf, rounding_seed)
+        return True
+    if found_inf is not None:
+        if bool(found_inf):
+            return True
+    elif skip_nonfinite and not all_finite(grads):
         return False
+    if grad_scale is not None:
+        grads = _unscaled(grads, grad_scale)
+    for t in step_counts:
+        t += 1
+    step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
+    lr_f = _host_lr(lr)
+    for p, g, state, t in zip(params, grads, states, step_counts):
+        step = int(t)
+        key = None if rounding_seed is None else round_key(rounding_seed, step)
+        with rounding(key):
+            step_fn(p, g, state, hyper, algo.scalars(step, hyper), lr_f)
+    return True
+
+
+def _unscaled(grads: list[Tensor], grad_scale: Tensor) -> list[Tensor]:
+    """Private copies ``g · (1 / scale)`` in the compute dtype, ``1 / scale`` rounded to fp32 as
+    ``GradScaler.unscale_`` does (so fp32 gradients get the bits its in-place unscale would give)."""
+    inv = grad_scale.detach().double().reciprocal().float()
+    return [working_copy(g).mul(inv.to(g.device)) if g.dtype != torch.float64
+            else g.mul(inv.to(g.device, torch.float64)) for g in grads]
+
+
+def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
+                states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
+                skip_nonfinite: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
+                rounding_seed: int | None) -> None:
+    kernels = importlib.import_module(f"optimfx._kernels.{algo.name}")
+    flag = None
+    if found_inf is not None or grad_scale is not None or skip_nonfinite:
+        checks = importlib.import_module("optimfx._kernels.checks")
+        # GradScaler's found_inf already covers every gradient: no second scan
+        scan = skip_nonfinite and found_inf is None
+        flag = checks.nonfinite_flag(grads, found_inf, check=scan and grad_scale is None)
+        if grad_scale is not None:
+            grads = checks.unscaled(grads, grad_scale, flag, check=scan)
     for t in step_counts:
         t += 1
     steps = [int(t) for t in step_counts]
-    if backend == "triton":
-        kernels = importlib.import_module(f"optimfx._kernels.{algo.name}")
-        flag = None
-        if skip_nonfinite:
-            flag = importlib.import_module("optimfx._kernels.checks").nonfinite_flag(grads)
-        for idx in _indices_by_step(steps).values():
-            sc = algo.scalars(steps[idx[0]], hyper)
-            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-            kernels.launch(pick(params), pick(grads), pick(states), hyper, sc, lr, flag)
-        return True
-    step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
-    lr_f = _host_lr(lr)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        step_fn(p, g, states[i], hyper, algo.scalars(steps[i], hyper), lr_f)
-    return True
+    for idx in _indices_by_step(steps).values():
+        sc = algo.scalars(steps[idx[0]], hyper)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        extra = {}
+        if rounding_seed is not None and any(params[i].dtype == torch.bfloat16 for i in idx):
+            if "round_key" not in inspect.signature(kernels.launch).parameters:
+                raise NotImplementedError(f"bf16_rounding='stochastic' is not implemented by the {algo.name} "
+                                          "Triton kernels yet; use backend='reference' for this group")
+            extra["round_key"] = round_key(rounding_seed, steps[idx[0]])
+        kernels.launch(pick(params), pick(grads), pick(states), hyper, sc, lr, flag, **extra)
+    if flag is not None:
+        _defer_skip(flag, step_counts)
+
+
+class _PendingSkip(NamedTuple):
+    counter: weakref.ref[Tensor]
+    flag: Tensor  # host copy of a device skip flag
+    ready: Any  # a CUDA event recorded after the copy, or None when the copy is complete
+
+
+#: ``id(counter) → _PendingSkip``: step counters advanced by a Triton step whose skip flag has not
+#: been read back yet (entries of CPU tensors are settled at once)
+_pending_skips: dict[int, _PendingSkip] = {}
+
+
+def _defer_skip(flag: Tensor, step_counts: list[Tensor]) -> None:
+    ready = None
+    if flag.device.type != "cpu":
+        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+        flag = host.copy_(flag, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    for t in step_counts:
+        _pending_skips[id(t)] = _PendingSkip(weakref.ref(t), flag, ready)
+    if ready is None:
+        settle_skips(step_counts)
+
+
+def settle_skips(step_counts: Iterable[Tensor]) -> None:
+    """Take back the increment of counters whose Triton step turned out skipped.
+
+    Waits only for the flag's copy (recorded right after the step's kernels), never for work queued
+    since, so in a training loop it finds the copy done and costs no stall.
+    """
+    for t in step_counts:
+        pending = _pending_skips.pop(id(t), None)
+        if pending is None or pending.counter() is not t:
+            continue
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        if int(pending.flag[0]) != 0:
+            t -= 1
 
 
 def _indices_by_step(steps: list[int]) -> dict[int, list[int]]:

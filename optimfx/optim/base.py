@@ -14,10 +14,10 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .. import _dispatch
+from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
-from .._precision import compute_dtype, real_view
-from .._validation import check_backend, check_lr
+from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
+from .._validation import check_backend, check_choice, check_lr
 
 Tensor = torch.Tensor
 
@@ -28,6 +28,12 @@ class FxOptimizer(Optimizer):
     algorithm: ClassVar[Algorithm]
     #: pointwise algorithms optimise a complex parameter as its real view; shape-dependent ones refuse
     supports_complex: ClassVar[bool] = True
+    #: state keys that average the parameter over one axis (``{key: axis}``), for their placement
+    #: on FSDP2 (DTensor) parameters; see :mod:`optimfx._distributed`
+    reduced_state_axes: ClassVar[dict[str, int]] = {}
+    #: ``torch.amp.GradScaler`` hands its ``grad_scale`` and ``found_inf`` to ``step()`` (as attributes)
+    #: instead of unscaling and checking the gradients itself; see ``_dispatch.run``
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_lr(defaults["lr"])
@@ -35,8 +41,16 @@ class FxOptimizer(Optimizer):
         # torch.optim's __setstate__ adds this key on load; having it from the start keeps
         # state_dict → load → state_dict identical
         defaults.setdefault("differentiable", False)
+        # group options of every optimizer: how bf16 parameters are written (to "nearest" even, or
+        # "stochastic"), and the seed of the stochastic rounding
+        defaults.setdefault("bf16_rounding", "nearest")
+        defaults.setdefault("rounding_seed", 0)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_choice("bf16_rounding", group["bf16_rounding"], BF16_ROUNDINGS)
         self._warned_skip = False
+        # a Triton step's skip flag is read back lazily; a checkpoint must see the settled counters
+        self.register_state_dict_pre_hook(_settle_step_counters)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -63,7 +77,8 @@ class FxOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.int64)
-                state.update(self.algorithm.init_state(real_view(p), hyper))
+                state.update(_distributed.init_state(self.algorithm.init_state, real_view(p), hyper,
+                                                     self.reduced_state_axes))
             elif not (isinstance(state["step"], Tensor) and state["step"].dtype == torch.int64
                       and state["step"].device.type == "cpu"):
                 # a checkpoint may carry a float, a Python number or a device tensor
@@ -96,15 +111,30 @@ class FxOptimizer(Optimizer):
             self._init_group(group, params, grads, states, step_counts, hyper)
             if not params:
                 continue
+            skip_nonfinite, finite = group["skip_nonfinite"], True
+            local = _distributed.local_group(params, grads, states, self.reduced_state_axes)
+            if local is not None:
+                # FSDP2: step the local shards; skip on every rank when any rank's shard is not finite
+                params, grads, states = local
+                finite = not skip_nonfinite or _distributed.all_finite(grads, states)
+                skip_nonfinite = False
             backend = _dispatch.resolve_backend(group["backend"], params)
-            stepped = _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
-                                    hyper, group["lr"], group["skip_nonfinite"])
+            stepped = finite and _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
+                                               hyper, group["lr"], skip_nonfinite,
+                                               **self._precision_options(group))
             if not stepped and not self._warned_skip:
                 self._warned_skip = True
                 warnings.warn(f"{type(self).__name__}: gradients hold inf/NaN; the step was skipped for "
                               "that parameter group (parameters and state unchanged). This warning is "
                               "shown once.", RuntimeWarning, stacklevel=2)
         return loss
+
+    def _precision_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """GradScaler's ``grad_scale``/``found_inf`` (set on the optimizer around ``step()`` when it
+        drives the step) and the group's bf16 rounding, as keywords of :func:`_dispatch.run`."""
+        stochastic = group.get("bf16_rounding", "nearest") == "stochastic"
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None),
+                "rounding_seed": int(group.get("rounding_seed", 0)) if stochastic else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping optimfx's state dtypes.
@@ -140,3 +170,7 @@ class FxOptimizer(Optimizer):
                 # ``.to`` returns the saved buffer itself when nothing changes: never share it
                 same = restored.data_ptr() == value.data_ptr()
                 self.state[p][key] = restored.clone() if same else restored
+
+
+def _settle_step_counters(optimizer: Optimizer) -> None:
+    _dispatch.settle_skips([s["step"] for s in optimizer.state.values() if isinstance(s.get("step"), Tensor)])
