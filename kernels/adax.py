@@ -2,7 +2,7 @@ r"""AdaX / AdaXW: one fused elementwise pass over all tensors of a group (spec �
 
 Per element, in fp32 (``w`` = ``w_t`` and ``eps`` = ``ε_eff`` from the host, ``lr`` from device memory)::
 
-    g  = sign·grad + l2·θ
+    g  = sign·load_grad(g) + l2·θ          ChildTuning-F/D mask applied on load (``_mask.py``)
     m  = m + (1 − b1)·(g − m)
     v̂  = v̂ + w·(g² − v̂)
     θ  = θ·(1 − lr·λ) − lr·m / (sqrt(v̂) + eps)        (EPS_INSIDE: sqrt(v̂ + eps))
@@ -18,8 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launcher
-from ._common import block_coords, load_f32, store_cast, table_ptr
+from . import _launcher, _mask
+from ._common import (
+    block_coords,
+    load_f32,
+    store_cast,
+    store_cast_stochastic,
+    table_ptr,
+)
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -27,10 +33,12 @@ _lr_cache: dict = {}
 
 
 @triton.jit
-def _adax_block(p_p, p_g, p_m, p_v, o, m, lr, beta1, weight, eps, l2, decay, sign,
-                EPS_INSIDE: tl.constexpr, MASKED: tl.constexpr):
+def _adax_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, beta1, weight, eps, l2, decay, sign, round_key,
+                mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE: tl.constexpr,
+                STOCHASTIC: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
-    b_g = load_f32(p_g, o, m, MASKED) * sign + l2 * b_p
+    b_g = _mask.load_grad(p_g, p_k, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED,
+                          MASK_MODE) * sign + l2 * b_p
     b_m = load_f32(p_m, o, m, MASKED)
     b_v = load_f32(p_v, o, m, MASKED)
     b_m = b_m + (1.0 - beta1) * (b_g - b_m)
@@ -42,56 +50,67 @@ def _adax_block(p_p, p_g, p_m, p_v, o, m, lr, beta1, weight, eps, l2, decay, sig
     b_p = b_p * (1.0 - lr * decay) - lr * b_d
     store_cast(p_m, o, b_m, m, MASKED)
     store_cast(p_v, o, b_v, m, MASKED)
-    store_cast(p_p, o, b_p, m, MASKED)
+    if STOCHASTIC:
+        store_cast_stochastic(p_p, o, b_p, m, round_key, MASKED)
+    else:
+        store_cast(p_p, o, b_p, m, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mask_step"])
 def adax_step_kernel(tables, numels, block_tensor, block_chunk, lr_ptr, skip_ptr,
-                     beta1, weight, eps, l2, decay, sign,
+                     beta1, weight, eps, l2, decay, sign, round_key,
+                     mask_seed, mask_step, mask_threshold, mask_scale,
                      DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr, DTYPE3: tl.constexpr,
-                     EPS_INSIDE: tl.constexpr, CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr,
+                     DTYPE4: tl.constexpr, EPS_INSIDE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     MASK_MODE: tl.constexpr, CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr,
                      BLOCK: tl.constexpr):
-    # lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq
+    # lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 ChildTuning mask descriptor (``_mask.py``)
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
     i_t, o_start, n = block_coords(numels, block_tensor, block_chunk, BLOCK)
-    p_p = table_ptr(tables, i_t, 0, 4, DTYPE0, ALIGNED)
-    p_g = table_ptr(tables, i_t, 1, 4, DTYPE1, ALIGNED)
-    p_m = table_ptr(tables, i_t, 2, 4, DTYPE2, ALIGNED)
-    p_v = table_ptr(tables, i_t, 3, 4, DTYPE3, ALIGNED)
+    p_p = table_ptr(tables, i_t, 0, 5, DTYPE0, ALIGNED)
+    p_g = table_ptr(tables, i_t, 1, 5, DTYPE1, ALIGNED)
+    p_m = table_ptr(tables, i_t, 2, 5, DTYPE2, ALIGNED)
+    p_v = table_ptr(tables, i_t, 3, 5, DTYPE3, ALIGNED)
+    p_k = table_ptr(tables, i_t, 4, 5, DTYPE4, ALIGNED)
     lr = tl.load(lr_ptr)
     o = o_start + tl.arange(0, BLOCK)
     if o_start + BLOCK <= n:
-        _adax_block(p_p, p_g, p_m, p_v, o, o < n, lr, beta1, weight, eps, l2, decay, sign,
-                    EPS_INSIDE, False)
+        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, beta1, weight, eps, l2, decay, sign, round_key,
+                    mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE, STOCHASTIC, MASK_MODE, False)
     else:
-        _adax_block(p_p, p_g, p_m, p_v, o, o < n, lr, beta1, weight, eps, l2, decay, sign,
-                    EPS_INSIDE, True)
+        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, beta1, weight, eps, l2, decay, sign, round_key,
+                    mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE, STOCHASTIC, MASK_MODE, True)
 
 
 def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
-           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None) -> None:
+           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None,
+           round_key: int | None = None) -> None:
     """Host launcher: one kernel launch per (device, dtype, alignment) group of tensors.
 
     ``skip_flag``, when given, is a device int32 tensor; a non-zero value makes the launch a no-op
     (set by :func:`optimfx._kernels.checks.nonfinite_flag`), with no host synchronisation.
+    ``round_key``, when given, writes bf16 parameters by stochastic rounding with that key
+    (:func:`optimfx._precision.round_key`).
     """
     exp_avg = [s["exp_avg"] for s in states]
     exp_avg_sq = [s["exp_avg_sq"] for s in states]
     work = [_launcher.contiguous_or_copy(p) for p in params]
     grads = [_launcher.contiguous_or_copy(g) for g in grads]
+    mask = _mask.prepare(grads, states, hp.mask)
     device = params[0].device
     lr_t = _launcher.device_scalar(lr, device, _lr_cache)
     decoupled = hp.decoupled
     _launcher.launch(
-        adax_step_kernel, [work, grads, exp_avg, exp_avg_sq],
+        adax_step_kernel, [work, grads, exp_avg, exp_avg_sq, mask.aux],
         lr_t, skip_flag if skip_flag is not None else lr_t,
         hp.beta1, sc.weight, sc.eps_eff,
         0.0 if decoupled else hp.weight_decay, hp.weight_decay if decoupled else 0.0,
-        -1.0 if hp.maximize else 1.0,
+        -1.0 if hp.maximize else 1.0, 3 if round_key is None else round_key, *mask.args,
         block=BLOCK, num_warps=NUM_WARPS,
-        EPS_INSIDE=hp.eps_mode == "inside", CHECK_SKIP=skip_flag is not None,
+        EPS_INSIDE=hp.eps_mode == "inside", STOCHASTIC=round_key is not None, MASK_MODE=mask.mode,
+        CHECK_SKIP=skip_flag is not None,
     )
     for p, w in zip(params, work):
         if w is not p:

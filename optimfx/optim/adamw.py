@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from itertools import chain
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from .._algorithm import Algorithm
-from .._validation import check_betas, check_choice, check_nonnegative, check_range
+from .._validation import check_betas, check_choice, check_nonnegative
 from ..reference import adamw as ref
 from ..reference import child_tuning as ct
 from .base import FxOptimizer
+from .gradient_masks import GradientMaskMixin, child_tuning_defaults, documented
 
 ADAMW = Algorithm(
     name="adamw",
@@ -22,7 +22,8 @@ ADAMW = Algorithm(
 )
 
 
-class AdamW(FxOptimizer):
+@documented
+class AdamW(GradientMaskMixin, FxOptimizer):
     r"""AdamW with optional ChildTuning gradient masks fused into the update.
 
     .. math::
@@ -43,11 +44,7 @@ class AdamW(FxOptimizer):
             ``sqrt(v)``, the legacy transformers AdamW). Default: ``"v_hat"``.
         decay_order: ``"torch"`` (decay, then step) or ``"alicemind"`` (step, then decay the updated
             parameter, as ChildTuning's official code). Default: ``"torch"``.
-        child_tuning_mode: ``None``, ``"F"`` (fresh Bernoulli(``reserve_p``) gradient mask each step,
-            rescaled by ``1/reserve_p``) or ``"D"`` (fixed masks from :meth:`set_gradient_mask`).
-            The official names ``"ChildTuning-F"``/``"ChildTuning-D"`` are accepted.
-        reserve_p: keep probability of F-mode masks, in (0, 1]. Default: ``1.0``.
-        seed: key of the F-mode mask stream; the same seed gives the same masks. Default: ``0``.
+        {child_tuning}
         maximize, skip_nonfinite, backend: as for every optimfx optimizer.
 
     Example:
@@ -64,57 +61,16 @@ class AdamW(FxOptimizer):
                  *, correct_bias: bool = True, eps_placement: str = "v_hat", decay_order: str = "torch",
                  child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
                  maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto") -> None:
-        mode = ct.normalise_mode(child_tuning_mode)
-        if mode not in ct.MODES:
-            raise ValueError(f"Invalid child_tuning_mode: {child_tuning_mode!r} (must be None, 'F', 'D', "
-                             "'ChildTuning-F' or 'ChildTuning-D')")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
         defaults = dict(
             lr=lr, betas=check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, False, True))),
             eps=check_nonnegative("eps", eps), weight_decay=check_nonnegative("weight_decay", weight_decay),
             correct_bias=bool(correct_bias),
             eps_placement=check_choice("eps_placement", eps_placement, ref.EPS_PLACEMENTS),
             decay_order=check_choice("decay_order", decay_order, ref.DECAY_ORDERS),
-            child_tuning_mode=mode, reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True),
-            seed=seed, maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
+            **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
+            maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
         )
         super().__init__(params, defaults)
-        self._pending_masks: dict[torch.Tensor, torch.Tensor] = {}
-
-    def set_gradient_mask(self, gradient_mask: Mapping[torch.Tensor, torch.Tensor]) -> None:
-        """Set ChildTuning-D masks: ``{parameter: mask}``; parameters without a mask train fully.
-
-        Masks are stored as ``uint8`` in the parameter's state (so checkpoints carry them); they are
-        multiplied into a local copy of the gradient, never into ``p.grad``.
-        """
-        known = {id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)}
-        for p, mask in gradient_mask.items():
-            if id(p) not in known:
-                raise ValueError("set_gradient_mask: a masked tensor is not a parameter of this optimizer")
-            if mask.shape != p.shape:
-                raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
-                                 f"parameter shape {tuple(p.shape)}")
-            stored = (mask != 0).to(device=p.device, dtype=torch.uint8)
-            if self.state[p]:
-                self.state[p]["child_mask"] = stored
-            else:
-                self._pending_masks[p] = stored
-
-    def _init_group(self, group, params, grads, states, step_counts, hyper):  # noqa: D102
-        super()._init_group(group, params, grads, states, step_counts, hyper)
-        for index, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)):
-            state = self.state.get(p)
-            if not state or "mask_stream" in state:
-                continue
-            # a stable per-tensor stream id: the parameter's position in the optimizer
-            state["mask_stream"] = torch.tensor(index, dtype=torch.int64)
-            if p in self._pending_masks:
-                state["child_mask"] = self._pending_masks.pop(p)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_pending_masks", {})
 
 
 class ChildTuningAdamW(AdamW):
@@ -146,6 +102,8 @@ class ChildTuningAdamW(AdamW):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, reserve_p: float = 1.0, mode: Optional[str] = None,
                  **kwargs: Any) -> None:
+        if ct.normalise_mode(mode) not in ct.MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (must be None, 'ChildTuning-F' or 'ChildTuning-D')")
         kwargs.setdefault("eps_placement", "v")
         kwargs.setdefault("decay_order", "alicemind")
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias=correct_bias,

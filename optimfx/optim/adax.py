@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -10,6 +10,7 @@ from .._algorithm import Algorithm
 from .._validation import check_betas, check_choice, check_nonnegative, check_positive
 from ..reference import adax as ref
 from .base import FxOptimizer
+from .gradient_masks import CHILD_TUNING_ARGS, GradientMaskMixin, child_tuning_defaults
 
 ADAX = Algorithm(
     name="adax",
@@ -30,6 +31,7 @@ _SHARED_ARGS = r"""
         eps_mode: where ε enters the denominator: ``"official"`` (on the raw ``sqrt(v_t)``, i.e.
             ``ε/sqrt(c_t)`` on ``sqrt(v̂)``, the code the paper's experiments used), ``"adam"``
             (``sqrt(v̂) + ε``) or ``"inside"`` (``sqrt(v̂ + ε)``, the blog notation). Default: ``"official"``.
+        {child_tuning}
         maximize: ascend the objective instead of descending. Default: ``False``.
         skip_nonfinite: skip a group's step when its gradients hold inf/NaN, leaving parameters and
             state untouched, so one bad batch cannot poison the moments. Default: ``True``.
@@ -53,19 +55,20 @@ _EQUATIONS = r"""
 """
 
 
-class _AdaXBase(FxOptimizer):
+class _AdaXBase(GradientMaskMixin, FxOptimizer):
     algorithm = ADAX
     _decoupled: bool
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, betas: tuple[float, float],
-                 eps: float, weight_decay: float, *, eps_mode: str, maximize: bool,
-                 skip_nonfinite: bool, backend: str) -> None:
+                 eps: float, weight_decay: float, *, eps_mode: str, child_tuning_mode: Optional[str],
+                 reserve_p: float, seed: int, maximize: bool, skip_nonfinite: bool, backend: str) -> None:
         betas = check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, True, True)))
         defaults = dict(
             lr=lr, betas=betas, eps=check_positive("eps", eps),
             weight_decay=check_nonnegative("weight_decay", weight_decay),
             eps_mode=check_choice("eps_mode", eps_mode, ref.EPS_MODES),
-            decoupled=self._decoupled, maximize=bool(maximize),
+            decoupled=self._decoupled, **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
+            maximize=bool(maximize),
             skip_nonfinite=bool(skip_nonfinite), backend=backend,
         )
         super().__init__(params, defaults)
@@ -81,7 +84,8 @@ class AdaX(_AdaXBase):
         + _EQUATIONS.format(l2=r" + \lambda\theta_{t-1}", decay="")
         + _SHARED_ARGS.format(lr="``1.5e-3``", wd="``5e-4``",
                               wd_doc="coupled L2 coefficient λ: ``g ← g + λθ`` before the moments "
-                                     "(``p.grad`` itself is never modified).")
+                                     "(``p.grad`` itself is never modified).",
+                              child_tuning=CHILD_TUNING_ARGS)
         + r"""
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -98,10 +102,12 @@ class AdaX(_AdaXBase):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.5e-3,
                  betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-4,
-                 *, eps_mode: str = "official", maximize: bool = False, skip_nonfinite: bool = True,
+                 *, eps_mode: str = "official", child_tuning_mode: Optional[str] = None,
+                 reserve_p: float = 1.0, seed: int = 0, maximize: bool = False, skip_nonfinite: bool = True,
                  backend: str = "auto") -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode, maximize=maximize,
-                         skip_nonfinite=skip_nonfinite, backend=backend)
+        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode,
+                         child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
+                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend)
 
 
 class AdaXW(_AdaXBase):
@@ -110,7 +116,8 @@ class AdaXW(_AdaXBase):
 """
         + _EQUATIONS.format(l2="", decay=r"(1 - \alpha\lambda)")
         + _SHARED_ARGS.format(lr="``5e-3``", wd="``5e-2``",
-                              wd_doc="decoupled decay λ: ``θ ← θ·(1 − lr·λ)`` each step.")
+                              wd_doc="decoupled decay λ: ``θ ← θ·(1 − lr·λ)`` each step.",
+                              child_tuning=CHILD_TUNING_ARGS)
         + r"""
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -127,7 +134,9 @@ class AdaXW(_AdaXBase):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 5e-3,
                  betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-2,
-                 *, eps_mode: str = "official", maximize: bool = False, skip_nonfinite: bool = True,
+                 *, eps_mode: str = "official", child_tuning_mode: Optional[str] = None,
+                 reserve_p: float = 1.0, seed: int = 0, maximize: bool = False, skip_nonfinite: bool = True,
                  backend: str = "auto") -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode, maximize=maximize,
-                         skip_nonfinite=skip_nonfinite, backend=backend)
+        super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode,
+                         child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
+                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -41,17 +41,14 @@ class AdamWHyper:
     eps_placement: str
     decay_order: str
     maximize: bool
-    mask_mode: Optional[str]  # None, "F" or "D"
-    reserve_p: float
-    seed: int
+    mask: ct.MaskHyper = ct.NO_MASK  # ChildTuning (``reference/child_tuning.py``)
 
     @classmethod
     def from_group(cls, group: dict) -> "AdamWHyper":
         b1, b2 = group["betas"]
         return cls(float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
                    bool(group["correct_bias"]), group["eps_placement"], group["decay_order"],
-                   bool(group["maximize"]), group["child_tuning_mode"], float(group["reserve_p"]),
-                   int(group["seed"]))
+                   bool(group["maximize"]), ct.MaskHyper.from_group(group))
 
 
 class AdamWScalars(NamedTuple):
@@ -76,18 +73,6 @@ def host_scalars(step: int, hp: AdamWHyper) -> AdamWScalars:
     return AdamWScalars(step, math.sqrt(bc2) / bc1, 1.0)
 
 
-def masked_grad(grad32: torch.Tensor, state: dict[str, torch.Tensor], hp: AdamWHyper,
-                sc: AdamWScalars) -> torch.Tensor:
-    """ChildTuning prologue: the gradient the moments see (a new tensor when masked)."""
-    if hp.mask_mode == "F" and hp.reserve_p < 1.0:
-        key = ct.mask_key(hp.seed, int(state["mask_stream"]), sc.step)
-        keep = ct.bernoulli_keep(grad32.shape, hp.reserve_p, key, grad32.device)
-        return ct.apply_mask(grad32, keep, 1.0 / hp.reserve_p)
-    if hp.mask_mode == "D" and "child_mask" in state:
-        return ct.apply_mask(grad32, state["child_mask"].bool(), 1.0)
-    return grad32
-
-
 def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hp: AdamWHyper,
                sc: AdamWScalars) -> torch.Tensor:
     """Update the moments in place and return ``m / (c2·sqrt(v) + ε)`` (``c1`` is applied with lr)."""
@@ -104,7 +89,8 @@ def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor
           sc: AdamWScalars, lr: float) -> None:
     """One AdamW step of one tensor; ``param`` and ``state`` are written, ``grad`` never is."""
     param32 = working_copy(param)
-    grad32 = masked_grad(prepare_grad(grad, param32, maximize=hp.maximize, l2=0.0), state, hp, sc)
+    # §4.1: the ChildTuning mask acts on the gradient, before the moments
+    grad32 = prepare_grad(grad, param32, maximize=hp.maximize, l2=0.0, mask=hp.mask, state=state)
     d = direction_(grad32, state["exp_avg"], state["exp_avg_sq"], hp, sc)
     apply_(param32, d, lr, hp.weight_decay, direction_scale=sc.c1, decay_first=hp.decay_order == "torch")
     write_back_(param, param32)

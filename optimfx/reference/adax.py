@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from .._precision import state_like, working_copy, write_back_
+from . import child_tuning as ct
 from .common import apply_, prepare_grad
 
 EPS_MODES = ("official", "adam", "inside")
@@ -46,12 +47,14 @@ class AdaXHyper:
     weight_decay: float
     decoupled: bool
     maximize: bool
+    mask: ct.MaskHyper = ct.NO_MASK  # ChildTuning gradient masks (``reference/child_tuning.py``)
 
     @classmethod
     def from_group(cls, group: dict) -> "AdaXHyper":
         b1, b2 = group["betas"]
         return cls(float(b1), float(b2), float(group["eps"]), group["eps_mode"],
-                   float(group["weight_decay"]), bool(group["decoupled"]), bool(group["maximize"]))
+                   float(group["weight_decay"]), bool(group["decoupled"]), bool(group["maximize"]),
+                   ct.MaskHyper.from_group(group))
 
 
 class AdaXScalars(NamedTuple):
@@ -107,7 +110,7 @@ def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     param32 = working_copy(param)
     grad32 = prepare_grad(grad, param32, maximize=hp.maximize,
-                          l2=0.0 if hp.decoupled else hp.weight_decay)
+                          l2=0.0 if hp.decoupled else hp.weight_decay, mask=hp.mask, state=state)
     # a private gradient copy (L2, maximize, low precision) is free once the moments are updated
     scratch = grad32 if grad32.data_ptr() != grad.data_ptr() else None
     d = direction_(grad32, exp_avg, exp_avg_sq, hp, sc, scratch)

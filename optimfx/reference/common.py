@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .._precision import working_copy
+from . import child_tuning as ct
 
 
-def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l2: float) -> torch.Tensor:
-    """The gradient the direction sees: fp32, negated for ``maximize``, plus coupled L2 ``l2·θ``.
+def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l2: float,
+                 mask: Optional[ct.MaskHyper] = None, state: Optional[dict] = None) -> torch.Tensor:
+    """The gradient the direction sees: fp32, ChildTuning-masked, negated for ``maximize``, plus
+    coupled L2 ``l2·θ``.
 
-    Returns ``grad`` itself only when nothing changes it; it is never written in place, so the
-    user's ``p.grad`` stays as it was.
+    ``mask`` (the group's ChildTuning options, with the tensor's ``state``) applies the gradient mask
+    of :func:`~optimfx.reference.child_tuning.mask_grad` to the loss gradient, before the sign and the
+    L2 term, as every kernel does where it loads ``g``. Returns ``grad`` itself only when nothing
+    changes it; it is never written in place, so the user's ``p.grad`` stays as it was.
     """
     g = working_copy(grad)
+    if mask is not None and mask.mode is not None:
+        g = ct.mask_grad(g, state, mask)
+    private = g is not grad
     if maximize:
-        g = torch.neg(g)
+        g = g.neg_() if private else torch.neg(g)
+        private = True
     if l2 != 0.0:
-        g = g.add(param32, alpha=l2)
+        g = g.add_(param32, alpha=l2) if private else g.add(param32, alpha=l2)
     return g
 
 

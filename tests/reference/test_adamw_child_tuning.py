@@ -25,9 +25,14 @@ def _official(params, **kw):
                                     backend="reference", **kw)
 
 
+def _inject_masks(monkeypatch, masks):
+    """Replace the counter-based F draw by the spec's masks, one per step (the rescale stays)."""
+    masks = iter([_t(m).bool() for m in masks])
+    monkeypatch.setattr(ct, "bernoulli_grad", lambda g, p, key: ct.apply_mask(g, next(masks), 1 / p))
+
+
 def test_child_tuning_f_with_injected_masks(monkeypatch):
-    masks = iter([_t([[1, 0, 1], [0, 1, 1]]).bool(), _t([[0, 1, 1], [1, 0, 1]]).bool()])
-    monkeypatch.setattr(ct, "bernoulli_keep", lambda shape, p, key, device: next(masks))
+    _inject_masks(monkeypatch, [[[1, 0, 1], [0, 1, 1]], [[0, 1, 1], [1, 0, 1]]])
     p = torch.nn.Parameter(_t(W0))
     opt = _official([p], reserve_p=0.5, mode="ChildTuning-F")
     p.grad = _t(G1)
@@ -44,8 +49,7 @@ def test_child_tuning_f_with_injected_masks(monkeypatch):
 
 
 def test_child_tuning_f_torch_decay_order(monkeypatch):
-    masks = iter([_t([[1, 0, 1], [0, 1, 1]]).bool(), _t([[0, 1, 1], [1, 0, 1]]).bool()])
-    monkeypatch.setattr(ct, "bernoulli_keep", lambda shape, p, key, device: next(masks))
+    _inject_masks(monkeypatch, [[[1, 0, 1], [0, 1, 1]], [[0, 1, 1], [1, 0, 1]]])
     p = torch.nn.Parameter(_t(W0))
     opt = _official([p], reserve_p=0.5, mode="ChildTuning-F", decay_order="torch")
     for g in (G1, G2):
@@ -120,6 +124,31 @@ def test_f_masks_are_reproducible_and_fresh_each_step():
     assert torch.equal(a, ct.bernoulli_keep((1000,), 0.5, ct.mask_key(1, 0, 1), torch.device("cpu")))
     for other in (ct.mask_key(1, 0, 2), ct.mask_key(1, 1, 1), ct.mask_key(2, 0, 1)):
         assert not torch.equal(a, ct.bernoulli_keep((1000,), 0.5, other, torch.device("cpu")))
+
+
+def test_f_mask_keying_is_pinned():
+    """The counter-based F masks are part of a run's identity (a resumed or re-run job must draw the
+    same ones): a change of the keying or of the hash shows up here first."""
+    assert ct.mask_key(0, 0, 1) == 0xB9375ECD4FB7E9E0
+    assert ct.mask_key(42, 3, 1000) == 0xF7DFAC3544AAD966
+    keep = ct.bernoulli_keep((24,), 0.5, ct.mask_key(0, 0, 1), torch.device("cpu"))
+    assert "".join("1" if k else "0" for k in keep.tolist()) == "001011000010110001111001"
+
+
+def test_f_mode_masks_only_the_parameters_with_a_position_stream():
+    """F mode stores ``mask_stream`` (the parameter's position in the optimizer) for the tensors it
+    masks, and the reference draws each tensor's mask from it."""
+    params = [torch.nn.Parameter(torch.randn(64, dtype=torch.float64)) for _ in range(3)]
+    opt = optimfx.AdamW(params, lr=1e-2, weight_decay=0.0, child_tuning_mode="F", reserve_p=0.5, seed=3,
+                        backend="reference")
+    for p in params:
+        p.grad = torch.ones(64, dtype=torch.float64)
+    opt.step()
+    for index, p in enumerate(params):
+        assert int(opt.state[p]["mask_stream"]) == index
+        keep = ct.bernoulli_keep((64,), 0.5, ct.mask_key(3, index, 1), torch.device("cpu"))
+        # after one step exp_avg = (1 − β1)·g̃ = 0.1·keep/p for a gradient of ones
+        torch.testing.assert_close(opt.state[p]["exp_avg"], keep.double() * 0.1 / 0.5, rtol=1e-15, atol=0)
 
 
 def test_d_mode_leaves_non_child_entries_to_weight_decay_only():

@@ -1,0 +1,117 @@
+"""ChildTuning gradient masks as an option of every optimfx optimizer: validation, mask storage, streams.
+
+The masks themselves are applied where each algorithm loads its gradient (the reference's
+``prepare_grad`` and the kernels' ``load_grad``, see ``reference/child_tuning.py``); this module holds
+what the optimizer classes share: the ``child_tuning_mode``/``reserve_p``/``seed`` group options,
+:meth:`GradientMaskMixin.set_gradient_mask` for ChildTuning-D, and the per-tensor F-mode stream ids.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .._validation import check_range
+from ..reference import child_tuning as ct
+
+Tensor = torch.Tensor
+
+#: the ``Args`` entries of the ChildTuning options, for the optimizers' docstrings
+CHILD_TUNING_ARGS = r"""child_tuning_mode: ``None``, ``"F"`` (a fresh Bernoulli(``reserve_p``) gradient mask
+            each step, kept entries rescaled by ``1/reserve_p``) or ``"D"`` (fixed masks from
+            :meth:`set_gradient_mask`, no rescale); the official names ``"ChildTuning-F"`` and
+            ``"ChildTuning-D"`` are accepted. The mask multiplies the gradient before anything else
+            sees it (``p.grad`` itself is never modified). Default: ``None``.
+        reserve_p: keep probability of F-mode masks, in (0, 1]; ``1`` is the optimizer without
+            masks, bit for bit. Default: ``1.0``.
+        seed: key of the F-mode masks, a counter-based hash of ``(seed, step, parameter position,
+            element)``: the same seed gives the same masks on every backend and data-parallel rank
+            and after a resume. Default: ``0``."""
+
+
+def documented(cls: type) -> type:
+    """Class decorator: put :data:`CHILD_TUNING_ARGS` where the docstring says ``{child_tuning}``."""
+    cls.__doc__ = cls.__doc__.replace("{child_tuning}", CHILD_TUNING_ARGS)
+    return cls
+
+
+def child_tuning_defaults(child_tuning_mode: Optional[str], reserve_p: float, seed: int) -> dict[str, Any]:
+    """The validated ChildTuning group options (``ValueError`` naming a bad argument)."""
+    mode = ct.normalise_mode(child_tuning_mode)
+    if mode not in ct.MODES:
+        raise ValueError(f"Invalid child_tuning_mode: {child_tuning_mode!r} (must be None, 'F', 'D', "
+                         "'ChildTuning-F' or 'ChildTuning-D')")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
+    return dict(child_tuning_mode=mode, reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True),
+                seed=seed)
+
+
+class GradientMaskMixin:
+    """ChildTuning masks for an :class:`~optimfx.optim.base.FxOptimizer` (listed before it in the bases).
+
+    State it adds: ``mask_stream`` (int64 CPU scalar, the parameter's position in the optimizer) once
+    F mode masks the tensor, and ``child_mask`` (uint8, shaped like the parameter's real view) for
+    ChildTuning-D.
+    """
+
+    param_groups: list[dict[str, Any]]
+    state: dict[Tensor, dict[str, Any]]
+
+    @property
+    def _pending_masks(self) -> dict[int, tuple[Tensor, Tensor]]:
+        # D masks set before the parameter's state exists (state is created lazily, on its first step)
+        return self.__dict__.setdefault("_pending_gradient_masks", {})
+
+    def set_gradient_mask(self, gradient_mask: Mapping[Tensor, Tensor]) -> None:
+        """Set ChildTuning-D masks: ``{parameter: mask}``; parameters without a mask train fully.
+
+        Masks are stored as ``uint8`` in the parameter's state (so checkpoints carry them); they are
+        multiplied into the gradient where it is loaded, never into ``p.grad``. A complex
+        parameter's real and imaginary parts share its mask.
+        """
+        known = {id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)}
+        for p, mask in gradient_mask.items():
+            if id(p) not in known:
+                raise ValueError("set_gradient_mask: a masked tensor is not a parameter of this optimizer")
+            if mask.shape != p.shape:
+                raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
+                                 f"parameter shape {tuple(p.shape)}")
+            stored = (mask != 0).to(device=p.device, dtype=torch.uint8)
+            if p.is_complex():
+                stored = stored.unsqueeze(-1).expand(*p.shape, 2)
+            stored = stored.contiguous()
+            state = self.state.get(p)
+            if state:
+                state["child_mask"] = stored
+            else:
+                self._pending_masks[id(p)] = (p, stored)
+
+    def _init_group(self, group, params, grads, states, step_counts, hyper):  # noqa: D102
+        super()._init_group(group, params, grads, states, step_counts, hyper)  # type: ignore[misc]
+        pending = self._pending_masks
+        if pending:
+            for p in group["params"]:
+                if id(p) in pending and self.state.get(p):
+                    self.state[p]["child_mask"] = pending.pop(id(p))[1]
+        if ct.MaskHyper.from_group(group).bernoulli and any("mask_stream" not in s for s in states):
+            # a stable per-tensor stream id: the parameter's position in the optimizer
+            position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "mask_stream" not in state:
+                    state["mask_stream"] = torch.tensor(position[id(p)], dtype=torch.int64)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for state in self.state.values():
+            # stream ids are host integers (the base moves non-floating state to the parameter's device)
+            stream = state.get("mask_stream")
+            if isinstance(stream, Tensor) and stream.device.type != "cpu":
+                state["mask_stream"] = stream.cpu()
+            mask = state.get("child_mask")
+            if isinstance(mask, Tensor):
+                # the kernels multiply by the stored bytes: keep them 0/1 and contiguous
+                state["child_mask"] = (mask != 0).to(torch.uint8).contiguous()
