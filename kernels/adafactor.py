@@ -11,6 +11,8 @@ factored tensors view their last two axes, each leading index a slice; unfactore
     scale  (tensors): α = min(lr·ρ, cap)·max(ε2, RMS θ), κ = max(1, RMS U / d) → α/κ and decay
     apply  (tiles)  : U recomputed, M ← β1·M + (1 − β1)·(α/κ)·U, θ ← θ·decay − (M or (α/κ)·U)
 
+The rowcol, rms and apply passes load g through ``_mask.load_grad``: a ChildTuning-F mask is a hash of
+the element index, so the three passes see the same masked gradient without storing it.
 Reductions are two-stage (partials at fixed scratch slots, summed in a fixed order): no float
 atomics, bit-identical reruns. ``lr`` and the skip flag are read from device memory; no host sync.
 Traffic per fp32 element (factored, no momentum): θ + g, g, θ + g + θ written = 24 bytes.
@@ -24,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _distributed
+from ..reference import adafactor as ref
 from ..reference.adafactor import _eps1
-from . import _launcher
+from . import _launcher, _mask
 from ._common import load_f32, store_cast, table_ptr, tile_coords, tile_offsets
 
 BR, BC = 32, 128
@@ -45,8 +49,10 @@ _TILES_C = tl.constexpr(_launcher.TILE_META.index("tiles_c"))
 _FIRST = tl.constexpr(_launcher.TILE_META.index("first"))
 _TILES = tl.constexpr(_launcher.TILE_META.index("tiles"))
 _FACTORED = tl.constexpr(_launcher.META_USER)
-_OFF_RC = tl.constexpr(_launcher.META_USER + 1)
-_OFF_RB = tl.constexpr(_launcher.META_USER + 2)
+# two columns: the ChildTuning mask descriptor (stream, D-mask address) of ``_mask.load_grad``
+_MASK = tl.constexpr(_launcher.META_USER + 1)
+_OFF_RC = tl.constexpr(_launcher.META_USER + 3)
+_OFF_RB = tl.constexpr(_launcher.META_USER + 4)
 
 
 @triton.jit
@@ -78,21 +84,24 @@ def _unfactored_u(b_g, b_v, floor2, EPS_TORCH: tl.constexpr):
 
 
 @triton.jit
-def _rowcol_tile(p_p, p_g, p_row, p_col, o, o_r, o_c, m, m_r, m_c, p_out, factored, MASKED: tl.constexpr):
+def _rowcol_tile(p_p, p_g, p_d, p_row, p_col, o, o_r, o_c, m, m_r, m_c, p_out, factored, mask_seed, mask_step, mask_threshold, mask_scale,
+                 MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
     tl.store(p_out, tl.sum(b_p * b_p))
     if factored:
-        b_g = load_f32(p_g, o, m, MASKED)
+        b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE)
         b_g = b_g * b_g
         # [BR] row partials of this column tile, [BC] column partials of this row tile
         tl.store(p_row + o_r, tl.sum(b_g, axis=1), mask=m_r)
         tl.store(p_col + o_c, tl.sum(b_g, axis=0), mask=m_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mask_step"])
 def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_sqp, p_rc,
+                            mask_seed, mask_step, mask_threshold, mask_scale,
                             DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
-                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, MASK_MODE: tl.constexpr,
+                            CHECK_SKIP: tl.constexpr,
                             ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
     # lists: 0 param, 1 grad, 2 row stat or V, 3 column stat or V, 4 exp_avg (or a stand-in)
     if CHECK_SKIP:
@@ -111,9 +120,11 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
     factored = tl.load(p_meta + _FACTORED) != 0
     p_out = p_sqp + tl.program_id(0)
     if full:
-        _rowcol_tile(p_p, p_g, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out, factored, False)
+        _rowcol_tile(p_p, p_g, p_meta + _MASK, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out,
+                     factored, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, False)
     else:
-        _rowcol_tile(p_p, p_g, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out, factored, True)
+        _rowcol_tile(p_p, p_g, p_meta + _MASK, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out,
+                     factored, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, True)
 
 
 @triton.jit
@@ -168,9 +179,10 @@ def _row_mean(p_rb, t_r, n_r, BV: tl.constexpr):
 
 
 @triton.jit
-def _rms_tile(p_g, p_a, p_b, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, sign, weight, omw, w_eps,
-              floor1, floor2, tiny, EPS_TORCH: tl.constexpr, MASKED: tl.constexpr):
-    b_g = load_f32(p_g, o, m, MASKED) * sign
+def _rms_tile(p_g, p_d, p_a, p_b, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, sign, weight, omw, w_eps,
+              floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH: tl.constexpr, MASK_MODE: tl.constexpr,
+              MASKED: tl.constexpr):
+    b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE) * sign
     if factored:
         b_row = tl.load(p_a + o_sr, mask=m_r, other=1.0)
         b_col = tl.load(p_b + o_sc, mask=m_c, other=1.0)
@@ -188,11 +200,12 @@ def _rms_tile(p_g, p_a, p_b, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, sign, w
     return tl.sum(b_u * b_u)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mask_step"])
 def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_squ,
-                         sign, weight, omw, w_eps, floor1, floor2, tiny,
+                         sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
                          DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                          DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
+                         MASK_MODE: tl.constexpr,
                          CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr, BR: tl.constexpr,
                          BC: tl.constexpr, NMETA: tl.constexpr):
     if CHECK_SKIP:
@@ -215,11 +228,13 @@ def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_p
     p_b = table_ptr(tables, i_t, 3, 5, DTYPE3, ALIGNED)
     o_sr, o_sc = i_s * n_r + o_r, i_s * n_c + o_c
     if full:
-        b_sum = _rms_tile(p_g, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar, factored, sign,
-                          weight, omw, w_eps, floor1, floor2, tiny, EPS_TORCH, False)
+        b_sum = _rms_tile(p_g, p_meta + _MASK, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
+                          factored, sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
+                          MASK_MODE, False)
     else:
-        b_sum = _rms_tile(p_g, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar, factored, sign,
-                          weight, omw, w_eps, floor1, floor2, tiny, EPS_TORCH, True)
+        b_sum = _rms_tile(p_g, p_meta + _MASK, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
+                          factored, sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
+                          MASK_MODE, True)
     tl.store(p_squ + tl.program_id(0), b_sum)
 
 
@@ -253,10 +268,10 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
 
 
 @triton.jit
-def _apply_tile(p_p, p_g, p_a, p_b, p_m, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, scale, decay,
-                sign, beta1, omb1, floor1, floor2, tiny, EPS_TORCH: tl.constexpr, MOMENTUM: tl.constexpr,
-                MASKED: tl.constexpr):
-    b_g = load_f32(p_g, o, m, MASKED) * sign
+def _apply_tile(p_p, p_g, p_d, p_a, p_b, p_m, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, scale, decay,
+                sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH: tl.constexpr,
+                MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+    b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE) * sign
     if factored:
         b_row = tl.load(p_a + o_sr, mask=m_r, other=1.0)
         b_col = tl.load(p_b + o_sc, mask=m_c, other=1.0)
@@ -278,12 +293,13 @@ def _apply_tile(p_p, p_g, p_a, p_b, p_m, o, o_sr, o_sc, m, m_r, m_c, rbar, facto
     store_cast(p_p, o, b_p, m, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mask_step"])
 def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_scale,
-                           sign, beta1, omb1, floor1, floor2, tiny,
+                           sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
-                           MOMENTUM: tl.constexpr, CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr,
+                           MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                           ALIGNED: tl.constexpr,
                            BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
@@ -307,11 +323,13 @@ def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip
         p_m = p_g
     o_sr, o_sc = i_s * n_r + o_r, i_s * n_c + o_c
     if full:
-        _apply_tile(p_p, p_g, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar, factored,
-                    scale, decay, sign, beta1, omb1, floor1, floor2, tiny, EPS_TORCH, MOMENTUM, False)
+        _apply_tile(p_p, p_g, p_meta + _MASK, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
+                    factored, scale, decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
+                    MOMENTUM, MASK_MODE, False)
     else:
-        _apply_tile(p_p, p_g, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar, factored,
-                    scale, decay, sign, beta1, omb1, floor1, floor2, tiny, EPS_TORCH, MOMENTUM, True)
+        _apply_tile(p_p, p_g, p_meta + _MASK, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
+                    factored, scale, decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
+                    MOMENTUM, MASK_MODE, True)
 
 
 def _view(t: torch.Tensor, factored: bool) -> tuple[int, int, int]:
@@ -338,11 +356,15 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     ``skip_flag``, when given, is a device int32 tensor; a non-zero value makes every pass a no-op
     (parameters and all state untouched), with no host synchronisation.
     """
+    if any(_distributed.SHARD_KEY in s for s in states):
+        _launch_sharded(params, grads, states, hp, sc, lr, skip_flag)
+        return
     factored = ["exp_avg_sq_row" in s for s in states]
     stat_a = [s["exp_avg_sq_row"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
     stat_b = [s["exp_avg_sq_col"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
     work = [_launcher.contiguous_or_copy(p) for p in params]
     grads = [_launcher.contiguous_or_copy(g) for g in grads]
+    mask = _mask.prepare(grads, states, hp.mask)
     momentum = hp.beta1 is not None
     # without momentum list 4 is a never-read stand-in, so every kernel keeps one signature
     exp_avg = [s["exp_avg"] for s in states] if momentum else grads
@@ -361,7 +383,7 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     hf_decay = hp.decay_mode == "hf"
     beta1 = hp.beta1 if momentum else 0.0
     lists = [work, grads, stat_a, stat_b, exp_avg]
-    columns = [[int(f) for f in factored]]
+    columns = [[int(f) for f in factored], *mask.columns]
     segments = [[s[0] for s in sizes], [s[1] for s in sizes]]
     for idx, plan in _launcher.tile_groups(lists, views, (BR, BC), columns, segments):
         eps1 = _eps1(hp, params[idx[0]].dtype)
@@ -373,19 +395,41 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
         p_rc = _launcher.workspace("adafactor.rowcol", plan.segment_sizes[0], device)
         p_rb = _launcher.workspace("adafactor.row_mean", plan.segment_sizes[1], device)
         p_scale = _launcher.workspace("adafactor.scale", 2 * plan.n_tensors, device)
-        plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, num_warps=NUM_WARPS, CHECK_SKIP=check)
+        plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, *mask.args, num_warps=NUM_WARPS,
+                    MASK_MODE=mask.mode, CHECK_SKIP=check)
         plan.launch(adafactor_stats_kernel, flag, p_rc, p_rb, sc.weight, 0.0 if torch_eps else eps1,
                     num_warps=SMALL_WARPS, CHECK_SKIP=check)
         plan.launch(adafactor_rms_kernel, flag, p_rb, p_squ, sign, sc.weight, 1.0 - sc.weight,
-                    sc.weight * eps1, floor1, floor2, _TINY,
-                    num_warps=NUM_WARPS, EPS_TORCH=torch_eps, CHECK_SKIP=check)
+                    sc.weight * eps1, floor1, floor2, _TINY, *mask.args,
+                    num_warps=NUM_WARPS, EPS_TORCH=torch_eps, MASK_MODE=mask.mode, CHECK_SKIP=check)
         plan.launch(adafactor_scale_kernel, flag, lr_t, p_sqp, p_squ, p_scale, rho, cap, hp.eps2,
                     float(hp.scale_parameter), hp.clip_threshold,
                     hp.weight_decay if hf_decay else 0.0, 0.0 if hf_decay else hp.weight_decay,
                     per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=check)
         plan.launch(adafactor_apply_kernel, flag, p_rb, p_scale, sign, beta1, 1.0 - beta1, floor1,
-                    floor2, _TINY, num_warps=NUM_WARPS, EPS_TORCH=torch_eps, MOMENTUM=momentum,
-                    CHECK_SKIP=check)
+                    floor2, _TINY, *mask.args, num_warps=NUM_WARPS, EPS_TORCH=torch_eps, MOMENTUM=momentum,
+                    MASK_MODE=mask.mode, CHECK_SKIP=check)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
+
+
+def _launch_sharded(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                    hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None) -> None:
+    """FSDP2 shards: unsharded tensors take the kernels; sharded ones the reference step.
+
+    The statistics of a sharded tensor must be completed across ranks between the rowcol, stats and
+    rms passes; these kernels do not issue those all-reduces yet, so sharded tensors run the
+    reference (whose means and RMS values are all-reduced, ``optimfx/_distributed.py``).
+    """
+    plain = [i for i, s in enumerate(states) if _distributed.SHARD_KEY not in s]
+    if plain:
+        launch([params[i] for i in plain], [grads[i] for i in plain], [states[i] for i in plain], hp, sc, lr,
+               skip_flag)
+    # the reference decides on the host: this path reads the flag (a synchronisation the kernels avoid)
+    if skip_flag is not None and bool(skip_flag.ne(0).any()):
+        return
+    lr_f = float(lr) if isinstance(lr, torch.Tensor) else lr
+    for p, g, s in zip(params, grads, states):
+        if _distributed.SHARD_KEY in s:
+            ref.step_(p, g, s, hp, sc, lr_f)

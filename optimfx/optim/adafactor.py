@@ -6,10 +6,12 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .. import _distributed
 from .._algorithm import Algorithm
 from .._validation import check_choice, check_nonnegative, check_positive, check_range
 from ..reference import adafactor as ref
 from .base import FxOptimizer
+from .gradient_masks import GradientMaskMixin, child_tuning_defaults, documented
 
 ADAFACTOR = Algorithm(
     name="adafactor",
@@ -20,7 +22,8 @@ ADAFACTOR = Algorithm(
 )
 
 
-class AdaFactor(FxOptimizer):
+@documented
+class AdaFactor(GradientMaskMixin, FxOptimizer):
     r"""AdaFactor: factored second moment, update clipping and relative step size.
 
     Accepts the keyword names and defaults of ``transformers.optimization.Adafactor``; the defaults
@@ -66,6 +69,7 @@ class AdaFactor(FxOptimizer):
             Default: ``"paper"``.
         decay_mode: ``"hf"`` (``θ −= λ·α_t·θ``) or ``"torch"`` (``θ *= 1 − lr·λ``; needs a real lr:
             ``relative_step=False`` or ``lr_mode="rho_max"``). Default: ``"hf"``.
+        {child_tuning}
         maximize: ascend the objective. Default: ``False``.
         skip_nonfinite: skip a group's step when its gradients hold inf/NaN. Default: ``True``.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``. Default: ``"auto"``.
@@ -88,6 +92,7 @@ class AdaFactor(FxOptimizer):
 
     algorithm = ADAFACTOR
     supports_complex = False
+    reduced_state_axes = ref.REDUCED_AXES
 
     def __init__(self, params: Iterable[Any], lr: Optional[float | torch.Tensor] = None,
                  eps: tuple[Optional[float], float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
@@ -95,6 +100,7 @@ class AdaFactor(FxOptimizer):
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,
                  *, min_dim_size_to_factor: Optional[int] = None, beta2_cap: Optional[float] = None,
                  lr_mode: str = "scale", eps_mode: str = "paper", decay_mode: str = "hf",
+                 child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
                  maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto") -> None:
         lr_mode = check_choice("lr_mode", lr_mode, ref.LR_MODES)
         if lr is None:
@@ -132,9 +138,11 @@ class AdaFactor(FxOptimizer):
                                                                    high_open=True),
             lr_mode=lr_mode, eps_mode=eps_mode,
             decay_mode=check_choice("decay_mode", decay_mode, ref.DECAY_MODES),
+            **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
         )
         super().__init__(params, defaults)
+        _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

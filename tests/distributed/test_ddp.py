@@ -7,40 +7,47 @@ non-determinism in the optimizer (ChildTuning masks, EG reductions) would make t
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist_harness import run_ranks
 
 import optimfx
 
 STEPS = 12
+
+
+def _d_masks(params):
+    """Fixed ChildTuning-D masks, the same on every rank."""
+    gen = torch.Generator().manual_seed(11)
+    return {p: torch.rand(p.shape, generator=gen) < 0.5 for p in params}
+
+
+def _with_masks(opt, params):
+    opt.set_gradient_mask(_d_masks(params))
+    return opt
+
+
 OPTIMIZERS = {
+    "adax": lambda ps: optimfx.AdaX(ps, lr=1e-2),
     "adaxw": lambda ps: optimfx.AdaXW(ps, lr=1e-2),
     "adafactor": lambda ps: optimfx.AdaFactor(ps),
+    "adafactor-momentum": lambda ps: optimfx.AdaFactor(ps, beta1=0.9, weight_decay=0.1),
+    "adamw": lambda ps: optimfx.AdamW(ps, lr=1e-2),
     "adamw-childtuning-f": lambda ps: optimfx.AdamW(ps, lr=1e-2, child_tuning_mode="F", reserve_p=0.3, seed=5),
-    "childtuning-adapter": lambda ps: optimfx.ChildTuning(torch.optim.SGD(ps, lr=0.1), "F", 0.5, seed=2),
+    "childtuning-adamw-d": lambda ps: _with_masks(optimfx.ChildTuningAdamW(ps, lr=1e-2, mode="ChildTuning-D"), ps),
+    "childtuning-adapter-f": lambda ps: optimfx.ChildTuning(torch.optim.SGD(ps, lr=0.1), "F", 0.5, seed=2),
+    "childtuning-adapter-d": lambda ps: _with_masks(optimfx.ChildTuning(optimfx.AdaX(ps, lr=1e-2), "D"), ps),
+    "eg-adax": lambda ps: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2), gamma_scale=0.3),
     "eg-global": lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, scope="global"),
+    "funnel": lambda ps: optimfx.Funnel(ps, lr=0.05),
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for name in OPTIMIZERS:
-            _train(rank, name, out_dir)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    for name in OPTIMIZERS:
+        _train(rank, name, out_dir)
 
 
 def _train(rank: int, name: str, out_dir: str) -> None:
@@ -62,7 +69,7 @@ def _train(rank: int, name: str, out_dir: str) -> None:
 def results():
     """One 2-process job trains every optimizer in turn (process start-up dominates the cost)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        run_ranks(_worker, out_dir)
         yield {name: [torch.load(os.path.join(out_dir, f"{name}-rank{r}.pt")) for r in (0, 1)]
                for name in OPTIMIZERS}
 

@@ -1,0 +1,279 @@
+r"""optimfx under ``torch.distributed``: DTensor (FSDP2) parameters, sharded reductions, FSDP1 detection.
+
+FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) hands the optimizer DTensor parameters whose
+local tensors are row blocks of the global tensor (``Shard(0)``, ``torch.chunk`` semantics: uneven,
+possibly empty). optimfx steps the local tensors, so every backend (and every Triton kernel) sees
+plain tensors, and:
+
+* **state is created as DTensors** with placements derived from the parameter's: a buffer shaped like
+  the parameter gets its placements; a statistic that averages the parameter over one axis
+  (``FxOptimizer.reduced_state_axes``: AdaFactor's row and column statistics) is replicated along a
+  mesh dimension that shards that axis, and sharded on the matching axis otherwise. For a 2-D weight
+  ``(R, C)`` on ``Shard(0)``: row statistic ``(R,)`` → ``Shard(0)``, column statistic ``(C,)`` →
+  ``Replicate()``. DCP (``torch.distributed.checkpoint``) saves and reshards them like parameters.
+  Other state (the ``int64`` step counter, stream ids) stays a plain tensor, equal on every rank.
+* **shape-dependent decisions use the global shape** (whether AdaFactor factors, RMS denominators).
+* **reductions over a sharded axis are completed across ranks**: the reference computes the local
+  partial sum and :func:`mean`, :func:`mean_sq` and :func:`rms` all-reduce it over the process group
+  of the mesh dimension that shards the axis, then divide by the *global* count:
+
+  .. math::
+
+      \mathrm{mean}_i\,x_{ij} = \frac{1}{R}\sum_{r}\sum_{i \in \mathrm{rows}(r)} x_{ij},\qquad
+      \mathrm{RMS}(x) = \Big(\frac{1}{n}\sum_r \sum_{k \in \mathrm{shard}(r)} x_k^2\Big)^{1/2}
+
+  Empty local shards contribute zeros, so every rank issues the same collectives in the same order.
+  A local tensor's :class:`ShardSpec` reaches the algorithm under :data:`SHARD_KEY` in its state dict
+  (the per-step local view, never the stored state).
+* **the non-finite check is global**: a step is skipped on every rank when any rank's shard holds
+  inf/NaN (one flag all-reduce and one host read per parameter group and step).
+
+FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO-1/2 hand the optimizer flat 1-D partitions
+instead; :func:`warn_flat_parameters` detects FSDP1's ``FlatParameter`` (shape-dependent optimizers
+call it).
+
+References:
+    Zhao et al, `PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel
+    <https://arxiv.org/abs/2304.11277>`_, 2023; the ``fully_shard`` and DTensor documentation.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+#: key of a local tensor's :class:`ShardSpec` in the state dict an algorithm receives
+SHARD_KEY = "__shard__"
+
+
+def _dtensor_type() -> Optional[type]:
+    # no DTensor can exist before its module is imported: a single-process run never imports it
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a :class:`torch.distributed.tensor.DTensor` (FSDP2 parameters, their grads)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a local tensor sits in its global tensor.
+
+    Attributes:
+        global_shape: shape of the global tensor.
+        axes: one ``(axis, process group)`` per sharded mesh dimension: the tensor axis it splits and
+            the group of the ranks that hold the pieces.
+    """
+
+    global_shape: tuple[int, ...]
+    axes: tuple[tuple[int, Any], ...]
+
+    def groups(self, axis: Optional[int] = None) -> list[Any]:
+        """Process groups that split ``axis`` (every sharded axis when ``None``)."""
+        if axis is not None:
+            axis = axis % len(self.global_shape)
+        return [g for a, g in self.axes if axis is None or a == axis]
+
+    def reduced(self, axis: int) -> Optional["ShardSpec"]:
+        """The spec of a reduction over ``axis`` (``keepdim=False``); ``None`` when nothing stays sharded.
+
+        A reduction over a sharded axis is completed across ranks, so its result is replicated there.
+        """
+        axis = axis % len(self.global_shape)
+        axes = tuple((a - (a > axis), g) for a, g in self.axes if a != axis)
+        shape = self.global_shape[:axis] + self.global_shape[axis + 1:]
+        return ShardSpec(shape, axes) if axes else None
+
+
+def _all_reduce_(t: Tensor, groups: Sequence[Any], op: Any = None) -> Tensor:
+    import torch.distributed as dist
+
+    for group in groups:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return t
+
+
+def mean(x: Tensor, dim: int, shard: ShardSpec, keepdim: bool = False) -> Tensor:
+    """``x.mean(dim)`` of the global tensor, from this rank's local ``x``."""
+    total = _all_reduce_(x.sum(dim=dim, keepdim=keepdim), shard.groups(dim))
+    return total.div_(shard.global_shape[dim])
+
+
+def mean_sq(x: Tensor, dim: int, shard: ShardSpec) -> Tensor:
+    """``mean(x², dim)`` of the global tensor, without a full-size ``x²`` temporary."""
+    total = _all_reduce_(torch.linalg.vector_norm(x, dim=dim).square_(), shard.groups(dim))
+    return total.div_(shard.global_shape[dim])
+
+
+def rms(x: Tensor, shard: ShardSpec) -> Tensor:
+    """RMS over every element of the global tensor (a 0-d tensor, equal on every rank)."""
+    total = _all_reduce_(torch.linalg.vector_norm(x).square_(), shard.groups())
+    return total.div_(math.prod(shard.global_shape)).sqrt_()
+
+
+# ---- placement of state -------------------------------------------------------------------------
+
+def _spec(p: Any) -> Optional[ShardSpec]:
+    mesh = p.device_mesh
+    axes = tuple((pl.dim % p.ndim, mesh.get_group(i)) for i, pl in enumerate(p.placements) if pl.is_shard())
+    return ShardSpec(tuple(p.shape), axes) if axes else None
+
+
+def _state_placements(p: Any, key: str, shape: Sequence[int],
+                      reduced_axes: Mapping[str, int]) -> Optional[tuple]:
+    """Placements of state ``key`` (global ``shape``) of DTensor ``p``; ``None``: a plain tensor."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if key in reduced_axes and p.ndim > 0:
+        axis = reduced_axes[key] % p.ndim
+        if tuple(shape) != tuple(p.shape[:axis]) + tuple(p.shape[axis + 1:]):
+            return None
+        out = []
+        for pl in p.placements:
+            if not pl.is_shard():
+                out.append(Replicate())
+            elif type(pl) is not Shard:
+                raise NotImplementedError(f"optimfx: state {key!r} of a parameter with placement {pl} "
+                                          "(only Shard and Replicate placements are supported)")
+            else:
+                d = pl.dim % p.ndim
+                out.append(Replicate() if d == axis else Shard(d - (d > axis)))
+        return tuple(out)
+    if len(shape) > 0 and tuple(shape) == tuple(p.shape):
+        return tuple(p.placements)
+    return None
+
+
+def _local_zeros(p: Any, shape: Sequence[int], dtype: torch.dtype, placements: tuple) -> Any:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, _ = compute_local_shape_and_global_offset(shape, p.device_mesh, placements)
+    local = torch.zeros(local_shape, dtype=dtype, device=p.to_local().device)
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _distribute(p: Any, value: Tensor, placements: tuple) -> Any:
+    """A plain global-shaped state tensor (set by the user, or loaded) cut into this rank's piece."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(value.shape, p.device_mesh, placements)
+    index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
+    local = value[index].to(p.to_local().device).clone()
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=value.shape,
+                              stride=torch.empty(value.shape, device="meta").stride())
+
+
+def init_state(init: Callable[[Any, Any], dict], param: Any, hyper: Any,
+               reduced_axes: Mapping[str, int]) -> dict:
+    """``init(param, hyper)``; for a DTensor parameter, the same buffers as DTensors, allocated per shard.
+
+    ``init`` runs on a meta tensor of the *global* shape, so shape-dependent choices (AdaFactor's
+    factoring) are the single-process ones and no rank allocates a full-size buffer. optimfx state
+    buffers start at zero, which is what is allocated here.
+    """
+    if not is_dtensor(param):
+        return init(param, hyper)
+    proto = init(torch.empty(param.shape, dtype=param.dtype, device="meta"), hyper)
+    out = {}
+    for key, value in proto.items():
+        placements = _state_placements(param, key, value.shape, reduced_axes)
+        if placements is None:
+            out[key] = torch.zeros(value.shape, dtype=value.dtype, device=param.to_local().device)
+        else:
+            out[key] = _local_zeros(param, value.shape, value.dtype, placements)
+    return out
+
+
+def local_group(params: list[Tensor], grads: list[Tensor], states: list[dict],
+                reduced_axes: Mapping[str, int]) -> Optional[tuple[list[Tensor], list[Tensor], list[dict]]]:
+    """Local views of a group's tensors, or ``None`` when no parameter is a DTensor.
+
+    Returns ``(params, grads, states)``: local parameter and gradient tensors (views: in-place
+    updates reach the DTensors) and, per tensor, a state dict of local views plus the tensor's
+    :class:`ShardSpec` under :data:`SHARD_KEY` when it is sharded. Plain global-shaped state of a
+    DTensor parameter (a ChildTuning mask set from a full tensor, a state dict loaded without DCP) is
+    first converted, in the stored state, to a DTensor with the placement it would have been created with.
+    """
+    if not any(is_dtensor(p) for p in params):
+        return None
+    local_params, local_grads, local_states = [], [], []
+    for p, g, state in zip(params, grads, states):
+        if not is_dtensor(p):
+            local_params.append(p)
+            local_grads.append(g)
+            local_states.append(state)
+            continue
+        if not is_dtensor(g):
+            raise RuntimeError("optimfx: a DTensor parameter has a plain-tensor gradient; set gradients "
+                               "as DTensors with the parameter's mesh")
+        if tuple(g.placements) != tuple(p.placements):
+            g = g.redistribute(p.device_mesh, p.placements)
+        view: dict[str, Any] = {}
+        for key, value in list(state.items()):
+            if isinstance(value, Tensor) and not is_dtensor(value) and key != "step":
+                placements = _state_placements(p, key, value.shape, reduced_axes)
+                if placements is not None:
+                    value = state[key] = _distribute(p, value, placements)
+            view[key] = value.to_local() if is_dtensor(value) else value
+        spec = _spec(p)
+        if spec is not None:
+            view[SHARD_KEY] = spec
+        local_params.append(p.to_local())
+        local_grads.append(g.to_local())
+        local_states.append(view)
+    return local_params, local_grads, local_states
+
+
+def all_finite(local_grads: list[Tensor], states: list[dict]) -> bool:
+    """Whether every rank's gradients are finite (all-reduced over the groups that shard them)."""
+    import torch.distributed as dist
+
+    from ._dispatch import all_finite as local_all_finite
+
+    groups: list[Any] = []
+    for state in states:
+        spec = state.get(SHARD_KEY)
+        for g in spec.groups() if spec is not None else ():
+            if all(g is not seen for seen in groups):
+                groups.append(g)
+    bad = torch.tensor([0.0 if local_all_finite(local_grads) else 1.0],
+                       device=local_grads[0].device if local_grads else "cpu")
+    return not bool(_all_reduce_(bad, groups, dist.ReduceOp.MAX).item())
+
+
+# ---- flat parameters (FSDP1, ZeRO) --------------------------------------------------------------
+
+def is_flat_parameter(p: Tensor) -> bool:
+    """FSDP1's ``FlatParameter`` (``use_orig_params=False``), or a view of one (``use_orig_params=True``)."""
+    return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
+
+
+def warn_flat_parameters(params: Sequence[Tensor], name: str) -> bool:
+    """Warn (once per call site and process) when a shape-dependent optimizer gets FSDP1 flat parameters."""
+    if not any(is_flat_parameter(p) for p in params):
+        return False
+    warnings.warn(
+        f"{name}: the parameters are FSDP1 flat parameters (FullyShardedDataParallel flattens and "
+        "concatenates a module's parameters into one 1-D buffer and gives each rank a slice of it), so "
+        f"{name} cannot factor its second moment: it keeps a full-size, unfactored statistic, and its "
+        "RMS-based parameter scale and update clipping see this rank's slice of the concatenation "
+        "instead of each weight matrix. use_orig_params=True does not restore the shapes (the "
+        "optimizer then sees 1-D slices as well). For factored statistics shard with FSDP2 "
+        "(torch.distributed.fsdp.fully_shard, whose DTensor parameters keep their shapes), or use DDP "
+        "or torch.distributed.optim.ZeroRedundancyOptimizer, which keep whole parameters. "
+        "DeepSpeed ZeRO-1/2 partitions have the same limitation.",
+        UserWarning, stacklevel=3)
+    return True
