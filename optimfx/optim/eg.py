@@ -1,21 +1,43 @@
-"""``EGStepSize``: exponentiated-gradient step-size adaptation around any optimizer (maths in ``reference/eg.py``)."""
+"""``EGStepSize``: exponentiated-gradient step-size adaptation around any optimizer (maths in ``reference/eg.py``).
+
+One step, for every param group (all alignments are measured before any parameter moves):
+
+1. ``before``: the sums ``⟨ν, g⟩, ‖ν‖², ‖g‖², ‖m‖²`` per tensor, the scale exponents of each scope
+   unit, the new scales; the reference backend also updates the gains and the average gradient here
+   (they read only ``g`` and ``m``) and copies ``θ`` into one saved-parameter buffer;
+2. the base optimizer's ``step()`` writes its proposal ``θ − d`` into the parameters;
+3. ``after``: ``d = θ_saved − θ_proposed`` in place in the saved buffer, then velocity and parameter
+   (the Triton backend runs the gains, velocity, parameter and average-gradient update in one pass).
+"""
 
 from __future__ import annotations
 
+import importlib
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from .._dispatch import all_finite
-from .._precision import compute_dtype
+from .._dispatch import all_finite, resolve_backend
+from .._precision import compute_dtype, real_view, working_copy
 from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import eg as ref
 
 Tensor = torch.Tensor
-_EG_KEYS = ("eg_lr", "eg_momentum", "eg_beta", "gamma_scale", "gamma_gain", "normalize", "scope",
-            "exp_clip", "gain_min", "gain_max")
+BACKENDS = ("auto", "reference", "triton")
+
+
+class _Unit(NamedTuple):
+    """The tensors of one param group that take a step (real views), with their state and settings."""
+
+    hp: ref.EGHyper
+    scope: str
+    backend: str
+    owners: list[Tensor]  # the parameters themselves (keys of ``state`` and of the scratch buffers)
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Tensor]]
 
 
 class EGStepSize(Optimizer):
@@ -66,7 +88,7 @@ class EGStepSize(Optimizer):
                  gamma_scale: float = 1e-2, gamma_gain: float = 1e-2, *, normalize: bool = True,
                  scope: str = "tensor", exp_clip: Optional[float] = 1.0,
                  gain_clamp: tuple[Optional[float], Optional[float]] = (1e-3, 1e3),
-                 skip_nonfinite: bool = True) -> None:
+                 skip_nonfinite: bool = True, backend: str = "auto") -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
         defaults = dict(
@@ -78,6 +100,8 @@ class EGStepSize(Optimizer):
             exp_clip=None if exp_clip is None else check_nonnegative("exp_clip", exp_clip),
             gain_min=None if gain_clamp[0] is None else check_nonnegative("gain_clamp[0]", gain_clamp[0]),
             gain_max=None if gain_clamp[1] is None else check_nonnegative("gain_clamp[1]", gain_clamp[1]),
+            # "eg_" keeps it apart from the ``backend`` key of an optimfx base (the groups are shared)
+            eg_backend=check_choice("backend", backend, BACKENDS),
         )
         self.base = base
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -85,6 +109,19 @@ class EGStepSize(Optimizer):
         super().__init__(base.param_groups, defaults)
         self.param_groups = base.param_groups
         self._warned_skip = False
+        self._scratch: dict[Any, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and groups; the base and the flag belong to a copy too
+        return {**super().__getstate__(), "base": self.base, "skip_nonfinite": self.skip_nonfinite,
+                "_warned_skip": self._warned_skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints written before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._scratch = {}
 
     @staticmethod
     def _hyper(group: dict) -> ref.EGHyper:
@@ -95,12 +132,28 @@ class EGStepSize(Optimizer):
     def _state_for(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
+            view = real_view(p)
             kw = dict(dtype=compute_dtype(p.dtype), device=p.device)
             state["scale"] = torch.ones((), **kw)
-            state["gains"] = torch.ones(p.shape, **kw)
-            state["velocity"] = torch.zeros(p.shape, **kw)
-            state["avg_grad"] = torch.zeros(p.shape, **kw)
+            state["gains"] = torch.ones(view.shape, **kw)
+            state["velocity"] = torch.zeros(view.shape, **kw)
+            state["avg_grad"] = torch.zeros(view.shape, **kw)
         return state
+
+    def _units(self) -> list[_Unit]:
+        units = []
+        for group in self.param_groups:
+            owners = [p for p in group["params"] if p.grad is not None]
+            if not owners:
+                continue
+            params = [real_view(p) for p in owners]
+            units.append(_Unit(self._hyper(group), group["scope"], resolve_backend(group["eg_backend"], params),
+                               owners, params, [real_view(p.grad) for p in owners],
+                               [self._state_for(p) for p in owners]))
+        if any(u.scope == "global" for u in units) and len({u.backend for u in units}) > 1:
+            raise RuntimeError("EGStepSize: scope='global' needs one backend for every param group, got "
+                               f"{sorted({u.backend for u in units})}")
+        return units
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -109,53 +162,88 @@ class EGStepSize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not live:
+        units = self._units()
+        if not units:
             return loss
-        if self.skip_nonfinite and not all_finite([p.grad for p in live]):
+        fast = [u for u in units if u.backend == "triton"]
+        slow = [u for u in units if u.backend != "triton"]
+        saved = self._reference_before(slow) if slow else []
+        if saved is None:
             if not self._warned_skip:
                 self._warned_skip = True
                 warnings.warn("EGStepSize: gradients hold inf/NaN; the step was skipped (shown once).",
                               RuntimeWarning, stacklevel=2)
             return loss
-        grads = {p: p.grad.to(compute_dtype(p.dtype), copy=True) for p in live}
-        exponents = self._exponents(grads)
-        before = {p: p.detach().clone() for p in live}
+        handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch) if fast else None
         self.base.step()
-        for group in self.param_groups:
-            hp = self._hyper(group)
-            for p in group["params"]:
-                if p not in grads:
-                    continue
-                proposed = p.detach().to(grads[p].dtype, copy=True)
-                direction = before[p].to(grads[p].dtype) - proposed
-                ref.step_(proposed, grads[p], direction, self._state_for(p), exponents[p], hp)
-                p.copy_(proposed)
+        for unit, buffers in zip(slow, saved):
+            # d = θ_saved − θ_proposed, in place in the saved buffer
+            torch._foreach_sub_(buffers, unit.params)
+            for p, d, state in zip(unit.params, buffers, unit.states):
+                ref.apply_(p, d, state, unit.hp)
+        if handle is not None:
+            self._kernels().after(handle)
         return loss
 
-    def _exponents(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
-        """Every tensor's scale exponent, from its scope unit, before anything moves."""
-        parts: dict[Tensor, tuple[Tensor, Tensor, Tensor]] = {}
-        for p, g in grads.items():
-            parts[p] = ref.scale_exponent_parts(self._state_for(p)["velocity"], g)
-        out: dict[Tensor, Tensor] = {}
-        global_sum = None
-        if any(g["scope"] == "global" for g in self.param_groups):
-            global_sum = [sum(v[k].double() for v in parts.values()) for k in range(3)]
-        for group in self.param_groups:
-            hp = self._hyper(group)
-            members = [p for p in group["params"] if p in parts]
-            if not members:
+    @staticmethod
+    def _kernels() -> Any:
+        return importlib.import_module("optimfx._kernels.eg")
+
+    def _reference_before(self, units: list[_Unit]) -> Optional[list[list[Tensor]]]:
+        """Steps 1, 2 and 5 of every unit and the saved parameters; ``None`` when the step is skipped."""
+        grads = [[working_copy(g) for g in u.grads] for u in units]
+        parts = [ref.alignment_parts([s["velocity"] for s in u.states], gs, [s["avg_grad"] for s in u.states])
+                 for u, gs in zip(units, grads)]
+        if self.skip_nonfinite and not self._finite(units, parts):
+            return None
+        saved = []
+        for unit, gs, part, exponent in zip(units, grads, parts, self._exponents(units, parts)):
+            torch._foreach_mul_([s["scale"] for s in unit.states], list(exponent.exp().unbind()))
+            numels = torch.tensor([g.numel() for g in gs], dtype=part.dtype, device=part.device)
+            coefs = ref.gain_coefficient(part[:, 3], part[:, 2], numels, unit.hp)
+            buffers = self._saved_buffers(unit)
+            for g, state, c, buf in zip(gs, unit.states, coefs.tolist(), buffers):
+                # the saved-parameter buffer is the exponent's scratch until θ is copied into it
+                ref.update_gains_(state["gains"], state["avg_grad"], g, unit.hp, c, scratch=buf)
+            ref.update_average_([s["avg_grad"] for s in unit.states], gs, unit.hp)
+            torch._foreach_copy_(buffers, unit.params)
+            saved.append(buffers)
+        return saved
+
+    @staticmethod
+    def _finite(units: list[_Unit], parts: list[Tensor]) -> bool:
+        # finite ‖g‖² proves every gradient finite; otherwise the exact check decides (overflow)
+        if all(bool(part[:, 2].isfinite().all()) for part in parts):
+            return True
+        return all_finite([g for u in units for g in u.grads])
+
+    def _saved_buffers(self, unit: _Unit) -> list[Tensor]:
+        """One persistent buffer per parameter, in the state dtype, reused every step (no allocation)."""
+        out = []
+        for owner, p in zip(unit.owners, unit.params):
+            buf = self._scratch.get(owner)
+            dtype = compute_dtype(p.dtype)
+            if buf is None or buf.shape != p.shape or buf.dtype != dtype or buf.device != p.device:
+                buf = torch.empty(p.shape, dtype=dtype, device=p.device)
+                self._scratch[owner] = buf
+            out.append(buf)
+        return out
+
+    @staticmethod
+    def _exponents(units: list[_Unit], parts: list[Tensor]) -> list[Tensor]:
+        """Every tensor's scale exponent, from its scope unit (sums of shared scopes in float64)."""
+        total = None
+        if any(u.scope == "global" for u in units):
+            device = parts[0].device
+            total = torch.cat([p.to(device, torch.float64) for p in parts]).sum(0)
+        out = []
+        for unit, part in zip(units, parts):
+            if unit.scope == "tensor":
+                out.append(ref.scale_exponent(part[:, 0], part[:, 1], part[:, 2], unit.hp))
                 continue
-            if group["scope"] == "tensor":
-                for p in members:
-                    out[p] = ref.scale_exponent(*parts[p], hp)
-                continue
-            summed = global_sum if group["scope"] == "global" else [
-                sum(parts[p][k].double() for p in members) for k in range(3)]
-            shared = ref.scale_exponent(*summed, hp)
-            for p in members:
-                out[p] = shared.to(parts[p][0].dtype)
+            summed = total.to(part.device) if unit.scope == "global" else part.double().sum(0)
+            shared = ref.scale_exponent(summed[0], summed[1], summed[2], unit.hp)
+            out.append(shared.to(part.dtype).expand(len(part)))
         return out
 
     def scale_stats(self) -> list[dict[str, float]]:
@@ -184,10 +272,14 @@ class EGStepSize(Optimizer):
         self.base.load_state_dict(base)
         super().load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
-        for p, state in self.state.items():  # keep EG statistics in the policy dtype
+        for group in self.param_groups:  # checkpoints written before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for p, state in self.state.items():  # keep EG statistics in the policy dtype, never shared
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    state[key] = value.to(compute_dtype(p.dtype))
+                    restored = value.to(compute_dtype(p.dtype))
+                    state[key] = restored.clone() if restored.data_ptr() == value.data_ptr() else restored
 
 
 def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: float = 0.9,

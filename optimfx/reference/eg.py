@@ -50,17 +50,26 @@ def _clip(x: Tensor, hp: EGHyper) -> Tensor:
     return x if hp.exp_clip is None else x.clamp_(-hp.exp_clip, hp.exp_clip)
 
 
-def _rms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x) / max(x.numel(), 1) ** 0.5
-
-
 def scale_exponent_parts(nu_prev: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(⟨ν_{t-1}, g_t⟩, ‖ν_{t-1}‖², ‖g_t‖²)`` of one tensor; sums of these give group/global alignment."""
     return (torch.dot(nu_prev.flatten(), grad.flatten()), nu_prev.square().sum(), grad.square().sum())
 
 
+def alignment_parts(velocities: list[Tensor], grads: list[Tensor], avg_grads: list[Tensor]) -> Tensor:
+    """``[T, 4]`` rows ``(⟨ν_{t-1}, g_t⟩, ‖ν_{t-1}‖², ‖g_t‖², ‖m_{t-1}‖²)``, one per tensor of a group.
+
+    Every exponent of step ``t`` is a function of these sums (§3.1 steps 1–2). The norms come from one
+    ``_foreach_norm`` over the three lists (read-only passes, no temporaries); the dot products are
+    one ``dot`` per tensor. A row of an empty tensor is all zeros.
+    """
+    n = len(grads)
+    norms = torch.stack(torch._foreach_norm(velocities + grads + avg_grads)).reshape(3, n)
+    dots = torch.stack([torch.dot(v.reshape(-1), g.reshape(-1)) for v, g in zip(velocities, grads)])
+    return torch.cat([dots.reshape(1, n), norms.square()]).t()
+
+
 def scale_exponent(dot: Tensor, nu_sq: Tensor, g_sq: Tensor, hp: EGHyper) -> Tensor:
-    """``γ_s·a_t`` from (possibly summed) dot products; a zero norm gives alignment 0."""
+    """``γ_s·a_t`` from (possibly summed) dot products; a zero norm gives alignment 0 (elementwise)."""
     if not hp.normalize:
         return _clip(hp.gamma_scale * dot, hp)
     denom = (nu_sq * g_sq).sqrt()
@@ -68,31 +77,68 @@ def scale_exponent(dot: Tensor, nu_sq: Tensor, g_sq: Tensor, hp: EGHyper) -> Ten
     return _clip(hp.gamma_scale * cos, hp)
 
 
-def update_gains_(gains: Tensor, avg_grad_prev: Tensor, grad: Tensor, hp: EGHyper) -> None:
-    """§3.1 step 2: ``p ← p ⊙ exp(γ_p·z)`` (then clamped)."""
-    z = avg_grad_prev * grad
-    if hp.normalize:
-        denom = _rms(avg_grad_prev) * _rms(grad)
-        z = torch.where(denom > 0, z / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(z))
-    gains.mul_(_clip(z.mul_(hp.gamma_gain), hp).exp_())
+def gain_coefficient(avg_sq: Tensor, g_sq: Tensor, numel: Tensor | int, hp: EGHyper) -> Tensor:
+    """``c`` with ``γ_p·z_t = c·(m_{t-1} ⊙ g_t)`` (elementwise over tensors).
+
+    Raw form: ``c = γ_p``. Normalised: ``c = γ_p / (RMS(m_{t-1})·RMS(g_t))``, where
+    ``RMS(m)·RMS(g) = ‖m‖·‖g‖ / n``; ``c = 0`` when either norm is 0 (§3.5.2).
+    """
+    if not hp.normalize:
+        return torch.full_like(g_sq, hp.gamma_gain)
+    denom = (avg_sq * g_sq).sqrt() / torch.as_tensor(numel, dtype=g_sq.dtype).clamp(min=1)
+    tiny = torch.finfo(denom.dtype).tiny
+    return torch.where(denom > 0, hp.gamma_gain / denom.clamp(min=tiny), torch.zeros_like(denom))
+
+
+def update_gains_(gains: Tensor, avg_grad_prev: Tensor, grad: Tensor, hp: EGHyper,
+                  coefficient: Optional[float] = None, scratch: Optional[Tensor] = None) -> None:
+    """§3.1 step 2: ``p ← p ⊙ exp(clip(c·m_{t-1} ⊙ g_t))``, then clamped to ``[gain_min, gain_max]``.
+
+    ``coefficient`` is :func:`gain_coefficient` as a host float (computed here when not given);
+    ``scratch``, a buffer shaped like ``gains``, receives the exponent instead of a fresh temporary.
+    """
+    if coefficient is None:
+        coefficient = float(gain_coefficient(avg_grad_prev.square().sum(), grad.square().sum(), grad.numel(), hp))
+    # 0 + c·m⊙g in one pass (the 0-d zero broadcasts)
+    z = torch.addcmul(gains.new_zeros(()), avg_grad_prev, grad, value=coefficient, out=scratch)
+    gains.mul_(_clip(z, hp).exp_())
     if hp.gain_min is not None or hp.gain_max is not None:
         gains.clamp_(hp.gain_min, hp.gain_max)
+
+
+def update_average_(avg_grads: list[Tensor], grads: list[Tensor], hp: EGHyper) -> None:
+    """§3.1 step 5 for a list of tensors: ``m ← β·m + (1 − β)·g`` (as ``lerp``)."""
+    torch._foreach_lerp_(avg_grads, grads, 1.0 - hp.beta)
+
+
+def apply_(param: Tensor, direction: Tensor, state: dict[str, Tensor], hp: EGHyper) -> None:
+    """§3.1 steps 3–4 for one tensor, after the scale and gains of step ``t`` are known.
+
+    ``param`` holds the base's proposal ``θ_{t-1} − d_t`` and becomes ``θ_{t-1} − s_t·ν_t``, written as
+    ``param + (d_t − s_t·ν_t)`` so that with γ = 0, μ = 0, η = 1 the base's result comes out bit for bit.
+    ``direction`` (``d_t``, in the state dtype) is overwritten with ``d_t − s_t·ν_t``.
+    """
+    gains, velocity = state["gains"], state["velocity"]
+    if hp.momentum == 0.0 and hp.lr == 1.0:
+        # ν = 0·ν + 1·p⊙d without reading ν (equal up to the sign of zeros)
+        torch.mul(gains, direction, out=velocity)
+    else:
+        velocity.mul_(hp.momentum).addcmul_(gains, direction, value=hp.lr)
+    param.add_(direction.addcmul_(velocity, state["scale"], value=-1.0))
 
 
 def step_(param: Tensor, grad: Tensor, direction: Tensor, state: dict[str, Tensor], exponent: Tensor,
           hp: EGHyper) -> None:
     """§3.1 steps 1–5 for one tensor, given its scale exponent (from its scope unit).
 
-    ``param`` holds the base's proposal ``θ_{t-1} − d_t`` and becomes ``θ_{t-1} − s_t·ν_t``, written as
-    ``param + (d_t − s_t·ν_t)`` so that with γ = 0, μ = 0, η = 1 the base's result comes out bit for bit.
+    ``param`` holds the base's proposal ``θ_{t-1} − d_t`` and becomes ``θ_{t-1} − s_t·ν_t``; ``grad`` is
+    read only; ``direction`` is overwritten (see :func:`apply_`). Steps 2 and 5 read only ``g_t`` and
+    ``m_{t-1}``, so they run first and ``grad`` may alias ``direction`` (SGD).
     """
-    scale, gains = state["scale"], state["gains"]
-    velocity, avg_grad = state["velocity"], state["avg_grad"]
-    scale.mul_(exponent.exp())
-    update_gains_(gains, avg_grad, grad, hp)
-    velocity.mul_(hp.momentum).addcmul_(gains, direction, value=hp.lr)
-    param.add_(direction.addcmul(velocity, scale, value=-1.0))
-    avg_grad.lerp_(grad, 1.0 - hp.beta)
+    state["scale"].mul_(exponent.exp())
+    update_gains_(state["gains"], state["avg_grad"], grad, hp)
+    update_average_([state["avg_grad"]], [grad], hp)
+    apply_(param, direction, state, hp)
 
 
 def su_simplified_step_(param: Tensor, grad: Tensor, gains: Tensor, grad_prev: Tensor, lr: float,

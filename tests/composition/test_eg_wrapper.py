@@ -147,3 +147,55 @@ def test_errors():
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), scope="layer")
     with pytest.raises(ValueError, match="gamma_scale"):
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), gamma_scale=-1.0)
+
+
+def test_grads_are_read_only_and_the_saved_buffer_is_reused():
+    init, grads = _problem(steps=3)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = optimfx.EGStepSize(torch.optim.Adam(params, lr=1e-2), gamma_scale=0.3, backend="reference")
+    addresses = None
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, gs):
+            assert torch.equal(p.grad, g)
+        now = sorted(b.data_ptr() for b in opt._scratch.values())
+        assert addresses in (None, now) and len(now) == len(params)  # one buffer per parameter, kept
+        addresses = now
+
+
+def test_complex_param_equals_its_real_view():
+    cplx = torch.randn(4, 3, dtype=torch.complex64).requires_grad_()
+    real = torch.view_as_real(cplx.detach()).clone().requires_grad_()
+    make = lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.1), momentum=0.5, gamma_scale=0.3)  # noqa: E731
+    opt_c, opt_r = make([cplx]), make([real])
+    for _ in range(3):
+        g = torch.randn(4, 3, 2)
+        real.grad, cplx.grad = g.clone(), torch.view_as_complex(g.clone())
+        opt_r.step()
+        opt_c.step()
+    # torch's SGD itself rounds a complex step and the step of its real view differently (~1 ulp),
+    # so only the EG part is exact: equal up to a few fp32 ulps of unit-scale values
+    torch.testing.assert_close(torch.view_as_real(cplx.detach()), real.detach(), rtol=1e-6, atol=1e-7)
+    assert opt_c.state[cplx]["gains"].shape == real.shape
+
+
+def test_deepcopy_keeps_the_base_and_continues_identically():
+    init, grads = _problem(steps=4)
+    params, opt = _run(lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3), init, grads[:2])
+    params2, opt2 = copy.deepcopy((params, opt))
+    assert isinstance(opt2.base, torch.optim.Adam) and opt2.base.param_groups is opt2.param_groups
+    for ps, o in ((params, opt), (params2, opt2)):
+        for gs in grads[2:]:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(params, params2):
+        assert torch.equal(a, b)
+
+
+def test_backend_errors():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"^Invalid backend: 'cuda'"):
+        optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), backend="cuda")
