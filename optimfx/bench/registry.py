@@ -1,8 +1,13 @@
-"""What can be timed: torch.optim.Adam baselines and every optimfx optimizer, each defined once.
+"""What ``optimfx bench`` runs: the implementations it times and the contenders of its race.
 
-An :class:`Impl` is a name, a factory ``params -> optimizer`` and a byte model. optimfx optimizers
-are discovered from ``optimfx.__all__`` (every exported :class:`~optimfx.optim.base.FxOptimizer`
-subclass, once per backend), so a new optimizer joins the benchmarks by being exported.
+* An :class:`Impl` is a name, a factory ``params -> optimizer`` and a byte model: the
+  ``torch.optim.Adam`` and ``torch.optim.Adafactor`` baselines and every optimfx optimizer, once
+  per backend. optimfx optimizers are discovered from ``optimfx.__all__`` (every exported
+  :class:`~optimfx.optim.base.FxOptimizer` subclass), so a new optimizer joins the timing by being
+  exported.
+* A :class:`Contender` is an optimizer of the convergence race with the hyperparameters it races
+  with (:data:`RACE_RECIPES`): the torch baselines and every optimizer-like name optimfx exports,
+  adapters included. A recipe whose name optimfx does not export is not offered.
 """
 
 from __future__ import annotations
@@ -29,12 +34,18 @@ Factory = Callable[[list[torch.Tensor]], Optimizer]
 
 
 def state_bytes(optimizer: Optimizer, *, skip: tuple[str, ...] = ()) -> int:
-    """Bytes held in the optimizer's state tensors (measure after a step: state is lazy)."""
+    """Bytes held in the optimizer's state tensors (measure after a step: state is lazy).
+
+    A wrapper's ``base`` optimizer (``EGStepSize``, ``ChildTuning``) is counted with it.
+    """
     total = 0
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and key not in skip:
                 total += value.numel() * value.element_size()
+    base = getattr(optimizer, "base", None)
+    if isinstance(base, Optimizer):
+        total += state_bytes(base, skip=skip)
     return total
 
 
@@ -96,12 +107,20 @@ def _probe(device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.zeros(2, device=device, dtype=dtype, requires_grad=True)]
 
 
-def _torch_adam(variant: str) -> Impl:
-    kwargs: dict[str, Any] = {"single": {"foreach": False}, "foreach": {"foreach": True},
-                              "fused": {"fused": True}}[variant]
+#: torch baselines: ``optimizer -> {variant: constructor kwargs}`` (``torch.optim.Adafactor`` has
+#: no fused path).
+TORCH_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "Adam": {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}},
+    "Adafactor": {"single": {"foreach": False}, "foreach": {"foreach": True}},
+}
+
+
+def _torch_impl(optimizer: str, variant: str) -> Impl:
+    cls = getattr(torch.optim, optimizer)
+    kwargs = TORCH_VARIANTS[optimizer][variant]
 
     def factory(params: list[torch.Tensor]) -> Optimizer:
-        return torch.optim.Adam(params, lr=BENCH_LR, **kwargs)
+        return cls(params, lr=BENCH_LR, **kwargs)
 
     def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         try:
@@ -110,11 +129,12 @@ def _torch_adam(variant: str) -> Impl:
             return str(err).splitlines()[0]
         return None
 
-    return Impl(f"torch.Adam:{variant}", "torch", factory, one_pass_bytes, unavailable)
+    model = MULTI_PASS_BYTES.get(optimizer.lower(), one_pass_bytes)
+    return Impl(f"torch.{optimizer}:{variant}", "torch", factory, model, unavailable)
 
 
-def torch_adam_default(device: torch.device | str) -> str:
-    """Name of the ``torch.Adam`` variant that ``torch.optim.Adam(params)`` picks on ``device``."""
+def torch_default_variant(device: torch.device | str) -> str:
+    """The variant (``"single"`` or ``"foreach"``) a torch optimizer picks by default on ``device``."""
     device = torch.device(device)
     try:
         from torch.optim.optimizer import _default_to_fused_or_foreach
@@ -122,7 +142,12 @@ def torch_adam_default(device: torch.device | str) -> str:
         _, foreach = _default_to_fused_or_foreach(_probe(device, torch.float32), False, False)
     except Exception:  # private torch API; fall back to the documented rule
         foreach = device.type == "cuda"
-    return "torch.Adam:foreach" if foreach else "torch.Adam:single"
+    return "foreach" if foreach else "single"
+
+
+def torch_adam_default(device: torch.device | str) -> str:
+    """Name of the ``torch.Adam`` variant that ``torch.optim.Adam(params)`` picks on ``device``."""
+    return f"torch.Adam:{torch_default_variant(device)}"
 
 
 def optimfx_optimizers() -> dict[str, type]:
@@ -160,16 +185,18 @@ def _optimfx_impl(name: str, cls: type, backend: str) -> Impl:
 
 def all_impls() -> dict[str, Impl]:
     """Every registered implementation by name: torch baselines first, then optimfx."""
-    impls = [_torch_adam(v) for v in ("single", "foreach", "fused")]
+    impls = [_torch_impl(opt, v) for opt, variants in TORCH_VARIANTS.items() if hasattr(torch.optim, opt)
+             for v in variants]
     for name, cls in optimfx_optimizers().items():
         impls += [_optimfx_impl(name, cls, b) for b in OPTIMFX_BACKENDS]
     return {i.name: i for i in impls}
 
 
 def select(names: Iterable[str] | None = None) -> list[Impl]:
-    """Implementations by name; ``"AdaX"`` alone means ``"AdaX:auto"``, ``"torch.Adam"`` all three.
+    """Implementations by name; ``"AdaX"`` alone means ``"AdaX:auto"``, ``"torch.Adam"`` every
+    torch.Adam variant.
 
-    ``None`` selects the defaults: the three torch.Adam variants and every optimfx optimizer with
+    ``None`` selects the defaults: every torch variant and every optimfx optimizer with
     ``backend="auto"``. Raises ``KeyError`` naming the unknown entry.
     """
     registry = all_impls()
@@ -179,7 +206,7 @@ def select(names: Iterable[str] | None = None) -> list[Impl]:
     for name in names:
         if name in registry:
             matches = [registry[name]]
-        elif name == "torch.Adam":
+        elif name.startswith("torch.") and any(i.optimizer == name for i in registry.values()):
             matches = [i for i in registry.values() if i.optimizer == name]
         elif f"{name}:auto" in registry:
             matches = [registry[f"{name}:auto"]]
@@ -188,3 +215,104 @@ def select(names: Iterable[str] | None = None) -> list[Impl]:
         chosen += [m for m in matches if m not in chosen]
     return chosen
 
+
+
+# --- the convergence race -----------------------------------------------------------------------
+
+RaceFactory = Callable[[Any, list[torch.Tensor]], Optimizer]
+
+#: The race's contenders, ``name -> (settings shown in the report, factory(optimfx, params))``.
+#: Learning rates are each optimizer's own default (the author's setting), except where the
+#: default turns a feature off: ChildTuningAdamW and the ChildTuning adapter race in F mode with
+#: the paper's ``reserve_p=0.3``, and EGStepSize adapts ``torch.optim.Adam`` at its default lr.
+RACE_RECIPES: dict[str, tuple[str, RaceFactory]] = {
+    "torch.Adam": ("lr=1e-3 (default)", lambda fx, p: torch.optim.Adam(p)),
+    "torch.Adafactor": ("lr=1e-2 (default: cap of the relative step)",
+                        lambda fx, p: torch.optim.Adafactor(p)),
+    "AdaFactor": ("relative step, lr=None (defaults)", lambda fx, p: fx.AdaFactor(p)),
+    "AdamW": ("lr=1e-3, weight_decay=1e-2 (defaults)", lambda fx, p: fx.AdamW(p)),
+    "AdaX": ("lr=1.5e-3, weight_decay=5e-4 (defaults)", lambda fx, p: fx.AdaX(p)),
+    "AdaXW": ("lr=5e-3, weight_decay=5e-2 (defaults)", lambda fx, p: fx.AdaXW(p)),
+    "ChildTuningAdamW": ("lr=1e-3, mode='ChildTuning-F', reserve_p=0.3",
+                         lambda fx, p: fx.ChildTuningAdamW(p, mode="ChildTuning-F", reserve_p=0.3)),
+    "ChildTuning": ("torch.optim.Adam(lr=1e-3), mode='F', reserve_p=0.3",
+                    lambda fx, p: fx.ChildTuning(torch.optim.Adam(p), mode="F", reserve_p=0.3)),
+    "EGStepSize": ("torch.optim.Adam(lr=1e-3), EG defaults", lambda fx, p: fx.EGStepSize(torch.optim.Adam(p))),
+    "Funnel": ("SGD lr=0.1, momentum=0.9 (defaults)", lambda fx, p: fx.Funnel(p)),
+}
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One optimizer of the convergence race.
+
+    Attributes:
+        name: ``"torch.Adam"`` or an ``optimfx`` export name (``"AdaX"``, ``"Funnel"``).
+        family: ``"torch"`` or ``"optimfx"``.
+        settings: the hyperparameters it races with, for the report.
+        factory: builds it over a parameter list.
+    """
+
+    name: str
+    family: str
+    settings: str
+    factory: Callable[[list[torch.Tensor]], Optimizer]
+
+    def impl_name(self, device: torch.device | str) -> str:
+        """The timed implementation this contender runs as on ``device`` (its default path)."""
+        if self.name == "torch.Adafactor":
+            return "torch.Adafactor:single"  # its foreach=None means the for-loop on every device
+        if self.family == "torch":
+            return f"{self.name}:{torch_default_variant(device)}"
+        # adapters and wrappers (ChildTuning, EGStepSize, Funnel) have no backend of their own
+        return f"{self.name}:auto" if self.name in optimfx_optimizers() else self.name
+
+
+def all_contenders() -> dict[str, Contender]:
+    """Every race contender by name: the torch baselines, then what ``optimfx`` exports."""
+    import optimfx
+
+    out = {}
+    for name, (settings, make) in RACE_RECIPES.items():
+        family = "torch" if name.startswith("torch.") else "optimfx"
+        available = hasattr(torch.optim, name[6:]) if family == "torch" else name in optimfx.__all__
+        if available:
+            out[name] = Contender(name, family, settings, lambda p, make=make: make(optimfx, p))
+    return out
+
+
+def select_contenders(names: Iterable[str] | None = None) -> list[Contender]:
+    """Contenders for implementation names (``"AdaX:compiled"`` races ``AdaX``); ``None``: all.
+
+    Names that are not race contenders are left out.
+    """
+    contenders = all_contenders()
+    if names is None:
+        return list(contenders.values())
+    wanted = {name.split(":", 1)[0] for name in names}
+    return [c for c in contenders.values() if c.name in wanted]
+
+
+def resolve(names: Iterable[str] | None) -> tuple[list[Impl], list[Contender]]:
+    """What to time and what to race for the names of ``optimfx bench --optimizers``.
+
+    A name may be an implementation (``"AdaX:compiled"``), an optimizer (``"AdaX"``: its auto
+    backend, and its race), a torch baseline (``"torch.Adam"``: every variant) or a race-only
+    contender (``"Funnel"``). ``None`` selects the defaults of both. Raises ``KeyError`` naming
+    the first name that is neither timed nor raced.
+    """
+    if names is None:
+        return select(), select_contenders()
+    impls: list[Impl] = []
+    contenders: list[Contender] = []
+    for name in names:
+        try:
+            timed = select([name])
+        except KeyError:
+            timed = []
+        raced = select_contenders([name])
+        if not timed and not raced:
+            raise KeyError(name)
+        impls += [i for i in timed if i.name not in {k.name for k in impls}]
+        contenders += [c for c in raced if c.name not in {k.name for k in contenders}]
+    return impls, contenders

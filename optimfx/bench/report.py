@@ -1,4 +1,4 @@
-"""Tables and JSON reports of timed steps: ms/step, speedup, effective GB/s, fraction of the roof."""
+"""Tables and JSON reports: ms/step, speedup, effective GB/s, fraction of the roof, and the race."""
 
 from __future__ import annotations
 
@@ -87,25 +87,53 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def format_table(table: Sequence[dict[str, Any]], baseline: str, roof: Roof | None) -> str:
-    """A fixed-width text table, with a legend under it."""
-    header = ("implementation", "backend", "ms/step", "p20-p80 ms", "speedup", "GB/s", "of roof",
-              "state B/param")
-    lines = []
-    for row in table:
-        spread = (f"{row['ms_p20']:.3g}-{row['ms_p80']:.3g}" if row["ms_median"] is not None else "-")
-        lines.append((row["name"], row["backend"] or "-", _fmt(row["ms_median"], ".3f"), spread,
-                      _fmt(row["speedup"], ".2f", "x"), _fmt(row["gbps"], ".1f"),
-                      _fmt(row["roof_fraction"] and 100 * row["roof_fraction"], ".0f", "%"),
-                      _fmt(row["state_bytes_per_param"], ".2f")))
+def _render(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    """Header, rule and rows in fixed-width columns: the first two left-aligned, numbers right."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
 
     def render(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    text = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
+    return [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
+
+
+def race_by_implementation(race: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Race results keyed by the implementation each contender ran as (``"AdaX:auto"``)."""
+    return {run["implementation"]: run for run in race or ()}
+
+
+def format_table(table: Sequence[dict[str, Any]], baseline: str, roof: Roof | None,
+                 race: Sequence[dict[str, Any]] | None = None) -> str:
+    """A fixed-width text table, with a legend under it.
+
+    With ``race`` (:meth:`RaceResult.to_dict` rows), the final training loss and test accuracy are
+    shown on the row of the implementation each contender ran as; contenders that were not timed
+    (wrappers) get rows of their own.
+    """
+    header = ["implementation", "backend", "ms/step", "p20-p80 ms", "speedup", "GB/s", "of roof",
+              "state B/param"]
+    by_impl = race_by_implementation(race)
+    if race:
+        header += ["final loss", "test acc"]
+    timed_names = {row["name"] for row in table}
+    lines = []
+    for row in table:
+        spread = (f"{row['ms_p20']:.3g}-{row['ms_p80']:.3g}" if row["ms_median"] is not None else "-")
+        line = [row["name"], row["backend"] or "-", _fmt(row["ms_median"], ".3f"), spread,
+                _fmt(row["speedup"], ".2f", "x"), _fmt(row["gbps"], ".1f"),
+                _fmt(row["roof_fraction"] and 100 * row["roof_fraction"], ".0f", "%"),
+                _fmt(row["state_bytes_per_param"], ".2f")]
+        if race:
+            line += _race_cells(by_impl.get(row["name"]))
+        lines.append(line)
+    for name, run in by_impl.items():
+        if name not in timed_names:
+            lines.append([name, "-", "-", "-", "-", "-", "-", _fmt(run["state_bytes_per_param"], ".2f"),
+                          *_race_cells(run)])
+    text = _render(header, lines)
     errors = [f"  {row['name']}: {row['error']}" for row in table if row["error"]]
+    errors += [f"  {run['name']} (race): {run['error']}" for run in race or () if run["error"]]
     if errors:
         text += ["", "not run:", *errors]
     bpp = sorted({f"{row['bytes_per_param']:.4g}" for row in table if row["ms_median"] is not None})
@@ -117,15 +145,46 @@ def format_table(table: Sequence[dict[str, Any]], baseline: str, roof: Roof | No
         text.append(f"roof = {roof.rmw.kind}: {roof.gbps:.1f} GB/s over "
                     f"{roof.rmw.footprint / 2**20:.0f} MiB, measured in this process"
                     + (f" (D2D copy: {roof.copy.gbps:.1f} GB/s)" if roof.copy is not None else "") + ".")
+    if race:
+        text.append("final loss, test acc = the convergence race below, run once per optimizer with "
+                    "its default implementation.")
     return "\n".join(text)
 
 
-def write_json(report: dict[str, Any], folder: str | os.PathLike[str]) -> Path:
-    """Write ``report`` as ``bench-<device>-<UTC time>.json`` under ``folder`` (created if needed)."""
+def _race_cells(run: dict[str, Any] | None) -> list[str]:
+    if run is None:
+        return ["-", "-"]
+    return [_fmt(run["final_train_loss"], ".4f"),
+            _fmt(run["final_test_accuracy"] and 100 * run["final_test_accuracy"], ".1f", "%")]
+
+
+def format_race(race: Sequence[dict[str, Any]], config: dict[str, Any]) -> str:
+    """The race's settings and results, one line per contender."""
+    header = ("contender", "settings", "train loss", "test loss", "test acc", "seconds")
+    lines = [(run["name"], run["settings"], _fmt(run["final_train_loss"], ".4f"),
+              _fmt(run["final_test_loss"], ".4f"),
+              _fmt(run["final_test_accuracy"] and 100 * run["final_test_accuracy"], ".1f", "%"),
+              _fmt(run["seconds"], ".1f")) for run in race]
+    title = (f"convergence race: {config['dataset']}, {config['model']}, {config['steps']} steps of "
+             f"batch {config['batch_size']}, seed {config['seed']}, same initialisation and batches "
+             "for every optimizer")
+    return "\n".join([title, "", *_render(header, lines)])
+
+
+def report_path(folder: str | os.PathLike[str], device: str) -> Path:
+    """``<folder>/bench-<device>-<UTC time>.json`` (the folder is created); the figure takes the
+    same name with ``.png``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    device = str(report.get("environment", {}).get("device", "device")).replace(":", "")
-    path = folder / f"bench-{device}-{stamp}.json"
+    return folder / f"bench-{device.replace(':', '')}-{stamp}.json"
+
+
+def write_json(report: dict[str, Any], folder: str | os.PathLike[str],
+               path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``report`` to ``path``, by default :func:`report_path` under ``folder``."""
+    if path is None:
+        path = report_path(folder, str(report.get("environment", {}).get("device", "device")))
+    path = Path(path)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path

@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from .presets import Preset, make_params
+from .progress import bar
 from .registry import Impl, state_bytes
 
 
@@ -125,39 +126,48 @@ class Result:
 def run_interleaved(impls: Sequence[Impl], shapes: Preset | Sequence[tuple[int, ...]],
                     device: torch.device | str, dtype: torch.dtype = torch.float32, *,
                     steps: int = 20, seed: int = 0,
-                    log: Callable[[str], None] | None = None) -> list[Result]:
+                    log: Callable[[str], None] | None = None, show_progress: bool = False) -> list[Result]:
     """Time ``steps`` rounds of every implementation, round-robin, each on its own parameters.
 
     An implementation that fails to build or warm up gets a :class:`Result` with ``error`` set and
-    is left out of the rounds; one that fails while timed keeps the steps it took.
+    is left out of the rounds; one that fails while timed keeps the steps it took. With
+    ``show_progress``, the warm-ups and the rounds each get a progress bar.
     """
     device = torch.device(device)
     log = log or (lambda _msg: None)
     results: list[Result] = []
     prepared: list[tuple[Result, Prepared]] = []
-    for impl in impls:
-        result = Result(impl.name, impl.family)
-        results.append(result)
-        log(f"warming up {impl.name} ({impl.warmup_steps} step{'s' * (impl.warmup_steps > 1)})")
-        try:
-            prep = prepare(impl, shapes, device, dtype, seed=seed)
-        except Exception as err:  # report it in the table rather than abort the whole run
-            result.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log(f"  skipped: {result.error}")
-            gc.collect()
-            continue
-        result.backend, result.n_params = prep.backend, prep.n_params
-        result.bytes_per_param, result.state_bytes = prep.bytes_per_param, prep.state_bytes
-        result.first_step_s, result.warmup_s = prep.first_step_s, prep.warmup_s
-        prepared.append((result, prep))
-    log(f"timing {len(prepared)} implementations, {steps} interleaved rounds")
-    for r in range(steps):
-        k = r % max(len(prepared), 1)
-        for result, prep in prepared[k:] + prepared[:k]:
-            if result.error is not None:
-                continue
+    with bar(len(impls), "warm-up", enabled=show_progress, unit="impl") as progress:
+        for impl in impls:
+            result = Result(impl.name, impl.family)
+            results.append(result)
+            progress.set_postfix_str(impl.name)
+            if not show_progress:
+                log(f"warming up {impl.name} ({impl.warmup_steps} step{'s' * (impl.warmup_steps > 1)})")
             try:
-                result.seconds.append(timed(prep.optimizer.step, device))
-            except Exception as err:
-                result.error = f"{type(err).__name__}: {err}"
+                prep = prepare(impl, shapes, device, dtype, seed=seed)
+            except Exception as err:  # report it in the table rather than abort the whole run
+                result.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log(f"  {impl.name} skipped: {result.error}")
+                gc.collect()
+                progress.update()
+                continue
+            result.backend, result.n_params = prep.backend, prep.n_params
+            result.bytes_per_param, result.state_bytes = prep.bytes_per_param, prep.state_bytes
+            result.first_step_s, result.warmup_s = prep.first_step_s, prep.warmup_s
+            prepared.append((result, prep))
+            progress.update()
+    if not show_progress:
+        log(f"timing {len(prepared)} implementations, {steps} interleaved rounds")
+    with bar(steps, "step time", enabled=show_progress, unit="round") as progress:
+        for r in range(steps):
+            k = r % max(len(prepared), 1)
+            for result, prep in prepared[k:] + prepared[:k]:
+                if result.error is not None:
+                    continue
+                try:
+                    result.seconds.append(timed(prep.optimizer.step, device))
+                except Exception as err:
+                    result.error = f"{type(err).__name__}: {err}"
+            progress.update()
     return results
