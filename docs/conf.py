@@ -4,8 +4,9 @@ Build (warnings are errors, as in CI's ``tests/docs/test_docs.py``)::
 
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
-Everything here works offline: no intersphinx inventories are fetched, and math is rendered to
-MathML at build time (``_ext/mathml.py``), so the pages load no script from a CDN.
+Everything here works offline: no intersphinx inventories are fetched, math is rendered to MathML at
+build time (``_ext/mathml.py``), so the pages load no script from a CDN, and the benchmark figures
+are drawn with matplotlib from the committed ``benches/results/*.json`` (``_ext/benchmarks.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ extensions = [
     "myst_parser",
     "mathml",
     "api_coverage",
+    "benchmarks",
 ]
 
 source_suffix = {".md": "markdown"}
@@ -51,6 +53,9 @@ napoleon_use_rtype = False
 
 # every name in these packages' ``__all__`` must have an API entry (``_ext/api_coverage.py``)
 api_coverage_packages = ["optimfx"]
+
+# -- benchmark figures (``_ext/benchmarks.py``): drawn at build time from the committed results ----
+benchmark_results_dir = "../benches/results"
 
 # -- HTML -------------------------------------------------------------------------------------------
 html_theme = "furo"
