@@ -73,10 +73,15 @@ class ShardSpec:
         global_shape: shape of the global tensor.
         axes: one ``(axis, process group)`` per sharded mesh dimension: the tensor axis it splits and
             the group of the ranks that hold the pieces.
+        element_offset: index, in the global tensor's row-major order, of the local tensor's first
+            element when the local elements are one contiguous run of it (sharding on the leading
+            axis, FSDP2's ``Shard(0)``); ``None`` otherwise. Counter-based ChildTuning masks use it
+            to draw each element's global mask bit.
     """
 
     global_shape: tuple[int, ...]
     axes: tuple[tuple[int, Any], ...]
+    element_offset: Optional[int] = None
 
     def groups(self, axis: Optional[int] = None) -> list[Any]:
         """Process groups that split ``axis`` (every sharded axis when ``None``)."""
@@ -126,7 +131,18 @@ def rms(x: Tensor, shard: ShardSpec) -> Tensor:
 def _spec(p: Any) -> Optional[ShardSpec]:
     mesh = p.device_mesh
     axes = tuple((pl.dim % p.ndim, mesh.get_group(i)) for i, pl in enumerate(p.placements) if pl.is_shard())
-    return ShardSpec(tuple(p.shape), axes) if axes else None
+    return ShardSpec(tuple(p.shape), axes, _element_offset(p, axes)) if axes else None
+
+
+def _element_offset(p: Any, axes: tuple[tuple[int, Any], ...]) -> Optional[int]:
+    """The global row-major index of the local shard's first element, when the shard is a contiguous
+    run of the global tensor (only the leading axis is split)."""
+    if any(axis != 0 for axis, _ in axes):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) * math.prod(p.shape[1:]) if p.ndim else 0
 
 
 def _state_placements(p: Any, key: str, shape: Sequence[int],

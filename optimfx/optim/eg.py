@@ -147,9 +147,12 @@ class EGStepSize(Optimizer):
             if not owners:
                 continue
             params = [real_view(p) for p in owners]
+            grads = [real_view(p.grad) for p in owners]
+            if group.get("maximize", False):
+                # a maximising base descends along −g: the alignments must see the same sign
+                grads = [torch.neg(g) for g in grads]
             units.append(_Unit(self._hyper(group), group["scope"], resolve_backend(group["eg_backend"], params),
-                               owners, params, [real_view(p.grad) for p in owners],
-                               [self._state_for(p) for p in owners]))
+                               owners, params, grads, [self._state_for(p) for p in owners]))
         if any(u.scope == "global" for u in units) and len({u.backend for u in units}) > 1:
             raise RuntimeError("EGStepSize: scope='global' needs one backend for every param group, got "
                                f"{sorted({u.backend for u in units})}")

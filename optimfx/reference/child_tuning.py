@@ -46,6 +46,8 @@ from typing import Optional
 
 import torch
 
+from .._distributed import SHARD_KEY as _SHARD_KEY
+
 MODES = (None, "F", "D")
 _OFFICIAL_MODE_NAMES = {"ChildTuning-F": "F", "ChildTuning-D": "D"}
 _M32 = 0xFFFFFFFF
@@ -251,11 +253,12 @@ def apply_mask(grad32: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.
     return out.mul_(grad32)
 
 
-def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int) -> torch.Tensor:
-    """``g ⊙ keep / p`` of the F mask with key ``key``: the comparison writes 0/1 floats straight
-    into the result, which then takes ``1/p`` and ``g`` in one more pass (no bool tensor)."""
+def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int = 0) -> torch.Tensor:
+    """``g ⊙ keep / p`` of the F mask with key ``key`` for elements ``offset …``: the comparison writes
+    0/1 floats straight into the result, which then takes ``1/p`` and ``g`` in one more pass (no bool
+    tensor)."""
     out = torch.empty(grad32.shape, dtype=grad32.dtype, device=grad32.device)
-    bits = _keep_bits(grad32.numel(), key, grad32.device, 0)
+    bits = _keep_bits(grad32.numel(), key, grad32.device, offset)
     torch.lt(bits, _signed_threshold(reserve_p), out=out.view(-1))
     # (1/p · keep) · g in one pass: the kernels' g·(keep ? 1/p : 0) rounded once, up to the sign of 0
     zero = torch.zeros((), dtype=grad32.dtype, device=grad32.device)
@@ -272,7 +275,11 @@ def mask_grad(grad32: torch.Tensor, state: dict, hp: MaskHyper) -> torch.Tensor:
     eagerly under ``torch.compile`` (the integer hash stays bit-identical to the kernels').
     """
     if hp.bernoulli:
-        return bernoulli_grad(grad32, hp.reserve_p, mask_key(hp.seed, int(state["mask_stream"]), int(state["step"])))
+        # an FSDP2 shard draws the bits of its elements' global indices: the single-process mask
+        shard = state.get(_SHARD_KEY)
+        offset = 0 if shard is None or shard.element_offset is None else shard.element_offset
+        key = mask_key(hp.seed, int(state["mask_stream"]), int(state["step"]))
+        return bernoulli_grad(grad32, hp.reserve_p, key, offset)
     if hp.mode == "D" and "child_mask" in state:
         return apply_mask(grad32, state["child_mask"].view(grad32.shape), 1.0)
     return grad32

@@ -199,3 +199,28 @@ def test_backend_errors():
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match=r"^Invalid backend: 'cuda'"):
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), backend="cuda")
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda ps, maximize: torch.optim.SGD(ps, lr=0.05, momentum=0.5, maximize=maximize),
+    lambda ps, maximize: optimfx.AdaXW(ps, lr=1e-2, maximize=maximize),
+], ids=["sgd", "adaxw"])
+def test_maximize_base_adapts_like_minimising_the_negated_loss(make_base):
+    """EG around a maximising base on ``−f`` takes the steps EG around the plain base takes on ``f``
+    (the alignments see the descent gradient, so the scale grows when the steps are too short)."""
+    torch.manual_seed(0)
+    target = torch.randn(6, 4)
+    start = torch.randn(6, 4)
+    runs = []
+    for maximize in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = optimfx.EGStepSize(make_base([p], maximize), gamma_scale=0.1, gamma_gain=0.05)
+        for _ in range(8):
+            opt.zero_grad()
+            loss = (p - target).square().sum()
+            (-loss if maximize else loss).backward()
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["scale"].clone()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][1] != 1.0  # the scale moved, so the check compares adaptation, not a no-op

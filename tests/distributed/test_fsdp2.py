@@ -77,14 +77,12 @@ OPTIMIZERS = {
     "adafactor-triton": lambda ps, m: optimfx.AdaFactor(ps, backend="triton"),
     "adamw": lambda ps, m: optimfx.AdamW(ps, lr=1e-2),
     "childtuning-adamw-d": _ct_d,
-    "childtuning-adamw-f": lambda ps, m: optimfx.ChildTuningAdamW(ps, lr=1e-2, reserve_p=0.5,
-                                                                  mode="ChildTuning-F", seed=3),
+    # F masks keyed by the global element index (ShardSpec.element_offset): the single-process masks
+    "childtuning-adamw-f": lambda ps, m: optimfx.ChildTuningAdamW(ps, lr=1e-2, mode="ChildTuning-F",
+                                                                 reserve_p=0.5, seed=3),
     "eg-adax": lambda ps, m: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2), gamma_scale=0.3),
 }
 XFAIL = {
-    "childtuning-adamw-f": "F-mode masks are drawn for the local shard's shape (reference/adamw.py "
-                           "masked_grad draws torch.rand(grad.shape)); equal to single-process masks "
-                           "needs a draw keyed by the global element",
     "eg-adax": "optim/eg.py computes its alignments with torch.dot on flattened DTensors (DTensor "
                "refuses to flatten an unevenly sharded tensor) and keeps plain-tensor state",
 }
