@@ -11,7 +11,7 @@ from .._algorithm import Algorithm
 from .._validation import check_choice, check_nonnegative, check_positive, check_range
 from ..reference import adafactor as ref
 from .base import FxOptimizer
-from .gradient_masks import GradientMaskMixin, child_tuning_defaults, documented
+from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
 
 ADAFACTOR = Algorithm(
     name="adafactor",
@@ -101,7 +101,8 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
                  *, min_dim_size_to_factor: Optional[int] = None, beta2_cap: Optional[float] = None,
                  lr_mode: str = "scale", eps_mode: str = "paper", decay_mode: str = "hf",
                  child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
-                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto") -> None:
+                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
+                 bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         lr_mode = check_choice("lr_mode", lr_mode, ref.LR_MODES)
         if lr is None:
             if not relative_step:
@@ -140,6 +141,7 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             decay_mode=check_choice("decay_mode", decay_mode, ref.DECAY_MODES),
             **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
+            **precision_defaults(bf16_rounding, rounding_seed),
         )
         super().__init__(params, defaults)
         _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")

@@ -11,7 +11,7 @@ from .._validation import check_betas, check_choice, check_nonnegative
 from ..reference import adamw as ref
 from ..reference import child_tuning as ct
 from .base import FxOptimizer
-from .gradient_masks import GradientMaskMixin, child_tuning_defaults, documented
+from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
 
 ADAMW = Algorithm(
     name="adamw",
@@ -60,7 +60,8 @@ class AdamW(GradientMaskMixin, FxOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, correct_bias: bool = True, eps_placement: str = "v_hat", decay_order: str = "torch",
                  child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
-                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto") -> None:
+                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
+                 bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         defaults = dict(
             lr=lr, betas=check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, False, True))),
             eps=check_nonnegative("eps", eps), weight_decay=check_nonnegative("weight_decay", weight_decay),
@@ -69,6 +70,7 @@ class AdamW(GradientMaskMixin, FxOptimizer):
             decay_order=check_choice("decay_order", decay_order, ref.DECAY_ORDERS),
             **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
+            **precision_defaults(bf16_rounding, rounding_seed),
         )
         super().__init__(params, defaults)
 

@@ -10,7 +10,7 @@ from .._algorithm import Algorithm
 from .._validation import check_betas, check_choice, check_nonnegative, check_positive
 from ..reference import adax as ref
 from .base import FxOptimizer
-from .gradient_masks import CHILD_TUNING_ARGS, GradientMaskMixin, child_tuning_defaults
+from .gradient_masks import CHILD_TUNING_ARGS, GradientMaskMixin, child_tuning_defaults, precision_defaults
 
 ADAX = Algorithm(
     name="adax",
@@ -61,7 +61,8 @@ class _AdaXBase(GradientMaskMixin, FxOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, betas: tuple[float, float],
                  eps: float, weight_decay: float, *, eps_mode: str, child_tuning_mode: Optional[str],
-                 reserve_p: float, seed: int, maximize: bool, skip_nonfinite: bool, backend: str) -> None:
+                 reserve_p: float, seed: int, maximize: bool, skip_nonfinite: bool, backend: str,
+                 bf16_rounding: str, rounding_seed: int) -> None:
         betas = check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, True, True)))
         defaults = dict(
             lr=lr, betas=betas, eps=check_positive("eps", eps),
@@ -70,6 +71,7 @@ class _AdaXBase(GradientMaskMixin, FxOptimizer):
             decoupled=self._decoupled, **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
             maximize=bool(maximize),
             skip_nonfinite=bool(skip_nonfinite), backend=backend,
+            **precision_defaults(bf16_rounding, rounding_seed),
         )
         super().__init__(params, defaults)
 
@@ -104,10 +106,11 @@ class AdaX(_AdaXBase):
                  betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-4,
                  *, eps_mode: str = "official", child_tuning_mode: Optional[str] = None,
                  reserve_p: float = 1.0, seed: int = 0, maximize: bool = False, skip_nonfinite: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode,
                          child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
-                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend)
+                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend,
+                         bf16_rounding=bf16_rounding, rounding_seed=rounding_seed)
 
 
 class AdaXW(_AdaXBase):
@@ -136,7 +139,8 @@ class AdaXW(_AdaXBase):
                  betas: tuple[float, float] = (0.9, 1e-4), eps: float = 1e-12, weight_decay: float = 5e-2,
                  *, eps_mode: str = "official", child_tuning_mode: Optional[str] = None,
                  reserve_p: float = 1.0, seed: int = 0, maximize: bool = False, skip_nonfinite: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, eps_mode=eps_mode,
                          child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
-                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend)
+                         maximize=maximize, skip_nonfinite=skip_nonfinite, backend=backend,
+                         bf16_rounding=bf16_rounding, rounding_seed=rounding_seed)

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .._precision import BF16_ROUNDINGS
 from .._validation import check_range
 from ..reference import child_tuning as ct
 
@@ -28,7 +29,11 @@ CHILD_TUNING_ARGS = r"""child_tuning_mode: ``None``, ``"F"`` (a fresh Bernoulli(
             masks, bit for bit. Default: ``1.0``.
         seed: key of the F-mode masks, a counter-based hash of ``(seed, step, parameter position,
             element)``: the same seed gives the same masks on every backend and data-parallel rank
-            and after a resume. Default: ``0``."""
+            and after a resume. Default: ``0``.
+        bf16_rounding: how bfloat16 parameters are written after the fp32 update: ``"nearest"`` (to
+            nearest even) or ``"stochastic"`` (unbiased, from a counter-based hash of
+            ``(rounding_seed, step, element)``, so small updates are not lost). Default: ``"nearest"``.
+        rounding_seed: key of the stochastic rounding. Default: ``0``."""
 
 
 def documented(cls: type) -> type:
@@ -47,6 +52,15 @@ def child_tuning_defaults(child_tuning_mode: Optional[str], reserve_p: float, se
         raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
     return dict(child_tuning_mode=mode, reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True),
                 seed=seed)
+
+
+def precision_defaults(bf16_rounding: str, rounding_seed: int) -> dict[str, Any]:
+    """The validated bf16 write options (``ValueError`` naming a bad argument)."""
+    if bf16_rounding not in BF16_ROUNDINGS:
+        raise ValueError(f"Invalid bf16_rounding: {bf16_rounding!r} (must be one of {BF16_ROUNDINGS})")
+    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+        raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (must be an int)")
+    return dict(bf16_rounding=bf16_rounding, rounding_seed=rounding_seed)
 
 
 class GradientMaskMixin:
