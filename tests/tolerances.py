@@ -17,6 +17,13 @@ Profile ``"pointwise"`` (elementwise optimizers: AdaX, AdaXW):
   one ULP of their dtype: ``rtol = eps`` (bf16 2^-7, fp16 2^-10). Their fp32 state sees that one-ULP
   parameter difference (coupled L2 adds ``λ·θ``), so state is held to the same bound. Near zero the
   numbers are fp32 state or fp32 results rounded once, so ``atol`` is fp32's.
+
+AdaFactor uses ``"pointwise"`` too. Its step adds reductions (RMS(θ), the row and column means,
+R̄, ΣU²) that each backend sums in its own order, but over the suite's tensors (at most 24 elements
+per reduction) a sum is a few roundings, and the factored update is about a dozen roundings per
+element like the elementwise optimizers'; its row/column statistics depend on the gradients only, so
+the same bounds hold for its state. (Large tensors are compared at their own tolerances in
+``tests/kernels/test_adafactor.py``.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Per tensor, in the order the kernels run it (§1.1)::
     θ    ← θ − λ·α_t·θ − α_t·Û  (or − M)
 
 Factoring acts on the last two axes of a tensor with ``ndim ≥ 2``; leading axes are batch axes.
+On an FSDP2 shard (``ShardSpec`` under ``_distributed.SHARD_KEY`` in ``state``) every mean and RMS
+over a sharded axis is completed across ranks (``optimfx/_distributed.py``), so a sharded run takes
+the single-process step.
 Everything stays on the device: no ``.item()``; RMS values are 0-d tensors.
 
 References:
@@ -21,16 +24,20 @@ References:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
 
+from .. import _distributed
 from .._precision import compute_dtype, working_copy, write_back_
+from . import child_tuning as ct
 from .common import prepare_grad
 
 Tensor = torch.Tensor
 Scalar = Union[float, Tensor]
+Shard = _distributed.ShardSpec
 
 LR_MODES = ("scale", "rho_max")
 EPS_MODES = ("paper", "torch")
@@ -56,6 +63,7 @@ class AdaFactorHyper:
     eps_mode: str
     decay_mode: str
     maximize: bool
+    mask: ct.MaskHyper = ct.NO_MASK  # ChildTuning gradient masks (``reference/child_tuning.py``)
 
     @classmethod
     def from_group(cls, group: dict) -> "AdaFactorHyper":
@@ -67,6 +75,7 @@ class AdaFactorHyper:
             bool(group["warmup_init"]), group["min_dim_size_to_factor"],
             None if group["beta2_cap"] is None else float(group["beta2_cap"]),
             group["lr_mode"], group["eps_mode"], group["decay_mode"], bool(group["maximize"]),
+            ct.MaskHyper.from_group(group),
         )
 
 
@@ -126,13 +135,19 @@ def step_size(lr: Scalar, sc: AdaFactorScalars, hp: AdaFactorHyper) -> Scalar:
     return lr * sc.rho
 
 
-def rms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+#: the parameter axis each factored statistic averages over (their FSDP2 placement follows from it)
+REDUCED_AXES = {"exp_avg_sq_row": -1, "exp_avg_sq_col": -2}
 
 
-def param_scale(param32: Tensor, hp: AdaFactorHyper) -> Scalar:
+def rms(x: Tensor, shard: Optional[Shard] = None) -> Tensor:
+    if shard is not None:
+        return _distributed.rms(x, shard)
+    return sum_sq(x).div_(x.numel()).sqrt_()
+
+
+def param_scale(param32: Tensor, hp: AdaFactorHyper, shard: Optional[Shard] = None) -> Scalar:
     """§1.1 step 6: ``max(ε2, RMS(θ_{t-1}))`` (a 0-d tensor), or 1 without ``scale_parameter``."""
-    return rms(param32).clamp_(min=hp.eps2) if hp.scale_parameter else 1.0
+    return rms(param32, shard).clamp_(min=hp.eps2) if hp.scale_parameter else 1.0
 
 
 def _eps1(hp: AdaFactorHyper, param_dtype: torch.dtype) -> float:
@@ -140,25 +155,172 @@ def _eps1(hp: AdaFactorHyper, param_dtype: torch.dtype) -> float:
     return torch.finfo(param_dtype).eps if hp.eps1 is None else hp.eps1
 
 
-def _mean_sq(grad32: Tensor, dim: int) -> Tensor:
-    # mean(G²) along dim without a full-size G² temporary
-    return torch.linalg.vector_norm(grad32, dim=dim).square_().div_(grad32.shape[dim])
+class _Scratch(threading.local):
+    """Tensors a step reuses instead of allocating: one full-size buffer per (device, dtype), grown to
+    the largest tensor stepped, and small constant vectors (``1/n`` weights, ``ε1`` fills).
+
+    A fresh full-size temporary per tensor and step costs page faults on CPU (large allocations are
+    fresh ``mmap``s): on the 25.7 M-element embedding of the ``transformer-50m`` benchmark preset
+    that took several times longer than the maths. The buffer stays allocated between steps (one
+    largest tensor's worth of memory; :func:`free_scratch` releases it). Per thread, so optimizers
+    stepping in different threads never share it. Under ``torch.compile`` plain allocations are
+    used: the compiler plans its own buffers.
+    """
+
+    def __init__(self) -> None:
+        self.flat: dict[tuple, Tensor] = {}
+        self.views: dict[tuple, Tensor] = {}
+        self.constants: dict[tuple, Tensor] = {}
+
+    def buffer(self, like: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor shaped like ``like`` (same dtype and device)."""
+        if torch.compiler.is_compiling():
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        key = (like.shape, like.dtype, like.device)
+        view = self.views.get(key)
+        if view is None:
+            base = (like.dtype, like.device)
+            flat = self.flat.get(base)
+            if flat is None or flat.numel() < like.numel():
+                flat = self.flat[base] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+                # views of the replaced buffer would keep it alive
+                self.views = {k: v for k, v in self.views.items() if k[1:] != base}
+            view = self.views[key] = flat[: like.numel()].view(like.shape)
+        return view
+
+    def constant(self, n: int, value: float, like: Tensor) -> Tensor:
+        """The vector ``[value] * n`` in ``like``'s dtype and device (read only)."""
+        if torch.compiler.is_compiling():
+            return torch.full((n,), value, dtype=like.dtype, device=like.device)
+        key = (n, value, like.dtype, like.device)
+        out = self.constants.get(key)
+        if out is None:
+            out = self.constants[key] = torch.full((n,), value, dtype=like.dtype, device=like.device)
+        return out
 
 
-def factored_direction(grad32: Tensor, row: Tensor, col: Tensor, hp: AdaFactorHyper,
-                       sc: AdaFactorScalars, eps1: float) -> Tensor:
-    """§1.1 steps 5, 7–9 (factored): update ``R``, ``C`` in place and return ``U = G / sqrt(V̂)``."""
-    add = eps1 if hp.eps_mode == "paper" else 0.0
-    row.lerp_(_mean_sq(grad32, -1).add_(add), sc.weight)
-    col.lerp_(_mean_sq(grad32, -2).add_(add), sc.weight)
-    row_mean = row.mean(dim=-1, keepdim=True)
-    if hp.eps_mode == "paper":
-        # V̂_ij = R_i·C_j / R̄; R̄ ≥ ε1 > 0 already, the clamp only guards a user ε1 of 0
-        r_factor = (row / row_mean.clamp(min=torch.finfo(row.dtype).tiny)).rsqrt_()
-        return (grad32 * r_factor.unsqueeze(-1)).mul_(col.rsqrt().unsqueeze(-2))
-    # torch.optim.Adafactor: V̂ = R·C / max(R̄, ε1), U = G / sqrt(max(V̂, ε1²))
-    v_hat = (row.unsqueeze(-1) * col.unsqueeze(-2)).div_(row_mean.clamp(min=_floor(eps1, row)).unsqueeze(-1))
+_SCRATCH = _Scratch()
+#: ATen's parallel grain size: smaller tensors are reduced single-threaded (no OpenMP wake-ups)
+_BLAS_MIN_NUMEL = 32768
+
+
+def free_scratch() -> None:
+    """Release this thread's reusable buffers (the next step allocates them again)."""
+    _SCRATCH.__init__()
+
+
+def load_grad(grad: Tensor, param32: Tensor, state: dict[str, Tensor], hp: AdaFactorHyper) -> Tensor:
+    """The gradient the step reads: the compute dtype, ChildTuning-masked, negated for ``maximize``;
+    ``grad`` itself is never written."""
+    return prepare_grad(grad, param32, maximize=hp.maximize, l2=0.0, mask=hp.mask, state=state)
+
+
+def square(grad32: Tensor) -> Tensor:
+    """``G²`` in the reused buffer: the one full-size temporary of a step (``U``, or ``G ⊙ a`` in the
+    factored form, is written over it once the statistics have read it)."""
+    return torch.mul(grad32, grad32, out=_SCRATCH.buffer(grad32))
+
+
+def sum_sq(x: Tensor) -> Tensor:
+    """``Σ x²`` (a fresh 0-d tensor): for a large contiguous tensor one BLAS dot product with itself,
+    about twice as fast on CPU as ``vector_norm`` (which accumulates fp32 in float64); else
+    ``vector_norm²`` (small tensors stay in ATen, below its grain size, single-threaded)."""
+    if x.numel() < _BLAS_MIN_NUMEL or not x.is_contiguous():
+        return torch.linalg.vector_norm(x).square_()
+    flat = x.view(-1)
+    return torch.dot(flat, flat)
+
+
+def _mean_plus(g2: Tensor, dim: int, add: float) -> Tensor:
+    """``mean(G², dim) + add``: one ATen sum over the ``G²`` buffer (one read, still in cache after
+    it was written), then a scale and a shift of the short result.
+
+    On CPU a strided ``vector_norm(G, dim=-2)`` is ~20x slower than this sum; a BLAS gemv against a
+    ``1/n`` vector is ~1.5x slower, and on small tensors it wakes OpenMP workers that ATen leaves idle
+    below its grain size (their spinning stalled steps on a loaded 2-core machine).
+    """
+    total = g2.sum(dim).mul_(1.0 / g2.shape[dim])
+    return total.add_(add) if add else total
+
+
+def row_col_mean_sq(grad32: Tensor, g2: Tensor, add: float,
+                    shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+    """§1.1 step 5: ``r_i = mean_j G²_ij + add`` and ``c_j = mean_i G²_ij + add`` over the last two
+    axes, from the ``G²`` buffer (``add`` is ε1 in the paper's form, 0 in torch's). On an FSDP2 shard
+    the means are completed across ranks."""
+    if shard is not None:
+        return (_distributed.mean_sq(grad32, -1, shard).add_(add),
+                _distributed.mean_sq(grad32, -2, shard).add_(add))
+    return _mean_plus(g2, -1, add), _mean_plus(g2, -2, add)
+
+
+def _row_mean(row: Tensor, shard: Optional[Shard]) -> Tensor:
+    """``R̄`` per leading index, broadcastable against ``row`` (over the global rows on an FSDP2
+    shard). A BLAS dot/gemv with the constant ``1/n`` vector: cheaper than ``mean`` on short rows."""
+    row_shard = None if shard is None else shard.reduced(-1)
+    if row_shard is None:
+        weights = _SCRATCH.constant(row.shape[-1], 1.0 / row.shape[-1], row)
+        if row.dim() == 1:
+            return torch.dot(row, weights)
+        return torch.mv(row.flatten(0, -2), weights).view(row.shape[:-1] + (1,))
+    return _distributed.mean(row, -1, row_shard, keepdim=True)
+
+
+def _weighted_total_(g2: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_i a_i Σ_j G²_ij b_j`` over every leading index (0-d); scales the ``G²`` buffer in place
+    (it is not read again), then one row sum (ATen, for the reason in :func:`_mean_plus`)."""
+    rows = g2.mul_(b.unsqueeze(-2)).sum(-1)
+    return torch.dot(rows.view(-1), a.view(-1))
+
+
+def paper_factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, pscale: Scalar,
+                          hp: AdaFactorHyper, eps1: float,
+                          shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+    r"""§1.1 steps 8–10, paper form, without forming ``U``: returns ``(G ⊙ a, κ⁻¹·s·b)`` (the first
+    written over the ``G²`` buffer once it is read; ``s`` the parameter scale), whose broadcast
+    product is ``κ⁻¹·s·U``.
+
+    ``V̂_ij = R_i·C_j / R̄`` factors: ``U_ij = G_ij·a_i·b_j`` with ``a_i² = R̄/R_i`` and ``b_j² = 1/C_j``,
+    so ``ΣU² = Σ_i a_i² Σ_j G²_ij b_j²``: one more pass over the ``G²`` buffer, no ``U``.
+    """
+    tiny = torch.finfo(row.dtype).tiny
+    row_mean = _row_mean(row, shard)
+    if eps1 < tiny:
+        # R_i, C_j ≥ ε1 > 0 otherwise; a user ε1 below tiny (or 0) leaves zero rows/columns at 0
+        row_mean.clamp_(min=tiny)
+        col = col.clamp(min=tiny)
+    # the cap keeps R̄/R_i finite for a zero row next to huge gradients; G multiplies a before b, so a
+    # zero row or column (a_i or b_j near the cap) stays a zero update
+    a_sq = torch.div(row_mean, row).clamp_(max=1.0 / tiny)
+    b_sq = col.reciprocal()
+    scale = clip_scale(_weighted_total_(g2, a_sq, b_sq), g2.numel(), hp, shard).mul_(pscale)
+    g_a = torch.mul(grad32, a_sq.sqrt_().unsqueeze(-1), out=g2)
+    return g_a, b_sq.sqrt_().mul_(scale).unsqueeze(-2)
+
+
+def torch_factored_direction(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, eps1: float,
+                             shard: Optional[Shard] = None) -> Tensor:
+    """torch.optim.Adafactor's form: ``V̂ = R·C / max(R̄, ε1)``, ``U = G / sqrt(max(V̂, ε1²))``, written
+    over the ``G²`` buffer."""
+    r = row / _row_mean(row, shard).clamp_(min=_floor(eps1, row))
+    v_hat = torch.mul(r.unsqueeze(-1), col.unsqueeze(-2), out=g2)
     return v_hat.clamp_(min=_floor(eps1 * eps1, row)).rsqrt_().mul_(grad32)
+
+
+def factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, pscale: Scalar,
+                    hp: AdaFactorHyper, sc: AdaFactorScalars, eps1: float,
+                    shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+    """§1.1 steps 5, 7–10 (factored): ``R ← β̂2t·R + w_t·r``, ``C ← β̂2t·C + w_t·c`` in place (``lerp``
+    with ``w_1 = 1`` returns ``r``, ``c`` exactly at step 1); returns ``(u, v)`` with
+    ``α_t·Û = ρ_t·(u ⊙ v)`` (broadcasting)."""
+    paper = hp.eps_mode == "paper"
+    row_stat, col_stat = row_col_mean_sq(grad32, g2, eps1 if paper else 0.0, shard)
+    row.lerp_(row_stat, sc.weight)
+    col.lerp_(col_stat, sc.weight)
+    if paper:
+        return paper_factored_update(grad32, g2, row, col, pscale, hp, eps1, shard)
+    update = torch_factored_direction(grad32, g2, row, col, eps1, shard)
+    return update, clip_scale(sum_sq(update), update.numel(), hp, shard).mul_(pscale)
 
 
 def _floor(value: float, like: Tensor) -> float:
@@ -167,43 +329,72 @@ def _floor(value: float, like: Tensor) -> float:
     return max(value, torch.finfo(like.dtype).tiny)
 
 
-def unfactored_direction(grad32: Tensor, v: Tensor, hp: AdaFactorHyper, sc: AdaFactorScalars,
-                         eps1: float) -> Tensor:
-    """§1.1 step 8–9 (unfactored): ``V ← β̂2t·V + w_t·(G² + ε1)``, return ``U = G / sqrt(V)``."""
-    if hp.eps_mode == "paper":
-        v.mul_(1.0 - sc.weight).addcmul_(grad32, grad32, value=sc.weight).add_(sc.weight * eps1)
-        return v.rsqrt().mul_(grad32)
-    v.lerp_(grad32 * grad32, sc.weight)
-    return v.clamp(min=_floor(eps1 * eps1, v)).rsqrt_().mul_(grad32)
+def unfactored_update(grad32: Tensor, g2: Tensor, v: Tensor, pscale: Scalar, hp: AdaFactorHyper,
+                      sc: AdaFactorScalars, eps1: float,
+                      shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+    """§1.1 steps 8–10 (unfactored): ``V ← β̂2t·V + w_t·(G² + ε1)`` (torch form: no ε1), then
+    ``U = G / sqrt(V)`` (torch form: ``sqrt(max(V, ε1²))``) written over the ``G²`` buffer; returns
+    ``(U, κ⁻¹·s)`` with ``α_t·Û = ρ_t·U·κ⁻¹·s``."""
+    paper = hp.eps_mode == "paper"
+    if paper and eps1 != 0.0:
+        g2.add_(eps1)
+    v.lerp_(g2, sc.weight)
+    if paper and eps1 >= torch.finfo(v.dtype).tiny:
+        update = torch.rsqrt(v, out=g2)  # V ≥ ε1 > 0
+    else:
+        update = torch.clamp(v, min=_floor(0.0 if paper else eps1 * eps1, v), out=g2).rsqrt_()
+    update.mul_(grad32)
+    return update, clip_scale(sum_sq(update), update.numel(), hp, shard).mul_(pscale)
 
 
-def clip_scale(update: Tensor, hp: AdaFactorHyper) -> Tensor:
-    """§1.1 step 10: ``1 / max(1, RMS(U)/d)`` as a 0-d tensor."""
-    return (rms(update) / hp.clip_threshold).clamp_(min=1.0).reciprocal_()
+def clip_scale(total: Tensor, numel: int, hp: AdaFactorHyper, shard: Optional[Shard] = None) -> Tensor:
+    """§1.1 step 10: ``κ⁻¹ = 1 / max(1, RMS(U)/d)`` (a fresh 0-d tensor) from ``ΣU² = total``.
+
+    On an FSDP2 shard ``total`` is this rank's part: ``‖√total‖² = total``, so the sharded RMS of
+    ``√total`` sums the ranks' parts over the global element count.
+    """
+    if shard is not None:
+        return (_distributed.rms(total.sqrt(), shard) / hp.clip_threshold).clamp_(min=1.0).reciprocal_()
+    return total.div(numel * hp.clip_threshold ** 2).clamp_(min=1.0).rsqrt_()
+
+
+def apply_(param32: Tensor, state: dict[str, Tensor], u: Tensor, v: Tensor, step: float, pscale: Scalar,
+           lr: float, hp: AdaFactorHyper) -> None:
+    """§1.1 steps 12–14 with ``α_t·Û = ρ_t·(u ⊙ v)``: optional momentum ``M ← β1·M + (1 − β1)·α_t·Û``,
+    weight decay, then ``θ ← θ − (M or α_t·Û)`` as one fused ``addcmul_``."""
+    if hp.beta1 is not None:
+        # §1.1 step 12: EMA of the scaled, clipped update (tensor2tensor / HF / optax placement)
+        state["exp_avg"].mul_(hp.beta1).addcmul_(u, v, value=(1.0 - hp.beta1) * step)
+    if hp.weight_decay != 0.0:
+        # HF/fairseq: θ −= λ·α_t·θ with α_t = ρ_t·s;  torch.optim.Adafactor: θ *= 1 − lr·λ
+        param32.mul_(1.0 - hp.weight_decay * (pscale * step if hp.decay_mode == "hf" else lr))
+    if hp.beta1 is not None:
+        param32.sub_(state["exp_avg"])
+    else:
+        param32.addcmul_(u, v, value=-step)
 
 
 def step_(param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: AdaFactorHyper,
           sc: AdaFactorScalars, lr: float) -> None:
-    """One AdaFactor step of one tensor; ``param`` and ``state`` are written, ``grad`` never is."""
-    if param.numel() == 0:
+    """One AdaFactor step of one tensor; ``param`` and ``state`` are written, ``grad`` never is.
+
+    ``α_t = ρ_t·s`` is kept in two parts: the host float ``ρ_t`` (:func:`step_size`) and the 0-d
+    parameter scale ``s`` (:func:`param_scale`); the update is ``ρ_t·(u ⊙ v)``.
+    """
+    shard = state.get(_distributed.SHARD_KEY)
+    # an empty shard still takes part in its ranks' all-reduces
+    if param.numel() == 0 and shard is None:
         return
     param32 = working_copy(param)
-    grad32 = prepare_grad(grad, param32, maximize=hp.maximize, l2=0.0)
+    grad32 = load_grad(grad, param32, state, hp)
     eps1 = _eps1(hp, param.dtype)
-    alpha = param_scale(param32, hp) * step_size(lr, sc, hp)
+    step = step_size(lr, sc, hp)
+    pscale = param_scale(param32, hp, shard)
+    g2 = square(grad32)
     if "exp_avg_sq_row" in state:
-        update = factored_direction(grad32, state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp, sc, eps1)
+        u, v = factored_update(grad32, g2, state["exp_avg_sq_row"], state["exp_avg_sq_col"], pscale, hp, sc,
+                               eps1, shard)
     else:
-        update = unfactored_direction(grad32, state["exp_avg_sq"], hp, sc, eps1)
-    scale = clip_scale(update, hp) * alpha  # α_t / κ
-    if hp.beta1 is not None:
-        # §1.1 step 12: EMA of the scaled, clipped update (tensor2tensor / HF / optax placement)
-        state["exp_avg"].mul_(hp.beta1).addcmul_(update, scale, value=1.0 - hp.beta1)
-    if hp.weight_decay != 0.0:
-        # HF/fairseq: θ −= λ·α_t·θ;  torch.optim.Adafactor: θ *= 1 − lr·λ
-        param32.mul_(1.0 - hp.weight_decay * (alpha if hp.decay_mode == "hf" else lr))
-    if hp.beta1 is not None:
-        param32.sub_(state["exp_avg"])
-    else:
-        param32.addcmul_(update, scale, value=-1.0)
+        u, v = unfactored_update(grad32, g2, state["exp_avg_sq"], pscale, hp, sc, eps1, shard)
+    apply_(param32, state, u, v, step, pscale, lr, hp)
     write_back_(param, param32)

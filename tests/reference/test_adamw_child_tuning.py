@@ -28,7 +28,7 @@ def _official(params, **kw):
 def _inject_masks(monkeypatch, masks):
     """Replace the counter-based F draw by the spec's masks, one per step (the rescale stays)."""
     masks = iter([_t(m).bool() for m in masks])
-    monkeypatch.setattr(ct, "bernoulli_grad", lambda g, p, key: ct.apply_mask(g, next(masks), 1 / p))
+    monkeypatch.setattr(ct, "bernoulli_grad", lambda g, p, key, offset=0: ct.apply_mask(g, next(masks), 1 / p))
 
 
 def test_child_tuning_f_with_injected_masks(monkeypatch):
