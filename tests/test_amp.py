@@ -178,13 +178,12 @@ def test_unscale_before_step_for_gradient_clipping(backend):
     _assert_same(_snapshot(scaled, opt_scaled), _snapshot(plain, opt_plain))
 
 
-@pytest.mark.parametrize("name, backend", _cases())
+@pytest.mark.parametrize("name, backend", [c for c in _cases() if c.values[0] != "AdaFactor-momentum"])
 def test_bf16_parameters_keep_fp32_state_and_round_once(name, backend):
     """One step on bf16 parameters is the fp32 step from the same values, rounded once to nearest even
-    (the update runs in fp32 on fp32 state; only the write rounds)."""
+    (the update runs in fp32 on fp32 state; only the write rounds). AdaFactor with momentum shares
+    AdaFactor's precision path, so it is not repeated here."""
     _require(backend)
-    if name == "AdaFactor-momentum":
-        pytest.skip("same precision path as AdaFactor")
     low = _model(torch.bfloat16)
     high = _model(torch.bfloat16).float()
     opt_low, opt_high = _make(name, low, backend), _make(name, high, backend)
