@@ -59,6 +59,11 @@ def store_cast(p, o, x, m, MASKED: tl.constexpr):
         x = round_to_bf16(x)
     else:
         x = x.to(p.dtype.element_ty)
+    _store(p, o, x, m, MASKED)
+
+
+@triton.jit
+def _store(p, o, x, m, MASKED: tl.constexpr):
     if MASKED:
         tl.store(p + o, x, mask=m)
     else:
@@ -141,7 +146,4 @@ def store_cast_stochastic(p, o, x, m, key, MASKED: tl.constexpr):
         x = round_to_bf16_stochastic(x, o, key)
     else:
         x = x.to(p.dtype.element_ty)
-    if MASKED:
-        tl.store(p + o, x, mask=m)
-    else:
-        tl.store(p + o, x)
+    _store(p, o, x, m, MASKED)
