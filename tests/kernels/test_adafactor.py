@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import KERNEL_DEVICE
 
 pytest.importorskip("triton")
 
@@ -45,7 +46,7 @@ STAT_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
 def _tensors(shapes, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return [torch.randn(s, generator=gen).to(dtype).to(KERNEL_DEVICE) for s in shapes]
 
 
 class _Run:
@@ -109,8 +110,8 @@ def test_remaining_options():
 
 def test_spec_worked_example_fp32():
     """spec §1.6, paper defaults: matrix W0 (factored) and vector b0 (unfactored) in one optimizer."""
-    w = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]))
-    b = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+    w = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], device=KERNEL_DEVICE))
+    b = torch.nn.Parameter(torch.tensor([0.1, -0.2, 0.3], device=KERNEL_DEVICE))
     opt = optimfx.AdaFactor([w, b], backend="triton")
     steps = [([[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]], [0.01, -0.02, 0.0]),
              ([[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]], [0.03, 0.01, -0.01])]
@@ -124,11 +125,11 @@ def test_spec_worked_example_fp32():
          [0.000559479342, 0.0002276952468, 5.743491775e-05]),
     ]
     for (gw, gb), (ew, eb, row, col, v) in zip(steps, expected):
-        w.grad, b.grad = torch.tensor(gw), torch.tensor(gb)
+        w.grad, b.grad = torch.tensor(gw, device=KERNEL_DEVICE), torch.tensor(gb, device=KERNEL_DEVICE)
         opt.step()
         for actual, exp in ((w, ew), (b, eb), (opt.state[w]["exp_avg_sq_row"], row),
                             (opt.state[w]["exp_avg_sq_col"], col), (opt.state[b]["exp_avg_sq"], v)):
-            torch.testing.assert_close(actual.detach(), torch.tensor(exp), **FP32)
+            torch.testing.assert_close(actual.detach().cpu(), torch.tensor(exp), **FP32)
 
 
 ZERO_CASES = {
@@ -217,7 +218,7 @@ def test_noncontiguous_unaligned_and_missing_grads():
     init = _tensors(shapes, torch.float32, 0)
     runs = {}
     for backend in ("reference", "triton"):
-        storage = torch.zeros(31)
+        storage = torch.zeros(31, device=KERNEL_DEVICE)
         storage[1:] = init[1]
         params = [torch.nn.Parameter(init[0].t().contiguous().t()), torch.nn.Parameter(storage[1:]),
                   torch.nn.Parameter(init[2].clone())]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import KERNEL_DEVICE, randn_like
 
 pytest.importorskip("triton")
 
@@ -41,7 +42,7 @@ MODES = {"off": {}, "F": dict(child_tuning_mode="F", reserve_p=RESERVE_P, seed=5
 
 def _tensors(shapes, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return [torch.randn(s, generator=gen).to(dtype).to(KERNEL_DEVICE) for s in shapes]
 
 
 def _run(cls, kwargs, init, grads_per_step, backend, masks=None):
@@ -63,7 +64,8 @@ def _assert_matches(cls, kwargs, shapes, dtype, mode, steps=3):
     masks = None
     if mode == "D":
         gen = torch.Generator().manual_seed(9)
-        masks = {i: torch.rand(shapes[i], generator=gen) < 0.3 for i in range(0, len(shapes), 2)}
+        masks = {i: (torch.rand(shapes[i], generator=gen) < 0.3).to(KERNEL_DEVICE)
+                 for i in range(0, len(shapes), 2)}
     kwargs = {**kwargs, **MODES[mode]}
     if cls is optimfx.ChildTuningAdamW and "child_tuning_mode" in kwargs:
         kwargs["mode"] = kwargs.pop("child_tuning_mode")
@@ -96,26 +98,27 @@ def test_low_precision_params(dtype, mode):
 
 def test_spec_worked_example_d_mode_fp32():
     """spec §4.6 ChildTuning-D, fp32 kernel vs the float64 numbers at the spec's fp32 tolerance."""
-    p = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]))
+    p = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], device=KERNEL_DEVICE))
     opt = optimfx.ChildTuningAdamW([p], lr=1e-3, eps=1e-6, weight_decay=0.01, mode="ChildTuning-D",
                                    backend="triton")
-    opt.set_gradient_mask({p: torch.tensor([[1, 0, 1], [0, 0, 0]])})
+    opt.set_gradient_mask({p: torch.tensor([[1, 0, 1], [0, 0, 0]], device=KERNEL_DEVICE)})
     for g in ([[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]], [[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]]):
-        p.grad = torch.tensor(g)
+        p.grad = torch.tensor(g, device=KERNEL_DEVICE)
         opt.step()
     expected = torch.tensor([[0.4987240771, -0.299994, 0.1980258681],
                              [0.09999800001, 0.399992, -0.5999880001]])
-    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_unaligned_noncontiguous_and_mixed_dtypes():
     base = torch.randn(301)
     init = [torch.randn(70), torch.randn(40).bfloat16(), torch.randn(6, 5), base[1:].clone()]
-    grads = [[torch.randn_like(p) for p in init] for _ in range(3)]
+    grads = [[randn_like(p).to(KERNEL_DEVICE) for p in init] for _ in range(3)]
+    init = [p.to(KERNEL_DEVICE) for p in init]
     outs = {}
     for backend in ("reference", "triton"):
         params = [torch.nn.Parameter(p.clone()) for p in init]
-        storage = torch.zeros(301)
+        storage = torch.zeros(301, device=KERNEL_DEVICE)
         storage[1:] = init[3]
         params[3] = torch.nn.Parameter(storage[1:])  # 4 bytes past an aligned address
         params[2] = torch.nn.Parameter(init[2].clone().t().contiguous().t())
@@ -149,15 +152,15 @@ def test_step_counts_that_differ_within_a_group():
 
 
 def test_nonfinite_grad_skips_params_and_moments():
-    p = torch.nn.Parameter(torch.randn(BLOCK + 5))
-    q = torch.nn.Parameter(torch.randn(9))
+    p = torch.nn.Parameter(torch.randn(BLOCK + 5).to(KERNEL_DEVICE))
+    q = torch.nn.Parameter(torch.randn(9).to(KERNEL_DEVICE))
     opt = optimfx.AdamW([p, q], lr=1e-2, child_tuning_mode="F", reserve_p=0.5, backend="triton")
-    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    p.grad, q.grad = randn_like(p), randn_like(q)
     opt.step()
     before = [t.detach().clone() for t in (p, q, opt.state[p]["exp_avg"], opt.state[q]["exp_avg_sq"])]
-    bad = torch.randn_like(q)
+    bad = randn_like(q)
     bad[3] = float("nan")
-    p.grad, q.grad = torch.randn_like(p), bad
+    p.grad, q.grad = randn_like(p), bad
     opt.step()
     after = [p, q, opt.state[p]["exp_avg"], opt.state[q]["exp_avg_sq"]]
     for b, a in zip(before, after):
@@ -165,9 +168,9 @@ def test_nonfinite_grad_skips_params_and_moments():
 
 
 def test_gradients_are_never_written():
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(BLOCK + 3,), (4, 4)]]
+    params = [torch.nn.Parameter(torch.randn(s).to(KERNEL_DEVICE)) for s in [(BLOCK + 3,), (4, 4)]]
     opt = optimfx.AdamW(params, lr=1e-2, child_tuning_mode="F", reserve_p=0.3, maximize=True, backend="triton")
-    grads = [torch.randn(p.shape) for p in params]
+    grads = [randn_like(p) for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
     opt.step()

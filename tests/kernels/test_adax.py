@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _device import KERNEL_DEVICE, randn_like
 
 pytest.importorskip("triton")
 
@@ -38,7 +39,7 @@ CASES = {
 
 def _params(shapes, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return [torch.randn(s, generator=gen).to(dtype).to(KERNEL_DEVICE) for s in shapes]
 
 
 def _run(cls, kwargs, init, grads_per_step, backend):
@@ -78,14 +79,14 @@ def test_low_precision_params(dtype):
 
 def test_spec_worked_example_fp32():
     """spec §2.6 AdaXW, fp32 kernel vs the float64 numbers at the spec's fp32 tolerance."""
-    p = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]))
+    p = torch.nn.Parameter(torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], device=KERNEL_DEVICE))
     opt = optimfx.AdaXW([p], lr=5e-3, weight_decay=5e-2, backend="triton")
     for g in ([[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]], [[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]]):
-        p.grad = torch.tensor(g)
+        p.grad = torch.tensor(g, device=KERNEL_DEVICE)
         opt.step()
     expected = torch.tensor([[0.4989971778, -0.2990971653, 0.1984784005],
                              [0.09859665489, 0.3990929005, -0.5983466861]])
-    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_mixed_dtypes_and_unaligned_and_noncontiguous():
@@ -93,12 +94,13 @@ def test_mixed_dtypes_and_unaligned_and_noncontiguous():
     unaligned = torch.nn.Parameter(base[1:201].clone())  # contiguous copy, aligned
     shapes_init = [torch.randn(70), torch.randn(40).bfloat16(), torch.randn(6, 5).t().contiguous().t()]
     init = shapes_init + [unaligned.detach()]
-    grads = [[torch.randn_like(p, dtype=p.dtype) for p in init] for _ in range(3)]
+    grads = [[randn_like(p).to(KERNEL_DEVICE) for p in init] for _ in range(3)]
+    init = [p.to(KERNEL_DEVICE) for p in init]
     outs = {}
     for backend in ("reference", "triton"):
         params = [torch.nn.Parameter(p.clone()) for p in init]
         # force one parameter to live at a 4-byte offset inside a larger buffer
-        storage = torch.zeros(201)
+        storage = torch.zeros(201, device=KERNEL_DEVICE)
         storage[1:] = init[3]
         params[3] = torch.nn.Parameter(storage[1:])
         assert params[3].data_ptr() % 16 != 0
@@ -134,15 +136,15 @@ def test_step_counts_that_differ_within_a_group():
 
 
 def test_nonfinite_grad_skips_params_and_moments():
-    p = torch.nn.Parameter(torch.randn(BLOCK + 5))
-    q = torch.nn.Parameter(torch.randn(9))
+    p = torch.nn.Parameter(torch.randn(BLOCK + 5).to(KERNEL_DEVICE))
+    q = torch.nn.Parameter(torch.randn(9).to(KERNEL_DEVICE))
     opt = optimfx.AdaXW([p, q], lr=1e-2, backend="triton")
-    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    p.grad, q.grad = randn_like(p), randn_like(q)
     opt.step()
     before = [t.detach().clone() for t in (p, q, opt.state[p]["exp_avg"], opt.state[q]["exp_avg_sq"])]
-    bad = torch.randn_like(q)
+    bad = randn_like(q)
     bad[3] = float("nan")
-    p.grad, q.grad = torch.randn_like(p), bad
+    p.grad, q.grad = randn_like(p), bad
     opt.step()
     after = [p, q, opt.state[p]["exp_avg"], opt.state[q]["exp_avg_sq"]]
     for b, a in zip(before, after):

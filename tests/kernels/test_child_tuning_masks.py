@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from _device import KERNEL_DEVICE, randn_like
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -36,7 +37,8 @@ def _masked_ones_kernel(out_ptr, p_d, base, n, mask_seed, mask_step, mask_thresh
                         MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
     # load_grad over a gradient of ones at element indices base + [0, n): the mask times its scale
     # (the gradient pointer is shifted back by base, so indices past 2^32 need no memory)
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 indices, as the launcher's kernels pass them: the hash reads their high word (``>> 32``)
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < n
     b_g = _mask.load_grad(out_ptr - base, p_d, base + o, m, mask_seed, mask_step, mask_threshold, mask_scale,
                           True, MASK_MODE)
@@ -45,8 +47,8 @@ def _masked_ones_kernel(out_ptr, p_d, base, n, mask_seed, mask_step, mask_thresh
 
 def _kernel_mask(hp: ct.MaskHyper, stream: int, step: int, n: int, base: int = 0) -> torch.Tensor:
     state = {"mask_stream": torch.tensor(stream), "step": torch.tensor(step)}
-    launch = _mask.prepare([torch.empty(n)], [state], hp)
-    out = torch.ones(n)
+    launch = _mask.prepare([torch.empty(n, device=KERNEL_DEVICE)], [state], hp)
+    out = torch.ones(n, device=KERNEL_DEVICE)
     _masked_ones_kernel[(triton.cdiv(n, 512),)](out, launch.aux[0], base, n, *launch.args, MASK_MODE=launch.mode,
                                                 BLOCK=512)
     return out
@@ -62,18 +64,19 @@ def test_kernel_f_mask_is_the_reference_mask_bitwise(n, base):
     hp = ct.MaskHyper("F", 0.3, seed=12345)
     for stream, step in [(0, 1), (5, 7), (1023, 2**31 + 5)]:
         expected = _keep(hp.seed, stream, step, n, hp.reserve_p, offset=base).float() / hp.reserve_p
-        assert torch.equal(_kernel_mask(hp, stream, step, n, base), expected)
+        assert torch.equal(_kernel_mask(hp, stream, step, n, base).cpu(), expected)
 
 
 def test_kernel_d_mask_reads_the_stored_uint8_mask():
     """A tensor with a mask gets ``g ⊙ mask``; one without, in the same launch, the plain gradient."""
     mask = (torch.arange(300) % 3 == 0).to(torch.uint8)
-    launch = _mask.prepare([torch.empty(300)] * 2, [{"child_mask": mask}, {}], ct.MaskHyper("D"))
+    grads = [torch.empty(300, device=KERNEL_DEVICE)] * 2
+    launch = _mask.prepare(grads, [{"child_mask": mask.to(KERNEL_DEVICE)}, {}], ct.MaskHyper("D"))
     assert launch.mode == int(_mask.STORED)
     for descriptor, expected in zip(launch.aux, [mask.float(), torch.ones(300)]):
-        out = torch.ones(300)
+        out = torch.ones(300, device=KERNEL_DEVICE)
         _masked_ones_kernel[(1,)](out, descriptor, 0, 300, *launch.args, MASK_MODE=launch.mode, BLOCK=512)
-        assert torch.equal(out, expected)
+        assert torch.equal(out.cpu(), expected)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
@@ -140,13 +143,13 @@ def _mode_kwargs(cls, mode, p=0.3, seed=4):
 def _masks(params):
     gen = torch.Generator().manual_seed(7)
     # every other tensor has a D mask; the others train fully
-    return {p: torch.rand(p.shape, generator=gen) < 0.4 for p in params[::2]}
+    return {p: (torch.rand(p.shape, generator=gen) < 0.4).to(p.device) for p in params[::2]}
 
 
 def _run(cls, kwargs, backend, steps=3, d_masks=False, params=None):
     gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
+    init = [torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in SHAPES] for _ in range(steps)]
     params = params if params is not None else [torch.nn.Parameter(x.clone()) for x in init]
     opt = cls(params, backend=backend, **kwargs)
     if d_masks:
@@ -211,12 +214,12 @@ def test_d_mode_zero_mask_leaves_only_weight_decay(name):
                                                                           scale_parameter=False,
                                                                           weight_decay=0.1, decay_mode="torch")
     for backend in ("reference", "triton"):
-        w = torch.nn.Parameter(torch.randn(6, 4))
+        w = torch.nn.Parameter(torch.randn(6, 4).to(KERNEL_DEVICE))
         w0 = w.detach().clone()
         opt = cls([w], child_tuning_mode="D", backend=backend, **kwargs)
-        opt.set_gradient_mask({w: torch.zeros(6, 4)})
+        opt.set_gradient_mask({w: torch.zeros(6, 4, device=KERNEL_DEVICE)})
         for _ in range(2):
-            w.grad = torch.randn(6, 4)
+            w.grad = randn_like(w)
             opt.step()
         torch.testing.assert_close(w.detach(), w0 * (1 - 1e-2 * 0.1) ** 2, rtol=1e-6, atol=0)
 
@@ -229,8 +232,8 @@ def test_f_mode_resume_is_bitwise(name, backend):
     kwargs = {**kwargs, **_mode_kwargs(cls, "F")}
     full, full_opt = _run(cls, kwargs, backend, steps=3)
     gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(3)]
+    init = [torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in SHAPES] for _ in range(3)]
     first = [torch.nn.Parameter(x.clone()) for x in init]
     opt = cls(first, backend=backend, **kwargs)
     for gs in grads[:2]:
@@ -268,11 +271,11 @@ def test_one_launch_for_every_tensor_of_a_group(monkeypatch, mode):
     launches = []
     real = _launcher._enqueue
     monkeypatch.setattr(_launcher, "_enqueue", lambda k, *a, **kw: launches.append(k) or real(k, *a, **kw))
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3,), (2100,), (4, 5), (), (7,)]]
+    params = [torch.nn.Parameter(torch.randn(s).to(KERNEL_DEVICE)) for s in [(3,), (2100,), (4, 5), (), (7,)]]
     opt = optimfx.AdamW(params, child_tuning_mode=mode, reserve_p=0.5, skip_nonfinite=False, backend="triton")
     opt.set_gradient_mask(_masks(params))
     for p in params:
-        p.grad = torch.randn(p.shape)
+        p.grad = randn_like(p)
     opt.step()
     assert len(launches) == 1
 

@@ -1,9 +1,14 @@
-"""The multi-tensor launcher: every element of every tensor is visited exactly once, one launch per group."""
+"""The multi-tensor launcher: every element of every tensor is visited exactly once, one launch per group.
+
+Tensors live on ``KERNEL_DEVICE``, as the plans' device tables do, including in the tests that only
+build plans.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _device import KERNEL_DEVICE
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -28,6 +33,10 @@ def _increment_kernel(tables, numels, block_tensor, block_chunk, DTYPE0: tl.cons
         store_cast(p_x, o, load_f32(p_x, o, o < n, True) + 1.0, o < n, True)
 
 
+def _zeros(*size, dtype=torch.float32):
+    return torch.zeros(*size, dtype=dtype, device=KERNEL_DEVICE)
+
+
 def _increment(tensors):
     _launcher.launch(_increment_kernel, [tensors], block=BLOCK, num_warps=4)
 
@@ -37,14 +46,14 @@ SIZES = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK - 1, 5 * BLOCK + 3]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_element_visited_once(dtype):
-    xs = [torch.zeros(n, dtype=dtype) for n in SIZES]
+    xs = [_zeros(n, dtype=dtype) for n in SIZES]
     _increment(xs)
     for x in xs:
         assert torch.equal(x, torch.ones_like(x))
 
 
 def test_blocks_map_to_tensor_and_chunk():
-    xs = [torch.zeros(n) for n in SIZES]
+    xs = [_zeros(n) for n in SIZES]
     plan = _launcher.plan([xs], BLOCK)
     chunks = [(n + BLOCK - 1) // BLOCK for n in SIZES]
     assert plan.n_blocks == sum(chunks)
@@ -56,14 +65,14 @@ def test_blocks_map_to_tensor_and_chunk():
 
 
 def test_groups_split_by_dtype_and_alignment_and_skip_empty():
-    base = torch.zeros(200)
+    base = _zeros(200)
     unaligned = base[1:101]  # 4-byte offset: not 16-byte aligned
-    xs = [torch.zeros(10), torch.zeros(10, dtype=torch.bfloat16), unaligned, torch.zeros(0), torch.zeros(7)]
+    xs = [_zeros(10), _zeros(10, dtype=torch.bfloat16), unaligned, _zeros(0), _zeros(7)]
     groups = _launcher.groups([xs])
     assert sorted(map(sorted, groups)) == [[0, 4], [1], [2]]
     _increment(xs)
-    assert torch.equal(unaligned, torch.ones(100))
-    assert base[0] == 0 and torch.equal(base[101:], torch.zeros(99))
+    assert torch.equal(unaligned, torch.ones_like(unaligned))
+    assert base[0] == 0 and torch.equal(base[101:], _zeros(99))
 
 
 def test_one_launch_per_group(monkeypatch):
@@ -75,16 +84,16 @@ def test_one_launch_per_group(monkeypatch):
         return real(lists, block)
 
     monkeypatch.setattr(_launcher, "plan", spy)
-    _increment([torch.zeros(n) for n in SIZES])
+    _increment([_zeros(n) for n in SIZES])
     assert calls == [len(SIZES)]
 
 
 def test_plan_cache_hits_and_rebuilds_when_storage_moves():
-    xs = [torch.zeros(5), torch.zeros(70)]
+    xs = [_zeros(5), _zeros(70)]
     first = _launcher.plan([xs], BLOCK)
     assert _launcher.plan([xs], BLOCK) is first
     old = xs[1]  # kept alive so the allocator cannot hand the same address back
-    xs[1] = torch.zeros(70)
+    xs[1] = _zeros(70)
     assert xs[1].data_ptr() != old.data_ptr()
     rebuilt = _launcher.plan([xs], BLOCK)
     assert rebuilt is not first and rebuilt.tables[1, 0] == xs[1].data_ptr()
@@ -92,12 +101,12 @@ def test_plan_cache_hits_and_rebuilds_when_storage_moves():
 
 def test_device_scalar_follows_value_changes():
     cache: dict = {}
-    a = _launcher.device_scalar(0.5, torch.device("cpu"), cache)
+    a = _launcher.device_scalar(0.5, KERNEL_DEVICE, cache)
     assert a.item() == 0.5
-    b = _launcher.device_scalar(0.25, torch.device("cpu"), cache)
+    b = _launcher.device_scalar(0.25, KERNEL_DEVICE, cache)
     assert b.item() == 0.25
-    t = _launcher.device_scalar(torch.tensor(3.0, dtype=torch.float64), torch.device("cpu"), cache)
-    assert t.dtype == torch.float32 and t.item() == 3.0
+    t = _launcher.device_scalar(torch.tensor(3.0, dtype=torch.float64), KERNEL_DEVICE, cache)
+    assert t.device.type == KERNEL_DEVICE.type and t.dtype == torch.float32 and t.item() == 3.0
 
 
 TILE = (4, 16)
@@ -161,10 +170,10 @@ def _expected_tiles(views):
 
 
 def test_tile_plan_visits_every_element_once_and_decodes_tiles():
-    tensors = [t.clone() for t, _ in TILE_CASES]
+    tensors = [t.to(KERNEL_DEVICE, copy=True) for t, _ in TILE_CASES]
     views = [v for _, v in TILE_CASES]
     plan = _launcher.tile_plan([tensors], views, TILE)
-    out = torch.full((plan.n_blocks, 5), -1, dtype=torch.int64)
+    out = torch.full((plan.n_blocks, 5), -1, dtype=torch.int64, device=KERNEL_DEVICE)
     plan.launch(_tile_increment_kernel, out, num_warps=4)
     for t in tensors:
         assert torch.equal(t, torch.ones_like(t))
@@ -176,16 +185,17 @@ def test_tile_plan_visits_every_element_once_and_decodes_tiles():
 
 
 def test_tile_plan_leaves_neighbouring_memory_alone():
-    storage = torch.zeros(2 + 9 * 17 + 3)
+    storage = _zeros(2 + 9 * 17 + 3)
     x = storage[2:2 + 9 * 17].view(9, 17)
     plan = _launcher.tile_plan([[x]], [(1, 9, 17)], TILE)
-    plan.launch(_tile_increment_kernel, torch.empty(plan.n_blocks * 5, dtype=torch.int64), num_warps=4)
+    out = torch.empty(plan.n_blocks * 5, dtype=torch.int64, device=KERNEL_DEVICE)
+    plan.launch(_tile_increment_kernel, out, num_warps=4)
     assert torch.equal(x, torch.ones_like(x))
     assert storage[:2].eq(0).all() and storage[2 + 9 * 17:].eq(0).all()
 
 
 def test_tile_plan_meta_columns_and_segments():
-    xs = [torch.zeros(3, 5, 7), torch.zeros(37), torch.zeros(9, 17)]
+    xs = [_zeros(3, 5, 7), _zeros(37), _zeros(9, 17)]
     views = [(3, 5, 7), _flat(37), (1, 9, 17)]
     plan = _launcher.tile_plan([xs], views, TILE, columns=[[1, 0, 1]], segments=[[10, 0, 4], [2, 3, 0]])
     meta = plan.meta.tolist()
@@ -203,13 +213,13 @@ def test_tile_plan_meta_columns_and_segments():
     assert [row[user + 2] for row in meta] == [0, 2, 5]
     assert plan.segment_sizes == (14, 5) and plan.n_blocks == sum(tiles) and plan.n_tensors == 3
     assert plan.meta.dtype == torch.int64 and plan.block_tensor.dtype == torch.int32
-    out = torch.zeros(3, plan.meta.shape[1], dtype=torch.int64)
+    out = _zeros(3, plan.meta.shape[1], dtype=torch.int64)
     plan.launch(_per_tensor_kernel, out, num_warps=1, per_tensor=True)
     assert torch.equal(out, plan.meta)
 
 
 def test_tile_groups_split_on_row_alignment_and_subset_columns():
-    xs = [torch.zeros(4, 32), torch.zeros(4, 7), torch.zeros(0, 5), torch.zeros(40), torch.zeros(6, 16)]
+    xs = [_zeros(4, 32), _zeros(4, 7), _zeros(0, 5), _zeros(40), _zeros(6, 16)]
     views = [(1, 4, 32), (1, 4, 7), (1, 0, 5), _flat(40), (1, 6, 16)]
     found = _launcher.tile_groups([xs], views, TILE, columns=[[10, 11, 12, 13, 14]],
                                   segments=[[1, 2, 3, 4, 5]])
@@ -222,13 +232,13 @@ def test_tile_groups_split_on_row_alignment_and_subset_columns():
 
 
 def test_tile_plan_cache():
-    xs = [torch.zeros(5, 7), torch.zeros(9, 17)]
+    xs = [_zeros(5, 7), _zeros(9, 17)]
     views = [(1, 5, 7), (1, 9, 17)]
     first = _launcher.tile_plan([xs], views, TILE, segments=[[3, 4]])
     assert _launcher.tile_plan([xs], views, TILE, segments=[[3, 4]]) is first
     assert _launcher.tile_plan([xs], views, TILE, segments=[[3, 5]]) is not first
     old = xs[1]
-    xs[1] = torch.zeros(9, 17)
+    xs[1] = _zeros(9, 17)
     assert xs[1].data_ptr() != old.data_ptr()
     assert _launcher.tile_plan([xs], views, TILE, segments=[[3, 4]]) is not first
 
@@ -238,19 +248,20 @@ def test_every_launch_goes_through_enqueue(monkeypatch):
     real = _launcher._enqueue
     monkeypatch.setattr(_launcher, "_enqueue",
                         lambda k, grid, *a, **kw: (seen.append(grid), real(k, grid, *a, **kw)))
-    _increment([torch.zeros(n) for n in SIZES])
-    xs = [torch.zeros(5, 7)]
+    _increment([_zeros(n) for n in SIZES])
+    xs = [_zeros(5, 7)]
     plan = _launcher.tile_plan([xs], [(1, 5, 7)], TILE)
-    plan.launch(_tile_increment_kernel, torch.empty(plan.n_blocks * 5, dtype=torch.int64), num_warps=4)
+    out = torch.empty(plan.n_blocks * 5, dtype=torch.int64, device=KERNEL_DEVICE)
+    plan.launch(_tile_increment_kernel, out, num_warps=4)
     assert seen == [(sum((n + BLOCK - 1) // BLOCK for n in SIZES),), (plan.n_blocks,)]
 
 
 def test_workspace_is_shared_and_grow_only():
-    cpu = torch.device("cpu")
-    buf = _launcher.workspace("test.scratch", 10, cpu)
-    assert buf.dtype == torch.float32 and buf.numel() >= 10
-    assert _launcher.workspace("test.scratch", 8, cpu) is buf
-    assert _launcher.workspace("test.other", 8, cpu) is not buf
-    grown = _launcher.workspace("test.scratch", buf.numel() + 1, cpu)
-    assert grown.numel() == buf.numel() + 1 and _launcher.workspace("test.scratch", 1, cpu) is grown
-    assert _launcher.workspace("test.scratch", 4, cpu, torch.int64).dtype == torch.int64
+    dev = KERNEL_DEVICE
+    buf = _launcher.workspace("test.scratch", 10, dev)
+    assert buf.device.type == dev.type and buf.dtype == torch.float32 and buf.numel() >= 10
+    assert _launcher.workspace("test.scratch", 8, dev) is buf
+    assert _launcher.workspace("test.other", 8, dev) is not buf
+    grown = _launcher.workspace("test.scratch", buf.numel() + 1, dev)
+    assert grown.numel() == buf.numel() + 1 and _launcher.workspace("test.scratch", 1, dev) is grown
+    assert _launcher.workspace("test.scratch", 4, dev, torch.int64).dtype == torch.int64
