@@ -26,6 +26,8 @@ plan; scratch comes from :func:`workspace`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import chain
+from operator import attrgetter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -90,14 +92,56 @@ def _build(lists: Sequence[Sequence[Tensor]], block: int, aligned: bool) -> Mult
     )
 
 
-def plan(lists: Sequence[Sequence[Tensor]], block: int) -> MultiTensorPlan:
+_data_ptr, _numel = Tensor.data_ptr, Tensor.numel
+_dtype_of = attrgetter("dtype")
+_device_of = attrgetter("device")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a launch needs to know of its tensors, read once per launch (a few C calls per tensor):
+    the address of every tensor of every list, the sizes and the dtypes. ``key`` identifies it."""
+
+    ptrs: list[list[int]]
+    numels: list[int]
+    dtypes: list[list[torch.dtype]]
+    key: "_Key"
+
+    @classmethod
+    def of(cls, lists: Sequence[Sequence[Tensor]]) -> "Layout":
+        ptrs = [list(map(_data_ptr, lst)) for lst in lists]
+        numels = list(map(_numel, lists[0]))
+        dtypes = [list(map(_dtype_of, lst)) for lst in lists]
+        key = _Key((lists[0][0].device, tuple(chain.from_iterable(ptrs)), tuple(numels),
+                    tuple(tuple(d) for d in dtypes)))
+        return cls(ptrs, numels, dtypes, key)
+
+
+class _Key:
+    """A cache key over thousands of addresses, hashed once (a tuple rehashes on every lookup)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self._hash == other._hash and self.value == other.value
+
+
+def plan(lists: Sequence[Sequence[Tensor]], block: int, layout: Layout | None = None) -> MultiTensorPlan:
     """The cached plan for one launch group; every tensor must be contiguous and non-empty."""
-    key = (block, tuple((t.data_ptr(), t.numel(), t.dtype) for lst in lists for t in lst))
+    layout = layout or Layout.of(lists)
+    key = (block, layout.key)
     found = _plans.get(key)
     if found is not None:
         _plans.move_to_end(key)
         return found
-    aligned = all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
+    aligned = not any(p % 16 for p in chain.from_iterable(layout.ptrs))
     built = _build(lists, block, aligned)
     _plans[key] = built
     if len(_plans) > _CACHE_SIZE:
@@ -105,27 +149,66 @@ def plan(lists: Sequence[Sequence[Tensor]], block: int) -> MultiTensorPlan:
     return built
 
 
-def groups(lists: Sequence[Sequence[Tensor]], row_lengths: Sequence[int] | None = None) -> list[list[int]]:
+def groups(lists: Sequence[Sequence[Tensor]], row_lengths: Sequence[int] | None = None,
+           layout: Layout | None = None) -> list[list[int]]:
     """Split tensor indices into launch groups by (device, dtype of each list, alignment).
 
     With ``row_lengths`` (tile plans) a tensor counts as aligned only if its rows also start on
-    16-byte boundaries (row length a multiple of :data:`ROW_ALIGN`).
+    16-byte boundaries (row length a multiple of :data:`ROW_ALIGN`). The usual case, one device,
+    one dtype per list, every tensor aligned and non-empty, is decided from ``layout`` without a
+    per-tensor loop in Python.
     """
+    layout = layout or Layout.of(lists)
+    n = len(layout.numels)
+    if (0 not in layout.numels and all(len(set(d)) == 1 for d in layout.dtypes)
+            and not any(p % 16 for p in chain.from_iterable(layout.ptrs))
+            and (row_lengths is None or not any(r % ROW_ALIGN for r in row_lengths))
+            and len(set(map(_device_of, lists[0]))) == 1):
+        return [list(range(n))]
     out: dict[tuple, list[int]] = {}
-    for i in range(len(lists[0])):
-        if lists[0][i].numel() == 0:
+    for i in range(n):
+        if layout.numels[i] == 0:
             continue
-        aligned = all(lst[i].data_ptr() % 16 == 0 for lst in lists)
+        aligned = all(ptrs[i] % 16 == 0 for ptrs in layout.ptrs)
         if row_lengths is not None:
             aligned = aligned and row_lengths[i] % ROW_ALIGN == 0
-        key = (lists[0][i].device, tuple(lst[i].dtype for lst in lists), aligned)
+        key = (lists[0][i].device, tuple(d[i] for d in layout.dtypes), aligned)
         out.setdefault(key, []).append(i)
     return list(out.values())
+
+
+#: ``(block, layout key) → plans``: the launch groups of a whole launch, so that a step whose
+#: tensors did not move decides nothing again
+_launches: "OrderedDict[tuple, list[MultiTensorPlan]]" = OrderedDict()
+
+
+def launch_plans(lists: Sequence[Sequence[Tensor]], block: int) -> list[MultiTensorPlan]:
+    """The plans of every launch group of ``lists`` (cached by the tensors' addresses and sizes)."""
+    layout = Layout.of(lists)
+    key = (block, layout.key)
+    found = _launches.get(key)
+    if found is not None:
+        _launches.move_to_end(key)
+        return found
+    plans = []
+    for idx in groups(lists, layout=layout):
+        plans.append(plan([[lst[i] for i in idx] for lst in lists], block))
+    _launches[key] = plans
+    if len(_launches) > _CACHE_SIZE:
+        _launches.popitem(last=False)
+    return plans
 
 
 def contiguous_or_copy(t: Tensor) -> Tensor:
     """Kernels address flat memory: non-contiguous inputs are read through a contiguous copy."""
     return t if t.is_contiguous() else t.contiguous()
+
+
+def contiguous_list(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`contiguous_or_copy` of every tensor (the list itself, copied, when all are contiguous)."""
+    if all(map(Tensor.is_contiguous, tensors)):
+        return list(tensors)
+    return [contiguous_or_copy(t) for t in tensors]
 
 
 def launch(kernel: Any, lists: Sequence[Sequence[Tensor]], *args: Any, block: int, num_warps: int,
@@ -135,9 +218,7 @@ def launch(kernel: Any, lists: Sequence[Sequence[Tensor]], *args: Any, block: in
     The kernel's leading parameters are ``(tables, numels, block_tensor, block_chunk)``, then
     ``*args``, then constexprs ``DTYPES`` (one Triton dtype per list), ``ALIGNED`` and ``BLOCK``.
     """
-    for idx in groups(lists):
-        sub = [[lst[i] for i in idx] for lst in lists]
-        p = plan(sub, block)
+    for p in launch_plans(lists, block):
         _enqueue(kernel, (p.n_blocks,), p.tables, p.numels, p.block_tensor, p.block_chunk, *args,
                  **{f"DTYPE{k}": dt for k, dt in enumerate(p.dtypes)},
                  ALIGNED=p.aligned, BLOCK=block, num_warps=num_warps, **constexprs)

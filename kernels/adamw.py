@@ -97,8 +97,8 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     """
     exp_avg = [s["exp_avg"] for s in states]
     exp_avg_sq = [s["exp_avg_sq"] for s in states]
-    work = [_launcher.contiguous_or_copy(p) for p in params]
-    grads = [_launcher.contiguous_or_copy(g) for g in grads]
+    work = _launcher.contiguous_list(params)
+    grads = _launcher.contiguous_list(grads)
     mask = _mask.prepare(grads, states, hp.mask)
     lr_t = _launcher.device_scalar(lr, params[0].device, _lr_cache)
     _launcher.launch(

@@ -64,7 +64,7 @@ def nonfinite_flag(grads: list[torch.Tensor], found_inf: torch.Tensor | None = N
     else:
         flag = (found_inf.detach().reshape(1).to(device, non_blocking=True) != 0).to(torch.int32)
     if check:
-        grads = [_launcher.contiguous_or_copy(g) for g in grads]
+        grads = _launcher.contiguous_list(grads)
         _launcher.launch(nonfinite_flag_kernel, [grads], flag, block=BLOCK, num_warps=NUM_WARPS)
     return flag
 
@@ -80,7 +80,7 @@ def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor, flag: torch.Te
     device = grads[0].device
     inv_scale = grad_scale.detach().reshape(1).to(device, torch.float64, non_blocking=True)
     inv_scale = inv_scale.reciprocal().to(torch.float32)
-    grads = [_launcher.contiguous_or_copy(g) for g in grads]
+    grads = _launcher.contiguous_list(grads)
     copies = [torch.empty(g.shape, dtype=torch.float32, device=device) for g in grads]
     _launcher.launch(unscale_kernel, [grads, copies], flag, inv_scale, block=BLOCK, num_warps=NUM_WARPS,
                      CHECK=check)

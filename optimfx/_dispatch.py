@@ -10,25 +10,30 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
 import os
-import weakref
 from collections import defaultdict
+from operator import attrgetter
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
 from ._algorithm import Algorithm
+from ._counters import StepCounters
 from ._precision import round_key, rounding, working_copy
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_dtype_of = attrgetter("dtype")
+_is_cuda = attrgetter("is_cuda")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether Triton can be imported (checked without importing it)."""
+    """Whether Triton can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -40,10 +45,14 @@ def triton_unsupported_reason(params: Sequence[Tensor]) -> str | None:
     """Why the Triton backend cannot run these tensors, or ``None`` when it can."""
     if not triton_available():
         return "Triton is not installed (pip install 'optimfx[triton]', Linux only)"
+    for dtype in set(map(_dtype_of, params)):
+        if dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take float32/bfloat16/float16 parameters, got {dtype}"
+    if all(map(_is_cuda, params)):
+        return None
+    on_cpu_ok = interpreting()
     for p in params:
-        if p.dtype not in _TRITON_DTYPES:
-            return f"the Triton kernels take float32/bfloat16/float16 parameters, got {p.dtype}"
-        if not (p.is_cuda or (interpreting() and p.device.type == "cpu")):
+        if not (p.is_cuda or (on_cpu_ok and p.device.type == "cpu")):
             return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {p.device}"
     return None
 
@@ -63,7 +72,7 @@ def resolve_backend(requested: str, params: Sequence[Tensor]) -> str:
         RuntimeError: ``"triton"`` was requested but cannot run these tensors (the message says why).
     """
     if requested == "auto":
-        on_cuda = bool(params) and all(p.is_cuda for p in params)
+        on_cuda = bool(params) and all(map(_is_cuda, params))
         if on_cuda and triton_unsupported_reason(params) is None:
             return "triton"
         return "reference"
@@ -114,13 +123,13 @@ def _norms_finite(norms: Sequence[Tensor], device: torch.device) -> bool:
 
 @torch.compiler.disable
 def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor],
-        states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
+        states: list[dict[str, Tensor]], step_counts: StepCounters, hyper: Any, lr: Any,
         skip_nonfinite: bool, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
         rounding_seed: int | None = None) -> bool:
     """Apply one step of ``algo`` to a group's tensors (already real views, with grads).
 
-    ``states[i]`` is the state dict of tensor ``i`` (``algo.init_state`` buffers); ``step_counts[i]`` is
-    its int64 CPU step counter, incremented here.
+    ``states[i]`` is the state dict of tensor ``i`` (``algo.init_state`` buffers); ``step_counts`` holds their
+    int64 CPU step counters (``state["step"]``), advanced here.
 
     A step is skipped, leaving parameters, state and step counters untouched, when ``found_inf``
     (``torch.amp.GradScaler``'s flag) is non-zero or, with ``skip_nonfinite`` and no ``found_inf``,
@@ -141,7 +150,7 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
         ``False`` when the step was skipped by the non-finite check here (the caller reports it);
         ``True`` otherwise, also when GradScaler's ``found_inf`` skipped it (the scaler reports those).
     """
-    settle_skips(step_counts)
+    settle_skips(step_counts.tensors)
     if backend == "triton":
         _run_triton(algo, params, grads, states, step_counts, hyper, lr, skip_nonfinite, grad_scale,
                     found_inf, rounding_seed)
@@ -153,12 +162,10 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
         return False
     if grad_scale is not None:
         grads = _unscaled(grads, grad_scale)
-    for t in step_counts:
-        t += 1
+    step_counts.advance()
     step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
     lr_f = _host_lr(lr)
-    for p, g, state, t in zip(params, grads, states, step_counts):
-        step = int(t)
+    for p, g, state, step in zip(params, grads, states, step_counts.values()):
         key = None if rounding_seed is None else round_key(rounding_seed, step)
         with rounding(key):
             step_fn(p, g, state, hyper, algo.scalars(step, hyper), lr_f)
@@ -174,7 +181,7 @@ def _unscaled(grads: list[Tensor], grad_scale: Tensor) -> list[Tensor]:
 
 
 def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
-                states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any, lr: Any,
+                states: list[dict[str, Tensor]], step_counts: StepCounters, hyper: Any, lr: Any,
                 skip_nonfinite: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
                 rounding_seed: int | None) -> None:
     kernels = importlib.import_module(f"optimfx._kernels.{algo.name}")
@@ -186,9 +193,8 @@ def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
         flag = checks.nonfinite_flag(grads, found_inf, check=scan and grad_scale is None)
         if grad_scale is not None:
             grads = checks.unscaled(grads, grad_scale, flag, check=scan)
-    for t in step_counts:
-        t += 1
-    steps = [int(t) for t in step_counts]
+    step_counts.advance()
+    steps = step_counts.values()
     for idx in _indices_by_step(steps).values():
         sc = algo.scalars(steps[idx[0]], hyper)
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
@@ -204,47 +210,52 @@ def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
 
 
 class _PendingSkip(NamedTuple):
-    counter: weakref.ref[Tensor]
-    flag: Tensor  # host copy of a device skip flag
-    ready: Any  # a CUDA event recorded after the copy, or None when the copy is complete
+    counters: StepCounters  # the counters one Triton step advanced (held: their ids stay unique)
+    flag: Tensor  # host copy of the step's device skip flag
+    ready: Any  # a CUDA event recorded after the copy
 
 
 #: ``id(counter) → _PendingSkip``: step counters advanced by a Triton step whose skip flag has not
-#: been read back yet (entries of CPU tensors are settled at once)
+#: been read back yet (one record per step of a group; CPU flags are settled at once)
 _pending_skips: dict[int, _PendingSkip] = {}
 
 
-def _defer_skip(flag: Tensor, step_counts: list[Tensor]) -> None:
-    ready = None
-    if flag.device.type != "cpu":
-        host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-        flag = host.copy_(flag, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-    for t in step_counts:
-        _pending_skips[id(t)] = _PendingSkip(weakref.ref(t), flag, ready)
-    if ready is None:
-        settle_skips(step_counts)
+def _defer_skip(flag: Tensor, step_counts: StepCounters) -> None:
+    if flag.device.type == "cpu":
+        if int(flag[0]) != 0:
+            step_counts.advance(-1)
+        return
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    record = _PendingSkip(step_counts, host, ready)
+    _pending_skips.update(dict.fromkeys(map(id, step_counts.tensors), record))
 
 
 def settle_skips(step_counts: Iterable[Tensor]) -> None:
     """Take back the increment of counters whose Triton step turned out skipped.
 
     Waits only for the flag's copy (recorded right after the step's kernels), never for work queued
-    since, so in a training loop it finds the copy done and costs no stall.
+    since, so in a training loop it finds the copy done and costs no stall. Only the records of
+    ``step_counts`` are settled: another optimizer's step just queued is not waited for.
     """
-    for t in step_counts:
-        pending = _pending_skips.pop(id(t), None)
-        if pending is None or pending.counter() is not t:
-            continue
-        if pending.ready is not None:
-            pending.ready.synchronize()
-        if int(pending.flag[0]) != 0:
-            t -= 1
+    if not _pending_skips:
+        return
+    found = {id(r): r for r in map(_pending_skips.get, map(id, step_counts)) if r is not None}
+    for record in found.values():
+        for t in record.counters.tensors:
+            if _pending_skips.get(id(t)) is record:
+                del _pending_skips[id(t)]
+        record.ready.synchronize()
+        if int(record.flag[0]) != 0:
+            record.counters.advance(-1)
 
 
 def _indices_by_step(steps: list[int]) -> dict[int, list[int]]:
     """Tensors that took the same number of steps share host scalars, hence one launch."""
+    if steps[0] == steps[-1] and len(set(steps)) == 1:
+        return {steps[0]: list(range(len(steps)))}
     out: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(steps):
         out[s].append(i)

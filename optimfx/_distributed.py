@@ -223,7 +223,8 @@ def local_group(params: list[Tensor], grads: list[Tensor], states: list[dict],
     DTensor parameter (a ChildTuning mask set from a full tensor, a state dict loaded without DCP) is
     first converted, in the stored state, to a DTensor with the placement it would have been created with.
     """
-    if not any(is_dtensor(p) for p in params):
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         return None
     local_params, local_grads, local_states = [], [], []
     for p, g, state in zip(params, grads, states):

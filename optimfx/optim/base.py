@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
+from .._counters import StepCounters, group_counters, standalone_steps
 from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
 from .._validation import check_backend, check_choice, check_lr
 
@@ -49,8 +50,11 @@ class FxOptimizer(Optimizer):
         for group in self.param_groups:
             check_choice("bf16_rounding", group["bf16_rounding"], BF16_ROUNDINGS)
         self._warned_skip = False
-        # a Triton step's skip flag is read back lazily; a checkpoint must see the settled counters
+        self._step_counters: dict[int, StepCounters] = {}
+        # a Triton step's skip flag is read back lazily; a checkpoint must see the settled counters,
+        # each saved on its own
         self.register_state_dict_pre_hook(_settle_step_counters)
+        self.register_state_dict_post_hook(_standalone_steps)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -59,34 +63,38 @@ class FxOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("_warned_skip", False)
+        self.__dict__.setdefault("_step_counters", {})
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: list[dict[str, Tensor]], step_counts: list[Tensor], hyper: Any) -> None:
+                    states: list[dict[str, Tensor]], hyper: Any) -> None:
         """Collect the tensors of ``group`` that have gradients, creating their state on first use."""
-        name = type(self).__name__
         for p in group["params"]:
-            if p.grad is None:
-                continue
             grad = p.grad
+            if grad is None:
+                continue
             if grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if (p.is_complex() or grad.is_complex()) and not self.supports_complex:
-                raise RuntimeError(f"{name} does not support complex parameters or gradients")
-            if p.is_complex() != grad.is_complex():
-                raise RuntimeError(f"{name}: gradient and parameter must both be real or both complex")
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.int64)
-                state.update(_distributed.init_state(self.algorithm.init_state, real_view(p), hyper,
-                                                     self.reduced_state_axes))
-            elif not (isinstance(state["step"], Tensor) and state["step"].dtype == torch.int64
-                      and state["step"].device.type == "cpu"):
-                # a checkpoint may carry a float, a Python number or a device tensor
-                state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
-            params.append(real_view(p))
-            grads.append(real_view(grad))
+            if p.is_complex() or grad.is_complex():
+                self._check_complex(p, grad)
+                p, grad = real_view(p), real_view(grad)
+            if not state:
+                self._init_state(state, p, hyper)
+            params.append(p)
+            grads.append(grad)
             states.append(state)
-            step_counts.append(state["step"])
+
+    def _check_complex(self, p: Tensor, grad: Tensor) -> None:
+        name = type(self).__name__
+        if not self.supports_complex:
+            raise RuntimeError(f"{name} does not support complex parameters or gradients")
+        if p.is_complex() != grad.is_complex():
+            raise RuntimeError(f"{name}: gradient and parameter must both be real or both complex")
+
+    def _init_state(self, state: dict[str, Tensor], p: Tensor, hyper: Any) -> None:
+        """First step of ``p`` (its real view): an int64 CPU step counter and the algorithm's buffers."""
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state.update(_distributed.init_state(self.algorithm.init_state, p, hyper, self.reduced_state_axes))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -106,11 +114,11 @@ class FxOptimizer(Optimizer):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             states: list[dict[str, Tensor]] = []
-            step_counts: list[Tensor] = []
             hyper = self.algorithm.hyper(group)
-            self._init_group(group, params, grads, states, step_counts, hyper)
+            self._init_group(group, params, grads, states, hyper)
             if not params:
                 continue
+            step_counts = group_counters(states, self._step_counters, id(group), _dispatch.settle_skips)
             skip_nonfinite, finite = group["skip_nonfinite"], True
             local = _distributed.local_group(params, grads, states, self.reduced_state_axes)
             if local is not None:
@@ -159,17 +167,23 @@ class FxOptimizer(Optimizer):
             if saved_id not in saved_state:
                 continue
             for key, value in saved_state[saved_id].items():
-                if not isinstance(value, Tensor):
+                if key == "step" and isinstance(value, (Tensor, int, float)):
+                    # an int64 CPU counter whatever the checkpoint holds (a float or device tensor from
+                    # another optimizer); never the saved tensor itself, which a live optimizer may
+                    # still increment in place
+                    self.state[p][key] = torch.tensor(int(value), dtype=torch.int64)
                     continue
-                if key == "step":
-                    # the saved counter may belong to a live optimizer that increments it in place
-                    self.state[p][key] = value.detach().clone()
+                if not isinstance(value, Tensor):
                     continue
                 dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
                 restored = value.detach().to(device=p.device, dtype=dtype)
                 # ``.to`` returns the saved buffer itself when nothing changes: never share it
                 same = restored.data_ptr() == value.data_ptr()
                 self.state[p][key] = restored.clone() if same else restored
+
+
+def _standalone_steps(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    return standalone_steps(state_dict)
 
 
 def _settle_step_counters(optimizer: Optimizer) -> None:

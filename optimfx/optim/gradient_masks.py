@@ -103,8 +103,8 @@ class GradientMaskMixin:
             else:
                 self._pending_masks[id(p)] = (p, stored)
 
-    def _init_group(self, group, params, grads, states, step_counts, hyper):  # noqa: D102
-        super()._init_group(group, params, grads, states, step_counts, hyper)  # type: ignore[misc]
+    def _init_group(self, group, params, grads, states, hyper):  # noqa: D102
+        super()._init_group(group, params, grads, states, hyper)  # type: ignore[misc]
         pending = self._pending_masks
         if pending:
             for p in group["params"]:

@@ -77,15 +77,28 @@ def test_groups_split_by_dtype_and_alignment_and_skip_empty():
 
 def test_one_launch_per_group(monkeypatch):
     calls = []
-    real = _launcher.plan
+    real = _launcher._enqueue
 
-    def spy(lists, block):
-        calls.append(len(lists[0]))
-        return real(lists, block)
+    def spy(kernel, grid, *args, **kwargs):
+        calls.append(grid)
+        return real(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(_launcher, "plan", spy)
+    monkeypatch.setattr(_launcher, "_enqueue", spy)
     _increment([_zeros(n) for n in SIZES])
-    assert calls == [len(SIZES)]
+    assert calls == [(sum((n + BLOCK - 1) // BLOCK for n in SIZES),)]
+
+
+def test_launch_plans_are_cached_and_follow_moved_storage():
+    xs = [_zeros(5), _zeros(70)]
+    first = _launcher.launch_plans([xs], BLOCK)
+    assert _launcher.launch_plans([xs], BLOCK) is first
+    old = xs[0]
+    xs[0] = _zeros(5)
+    assert xs[0].data_ptr() != old.data_ptr()
+    moved = _launcher.launch_plans([xs], BLOCK)
+    assert moved is not first and moved[0].tables[0, 0] == xs[0].data_ptr()
+    _increment(xs)
+    assert all(torch.equal(x, torch.ones_like(x)) for x in xs) and torch.equal(old, _zeros(5))
 
 
 def test_plan_cache_hits_and_rebuilds_when_storage_moves():
