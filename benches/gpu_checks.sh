@@ -8,12 +8,13 @@
 # ~500 M parameters (transformer layout) against torch.optim.Adam fused/foreach and
 # torch.optim.Adafactor, with the copy/triad roof measured in the same process; the many-small
 # layout (launch overhead); ChildTuning F/D against the unmasked step; EG against its base; then the
-# kernel and conformance tests on CUDA; with a scan of the generated PTX for 128-bit accesses before the tests.
+# kernel and conformance tests on CUDA, then the pytest-benchmark step suite (its JSON is what the
+# docs' benchmark page draws); a scan of the generated PTX for 128-bit accesses comes before the tests.
 #
 # Knobs (environment): DEVICE (cuda), LARGE (500M parameters), SCALE (4: the preset scale of the
 # ChildTuning and EG tables, ~206 M parameters), ROUNDS (10 interleaved rounds), PYTEST_WORKERS (8),
-# SKIP (space-separated section keys to leave out: adam adafactor many-small child-tuning eg kernels
-# conformance ptx).
+# SKIP (space-separated section keys to leave out: adam adafactor many-small child-tuning eg ptx
+# kernels conformance step-bench), STEP_BENCH_OPTIMIZERS (the pytest-benchmark suite's entries).
 set -u
 OUT=${1:-${OUT:-gpu-checks}}
 mkdir -p "$OUT"
@@ -97,6 +98,13 @@ fi
 if want conformance; then
 section "conformance suite on $DEVICE (reference and Triton backends)"
 run 200 "${PYTEST[@]}" tests/conformance -k "$DEVICE and not compiled"
+fi
+
+if want step-bench; then
+section "pytest-benchmark step suite (benches/test_step.py) on $DEVICE"
+OPTIMFX_BENCH_OPTIMIZERS=${STEP_BENCH_OPTIMIZERS:-torch.Adam:single,torch.Adam:foreach,torch.Adam:fused,torch.Adafactor:foreach,AdaFactor:auto,AdamW:auto,AdaX:auto,AdaXW:auto,ChildTuningAdamW:auto} \
+    run 240 "$PY" -m pytest benches/test_step.py -q -p no:cacheprovider -p no:xdist \
+    --benchmark-json="$OUT/step-bench-$DEVICE.json"
 fi
 
 section done

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from optimfx.bench.report import cpu_model
 from optimfx.bench.timing import prepare, synchronize
 
 from . import presets
@@ -25,6 +26,11 @@ from .registry import CASES, slow_to_warm, torch_adam_default
 
 ROUNDS = int(os.environ.get("OPTIMFX_BENCH_ROUNDS", "15"))
 WARMUP_ROUNDS = 1
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's model, or the processor's, for the results file (the docs' tables show it)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 # the second decorator is the outer loop: every optimizer of one preset runs back to back
@@ -49,7 +55,7 @@ def test_step(benchmark, preset_name, impl, device, roof, smoke):
     benchmark.extra_info.update(
         implementation=impl.name, preset=preset_name, scale=presets.scale(), params=prep.n_params,
         tensors=len(prep.params),
-        device=str(device), dtype="float32", backend=prep.backend,
+        device=str(device), device_name=_device_name(device), dtype="float32", backend=prep.backend,
         torch_default=torch_adam_default(device),
         bytes_per_param=prep.bytes_per_param, state_bytes=prep.state_bytes,
         state_bytes_per_param=prep.state_bytes / prep.n_params,
