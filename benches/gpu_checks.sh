@@ -13,7 +13,7 @@
 #
 # Knobs (environment): DEVICE (cuda), LARGE (500M parameters), SCALE (4: the preset scale of the
 # ChildTuning and EG tables, ~206 M parameters), ROUNDS (10 interleaved rounds), PYTEST_WORKERS (8),
-# SKIP (space-separated section keys to leave out: adam adafactor many-small child-tuning eg ptx
+# SKIP (space-separated section keys to leave out: adam guard adafactor many-small child-tuning eg ptx
 # kernels conformance step-bench), STEP_BENCH_OPTIMIZERS (the pytest-benchmark suite's entries).
 set -u
 OUT=${1:-${OUT:-gpu-checks}}
@@ -53,6 +53,11 @@ if want adam; then
 section "Adam family, transformer layout, $LARGE parameters"
 run 170 "${BENCH[@]}" --preset transformer-50m --params "$LARGE" --out "$OUT/adam-family" \
     --optimizers torch.Adam:fused,torch.Adam:foreach,AdamW:triton,AdaX:triton,AdaXW:triton
+fi
+
+if want guard; then
+section "cost of the non-finite guard (skip_nonfinite), transformer layout, $LARGE parameters"
+run 120 "$PY" -m benches.nonfinite_check_cost "$LARGE" "$ROUNDS"
 fi
 
 if want adafactor; then

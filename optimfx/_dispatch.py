@@ -165,10 +165,16 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
     step_counts.advance()
     step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
     lr_f = _host_lr(lr)
+    scalars: dict[int, Any] = {}
     for p, g, state, step in zip(params, grads, states, step_counts.values()):
-        key = None if rounding_seed is None else round_key(rounding_seed, step)
-        with rounding(key):
-            step_fn(p, g, state, hyper, algo.scalars(step, hyper), lr_f)
+        sc = scalars.get(step)
+        if sc is None:
+            sc = scalars[step] = algo.scalars(step, hyper)
+        if rounding_seed is None:
+            step_fn(p, g, state, hyper, sc, lr_f)
+            continue
+        with rounding(round_key(rounding_seed, step)):
+            step_fn(p, g, state, hyper, sc, lr_f)
     return True
 
 
