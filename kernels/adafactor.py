@@ -1,21 +1,32 @@
 r"""AdaFactor: the exact three-reduction algorithm (spec §1.1) in five launches per tensor group.
 
-Every tensor is a ``[slices, rows, cols]`` view cut into ``BR × BC`` tiles (``_launcher.TilePlan``):
-factored tensors view their last two axes, each leading index a slice; unfactored ones are flat,
-``(1, ceil(n / BC), BC)``. All five passes run over all tensors of a group, one launch each::
+Every tensor is a ``[slices, rows, cols]`` view (``_launcher.TilePlan``): factored tensors view their
+last two axes, each leading index a slice; unfactored ones are flat, ``(1, ceil(n / BC), BC)``. A tile
+program owns a band of ``RB`` rows × ``BC`` columns and walks it in sub-tiles of up to ``BR × BC``
+(64 KB of fp32 per stream per program: the block-map and meta-table look-ups are paid once per band,
+and every warp loads whole 512-byte row segments). All five passes run over all tensors of a group,
+one launch each::
 
-    rowcol (tiles)  : Σθ² per tile; factored: per-tile row and column sums of g²         → scratch
-    stats  (tiles)  : column-0 tiles finish their rows, row-0 tiles their columns, in a
-                      fixed order: R ← lerp(R, Σ/n_c + ε1, w), C likewise; Σ R per row tile
-    rms    (tiles)  : R̄ per slice; ΣU² per tile (unfactored: V ← (1 − w)·V + w·(g² + ε1) here)
+    rowcol (bands)  : Σθ² per band; factored: row sums of g² per column tile (one per sub-tile
+                      row) and column sums per band                                        → scratch
+    stats  (bands)  : the programs of a slice share out its row jobs (RJ rows) and column jobs (CB
+                      columns); each sums its partials as [K, V] blocks in a fixed order,
+                      R ← lerp(R, Σ/n_c + ε1, w), C likewise; Σ R per row job            → scratch
+    rms    (bands)  : R̄ per slice; ΣU² per band (unfactored: V ← (1 − w)·V + w·(g² + ε1) here)
     scale  (tensors): α = min(lr·ρ, cap)·max(ε2, RMS θ), κ = max(1, RMS U / d) → α/κ and decay
-    apply  (tiles)  : U recomputed, M ← β1·M + (1 − β1)·(α/κ)·U, θ ← θ·decay − (M or (α/κ)·U)
+    apply  (bands)  : U recomputed, M ← β1·M + (1 − β1)·(α/κ)·U, θ ← θ·decay − (M or (α/κ)·U)
+
+The finishing work is spread over many programs and read as wide blocks: a column of an
+``n_r``-row matrix has ``n_r / RB`` partials, a slice ``n_r / RJ`` R̄ partials and a tensor
+``numel / (RB·BC)`` Σθ², ΣU² partials (488 160 × 512: 3 814, 477 and 15 256), so no program runs a
+long serial chain of dependent loads, and R̄, which every rms program recomputes, costs a 2 KB read.
 
 The rowcol, rms and apply passes load g through ``_mask.load_grad``: a ChildTuning-F mask is a hash of
 the element index, so the three passes see the same masked gradient without storing it.
 Reductions are two-stage (partials at fixed scratch slots, summed in a fixed order): no float
 atomics, bit-identical reruns. ``lr`` and the skip flag are read from device memory; no host sync.
-Traffic per fp32 element (factored, no momentum): θ + g, g, θ + g + θ written = 24 bytes.
+Traffic per fp32 element (factored, no momentum): θ + g, g, θ + g + θ written = 24 bytes, plus
+~0.2 bytes of partials written and read back.
 """
 
 from __future__ import annotations
@@ -30,12 +41,27 @@ from .. import _distributed
 from ..reference import adafactor as ref
 from ..reference.adafactor import _eps1
 from . import _launcher, _mask
-from ._common import load_f32, store_cast, table_ptr, tile_coords, tile_offsets
+from ._common import load_f32, store_cast, table_ptr, tile_coords
 
+# a band program owns RB rows × BC columns (64 KB of fp32 per stream) and walks them in sub-tiles of
+# SUB[pass] = (rows, warps), 8 fp32 elements per thread and stream each step; BR × BC is the apply
+# pass's sub-tile. With the register cap, 32 warps fit on an SM (eight 4-warp or two 16-warp
+# programs): 64 KB of loads in flight per SM, no spill in the unmasked passes on sm_90 beyond
+# 8 bytes in rowcol (0 disables the cap; the interpreter ignores it). Measured on an H100 at 500 M
+# parameters (ms): rowcol 1.35 / 1.40 / 1.59 / 2.26 with (8, 4) / (16, 8) / (32, 16) capped /
+# (32, 16) uncapped (76-108 registers, one program per SM), rms 0.67 / 0.71 / 0.83 / 1.36, apply
+# 2.01 / 2.03 / 2.01 / 2.37
 BR, BC = 32, 128
-# 16 warps keep the tile passes at <= 64 registers per thread (aligned groups, sm_90), 8 elements each
-NUM_WARPS = 16
-# the stats and scale passes work on [BR] / [BC] vectors
+RB = 4 * BR
+SUB = {"rowcol": (BR // 4, 4), "rms": (BR // 4, 4), "apply": (BR, 16)}
+MAX_REGS = 64
+# stats: a row job finishes RJ rows from [KR, VR] blocks of row partials, a column job CB columns
+# from [KC, CB] blocks of column partials (CB·4 = 128 bytes: one cache line per partial row)
+RJ, KR, VR = 1024, 8, 512
+KC, CB = 128, 32
+STATS_WARPS = 8
+# the scale pass and R̄ read their partials as [VB] vectors
+VB = 1024
 SMALL_WARPS = 4
 _TINY = torch.finfo(torch.float32).tiny
 _lr_cache: dict = {}
@@ -62,15 +88,25 @@ def _lerp(b_old, b_new, weight):
 
 
 @triton.jit
-def _factored_u(b_g, b_row, b_col, rbar, floor1, floor2, tiny, EPS_TORCH: tl.constexpr):
+def _col_term(b_col, EPS_TORCH: tl.constexpr):
+    # the column factor of U, formed once per band: C_j (torch mode) or rsqrt(C_j) (paper)
+    if EPS_TORCH:
+        b_cf = b_col
+    else:
+        b_cf = tl.rsqrt(b_col)
+    return b_cf
+
+
+@triton.jit
+def _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH: tl.constexpr):
     if EPS_TORCH:
         # torch.optim.Adafactor: U = g / sqrt(max(R_i·C_j / max(R̄, ε1), ε1²)), floors kept > 0
-        b_v = b_row[:, None] * b_col[None, :] / tl.maximum(rbar, floor1)
+        b_v = b_row[:, None] * b_cf[None, :] / tl.maximum(rbar, floor1)
         b_u = tl.rsqrt(tl.maximum(b_v, floor2)) * b_g
     else:
         # paper: U = g·rsqrt(R_i / R̄)·rsqrt(C_j), V̂ never formed
         b_rf = tl.rsqrt(b_row / tl.maximum(rbar, tiny))
-        b_u = b_g * b_rf[:, None] * tl.rsqrt(b_col)[None, :]
+        b_u = b_g * b_rf[:, None] * b_cf[None, :]
     return b_u
 
 
@@ -84,16 +120,49 @@ def _unfactored_u(b_g, b_v, floor2, EPS_TORCH: tl.constexpr):
 
 
 @triton.jit
-def _rowcol_tile(p_p, p_g, p_d, p_row, p_col, o, o_r, o_c, m, m_r, m_c, p_out, factored, mask_seed, mask_step, mask_threshold, mask_scale,
-                 MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+def _band(p_meta, i_s, i_r, i_c, BR: tl.constexpr, BC: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr):
+    """``(n_r, n_c, o_s, o_c, c_end, n_sub)`` of band ``(i_s, i_r, i_c)`` (``BR`` rows × ``BC`` columns).
+
+    The view's rows and columns, the slice's first element, the band's columns, one past its last
+    column, and how many of its ``SR``-row sub-tiles hold rows of the view.
+    """
+    n_r = tl.load(p_meta + _ROWS)
+    n_c = tl.load(p_meta + _COLS)
+    if ALIGNED:
+        # row starts stay 16-byte aligned, so rows load as 128-bit vectors
+        n_c = tl.multiple_of(n_c, 16)
+    o_c = i_c * BC + tl.arange(0, BC)
+    n_sub = tl.minimum(n_r - i_r * BR + (SR - 1), BR) // SR
+    return n_r, n_c, i_s * n_r * n_c, o_c, i_c * BC + BC, n_sub
+
+
+@triton.jit
+def _sub(o_s, n, n_r, n_c, r0, o_c, c_end, SR: tl.constexpr):
+    """``(o_r [SR], o [SR, BC], m, full)`` of the sub-tile whose first row is ``r0``.
+
+    ``m`` masks rows, columns and flat offsets past ``n`` (flat tensors viewed with padded rows);
+    ``full`` means ``m`` is all true.
+    """
+    o_r = r0 + tl.arange(0, SR)
+    o = o_s + o_r[:, None] * n_c + o_c[None, :]
+    m = (o_r[:, None] < n_r) & (o_c[None, :] < n_c) & (o < n)
+    # the sub-tile's last element: flat views end inside their padded last row
+    full = (r0 + SR <= n_r) & (c_end <= n_c) & (o_s + (r0 + SR - 1) * n_c + c_end <= n)
+    return o_r, o, m, full
+
+
+@triton.jit
+def _rowcol_sub(p_p, p_g, p_d, p_row, o, o_r, m, n_r, b_pp, b_cc, factored, mask_seed, mask_step,
+                mask_threshold, mask_scale, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
-    tl.store(p_out, tl.sum(b_p * b_p))
+    b_pp += b_p * b_p
     if factored:
         b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE)
         b_g = b_g * b_g
-        # [BR] row partials of this column tile, [BC] column partials of this row tile
-        tl.store(p_row + o_r, tl.sum(b_g, axis=1), mask=m_r)
-        tl.store(p_col + o_c, tl.sum(b_g, axis=0), mask=m_c)
+        # [SR] row partials of this column tile; the column sums add up over the band
+        tl.store(p_row + o_r, tl.sum(b_g, axis=1), mask=o_r < n_r)
+        b_cc += b_g
+    return b_pp, b_cc
 
 
 @triton.jit(do_not_specialize=["mask_step"])
@@ -101,15 +170,15 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
                             mask_seed, mask_step, mask_threshold, mask_scale,
                             DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                             DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, MASK_MODE: tl.constexpr,
-                            CHECK_SKIP: tl.constexpr,
-                            ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
+                            CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr, BR: tl.constexpr,
+                            BC: tl.constexpr, NMETA: tl.constexpr, SR: tl.constexpr):
     # lists: 0 param, 1 grad, 2 row stat or V, 3 column stat or V, 4 exp_avg (or a stand-in)
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
     i_t, p_meta, i_s, i_r, i_c = tile_coords(block_tensor, block_chunk, meta, NMETA)
-    o_r, o_c, o, m, full, n_r, n_c = tile_offsets(p_meta, tl.load(numels + i_t), i_s, i_r, i_c, BR, BC,
-                                                  ALIGNED)
+    n = tl.load(numels + i_t)
+    n_r, n_c, o_s, o_c, c_end, n_sub = _band(p_meta, i_s, i_r, i_c, BR, BC, SR, ALIGNED)
     t_r, t_c = tl.load(p_meta + _TILES_R), tl.load(p_meta + _TILES_C)
     # row partials [slices, tiles_c, rows], then column partials [slices, tiles_r, cols]
     p_rc = p_rc + tl.load(p_meta + _OFF_RC)
@@ -118,25 +187,36 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
     p_p = table_ptr(tables, i_t, 0, 5, DTYPE0, ALIGNED)
     p_g = table_ptr(tables, i_t, 1, 5, DTYPE1, ALIGNED)
     factored = tl.load(p_meta + _FACTORED) != 0
-    p_out = p_sqp + tl.program_id(0)
-    if full:
-        _rowcol_tile(p_p, p_g, p_meta + _MASK, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out,
-                     factored, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, False)
-    else:
-        _rowcol_tile(p_p, p_g, p_meta + _MASK, p_row, p_col, o, o_r, o_c, m, o_r < n_r, o_c < n_c, p_out,
-                     factored, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, True)
+    b_pp = tl.zeros([SR, BC], tl.float32)
+    b_cc = tl.zeros([SR, BC], tl.float32)
+    for j in range(n_sub):
+        o_r, o, m, full = _sub(o_s, n, n_r, n_c, i_r * BR + j * SR, o_c, c_end, SR)
+        if full:
+            b_pp, b_cc = _rowcol_sub(p_p, p_g, p_meta + _MASK, p_row, o, o_r, m, n_r, b_pp, b_cc, factored,
+                                     mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, False)
+        else:
+            b_pp, b_cc = _rowcol_sub(p_p, p_g, p_meta + _MASK, p_row, o, o_r, m, n_r, b_pp, b_cc, factored,
+                                     mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, True)
+    tl.store(p_sqp + tl.program_id(0), tl.sum(b_pp))
+    if factored:
+        tl.store(p_col + o_c, tl.sum(b_cc, axis=0), mask=o_c < n_c)
 
 
 @triton.jit
-def _finish_stat(p_part, p_stat, o_v, m_v, n_parts, stride, count, weight, eps_add, BV: tl.constexpr):
-    # fixed-order sum of n_parts partial vectors (stride apart), then the EMA of the mean
-    b_acc = tl.full([BV], 0.0, tl.float32)
-    for k in range(n_parts):
-        b_acc += tl.load(p_part + k * stride + o_v, mask=m_v, other=0.0)
+def _finish_stat(p_part, p_stat, o_v, m_v, n_parts, stride, count, weight, eps_add, KP: tl.constexpr,
+                 BV: tl.constexpr):
+    # n_parts partial vectors (stride apart) summed KP at a time in a fixed order, then the EMA of
+    # the mean; returns the new values (0 where masked)
+    o_k = tl.arange(0, KP)
+    b_acc = tl.zeros([KP, BV], tl.float32)
+    for k in range(0, n_parts, KP):
+        o_kk = k + o_k
+        b_acc += tl.load(p_part + o_kk[:, None] * stride + o_v[None, :],
+                         mask=(o_kk[:, None] < n_parts) & m_v[None, :], other=0.0)
     b_s = tl.load(p_stat + o_v, mask=m_v, other=0.0)
-    b_s = _lerp(b_s, b_acc / count.to(tl.float32) + eps_add, weight)
+    b_s = _lerp(b_s, tl.sum(b_acc, axis=0) / count.to(tl.float32) + eps_add, weight)
     tl.store(p_stat + o_v, b_s, mask=m_v)
-    return tl.sum(tl.where(m_v, b_s, 0.0))
+    return tl.where(m_v, b_s, 0.0)
 
 
 @triton.jit
@@ -144,7 +224,9 @@ def adafactor_stats_kernel(tables, numels, block_tensor, block_chunk, meta, skip
                            weight, eps_add,
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
-                           ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
+                           ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                           RJ: tl.constexpr, KR: tl.constexpr, VR: tl.constexpr, KC: tl.constexpr,
+                           CB: tl.constexpr):
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
@@ -153,40 +235,48 @@ def adafactor_stats_kernel(tables, numels, block_tensor, block_chunk, meta, skip
         n_r, n_c = tl.load(p_meta + _ROWS), tl.load(p_meta + _COLS)
         t_r, t_c = tl.load(p_meta + _TILES_R), tl.load(p_meta + _TILES_C)
         p_rc = p_rc + tl.load(p_meta + _OFF_RC)
-        if i_c == 0:
-            # rows of row tile i_r: R ← lerp(R, mean_j g² + ε1, w); Σ R over them → R̄ partial
-            o_r = i_r * BR + tl.arange(0, BR)
-            p_row = table_ptr(tables, i_t, 2, 5, DTYPE2, False) + i_s * n_r
-            b_sum = _finish_stat(p_rc + i_s * t_c * n_r, p_row, o_r, o_r < n_r, t_c, n_r, n_c,
-                                 weight, eps_add, BR)
-            tl.store(p_rb + tl.load(p_meta + _OFF_RB) + i_s * t_r + i_r, b_sum)
-        if i_r == 0:
-            # columns of column tile i_c: C ← lerp(C, mean_i g² + ε1, w)
-            o_c = i_c * BC + tl.arange(0, BC)
-            p_col = table_ptr(tables, i_t, 3, 5, DTYPE3, False) + i_s * n_c
-            p_part = p_rc + tl.load(p_meta + _SLICES) * t_c * n_r + i_s * t_r * n_c
-            _finish_stat(p_part, p_col, o_c, o_c < n_c, t_r, n_c, n_r, weight, eps_add, BC)
+        # the slice's t_r·t_c programs share its jobs out round-robin: row jobs from the first
+        # program up, column jobs from the last one down
+        q = i_r * t_c + i_c
+        n_prog = t_r * t_c
+        # row jobs: R ← lerp(R, mean_j g² + ε1, w) for RJ rows; Σ R over them → R̄ partial
+        n_jr = (n_r + RJ - 1) // RJ
+        p_row = table_ptr(tables, i_t, 2, 5, DTYPE2, False) + i_s * n_r
+        p_rpart = p_rc + i_s * t_c * n_r
+        p_rbar = p_rb + tl.load(p_meta + _OFF_RB) + i_s * n_jr
+        for j in range(q, n_jr, n_prog):
+            b_tot = tl.zeros([VR], tl.float32)
+            for r in range(j * RJ, tl.minimum(j * RJ + RJ, n_r), VR):
+                o_v = r + tl.arange(0, VR)
+                b_tot += _finish_stat(p_rpart, p_row, o_v, o_v < n_r, t_c, n_r, n_c, weight, eps_add, KR, VR)
+            tl.store(p_rbar + j, tl.sum(b_tot))
+        # column jobs: C ← lerp(C, mean_i g² + ε1, w) for CB columns
+        n_jc = (n_c + CB - 1) // CB
+        p_col = table_ptr(tables, i_t, 3, 5, DTYPE3, False) + i_s * n_c
+        p_cpart = p_rc + tl.load(p_meta + _SLICES) * t_c * n_r + i_s * t_r * n_c
+        for j in range(n_prog - 1 - q, n_jc, n_prog):
+            o_v = j * CB + tl.arange(0, CB)
+            _finish_stat(p_cpart, p_col, o_v, o_v < n_c, t_r, n_c, n_r, weight, eps_add, KC, CB)
 
 
 @triton.jit
-def _row_mean(p_rb, t_r, n_r, BV: tl.constexpr):
-    # R̄ of one slice from its [tiles_r] partial sums, in a fixed order
-    b_acc = tl.full([BV], 0.0, tl.float32)
-    for k in range(0, t_r, BV):
+def _row_mean(p_rb, n_parts, n_r, BV: tl.constexpr):
+    # R̄ of one slice from its [n_parts] partial sums, in a fixed order
+    b_acc = tl.zeros([BV], tl.float32)
+    for k in range(0, n_parts, BV):
         o_k = k + tl.arange(0, BV)
-        b_acc += tl.load(p_rb + o_k, mask=o_k < t_r, other=0.0)
+        b_acc += tl.load(p_rb + o_k, mask=o_k < n_parts, other=0.0)
     return tl.sum(b_acc) / n_r.to(tl.float32)
 
 
 @triton.jit
-def _rms_tile(p_g, p_d, p_a, p_b, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, sign, weight, omw, w_eps,
-              floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH: tl.constexpr, MASK_MODE: tl.constexpr,
-              MASKED: tl.constexpr):
+def _rms_sub(p_g, p_d, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, sign, weight, omw, w_eps,
+             floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH: tl.constexpr,
+             MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE) * sign
     if factored:
-        b_row = tl.load(p_a + o_sr, mask=m_r, other=1.0)
-        b_col = tl.load(p_b + o_sc, mask=m_c, other=1.0)
-        b_u = _factored_u(b_g, b_row, b_col, rbar, floor1, floor2, tiny, EPS_TORCH)
+        b_row = tl.load(p_row + o_r, mask=o_r < n_r, other=1.0)
+        b_u = _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH)
     else:
         b_v = load_f32(p_a, o, m, MASKED)
         if EPS_TORCH:
@@ -197,7 +287,7 @@ def _rms_tile(p_g, p_d, p_a, p_b, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, si
         b_u = _unfactored_u(b_g, b_v, floor2, EPS_TORCH)
     if MASKED:
         b_u = tl.where(m, b_u, 0.0)
-    return tl.sum(b_u * b_u)
+    return b_uu + b_u * b_u
 
 
 @triton.jit(do_not_specialize=["mask_step"])
@@ -207,35 +297,41 @@ def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_p
                          DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
                          MASK_MODE: tl.constexpr,
                          CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr, BR: tl.constexpr,
-                         BC: tl.constexpr, NMETA: tl.constexpr):
+                         BC: tl.constexpr, NMETA: tl.constexpr, SR: tl.constexpr, RJ: tl.constexpr,
+                         VB: tl.constexpr):
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
     i_t, p_meta, i_s, i_r, i_c = tile_coords(block_tensor, block_chunk, meta, NMETA)
-    o_r, o_c, o, m, full, n_r, n_c = tile_offsets(p_meta, tl.load(numels + i_t), i_s, i_r, i_c, BR, BC,
-                                                  ALIGNED)
+    n = tl.load(numels + i_t)
+    n_r, n_c, o_s, o_c, c_end, n_sub = _band(p_meta, i_s, i_r, i_c, BR, BC, SR, ALIGNED)
     factored = tl.load(p_meta + _FACTORED) != 0
-    rbar = tl.full([], 1.0, tl.float32)
-    if factored:
-        t_r = tl.load(p_meta + _TILES_R)
-        p_rb = p_rb + tl.load(p_meta + _OFF_RB)
-        rbar = _row_mean(p_rb + i_s * t_r, t_r, n_r, BC)
-        if (i_r == 0) & (i_c == 0):
-            # R̄ of the slice for the apply pass, after the [slices, tiles_r] partials
-            tl.store(p_rb + tl.load(p_meta + _SLICES) * t_r + i_s, rbar)
     p_g = table_ptr(tables, i_t, 1, 5, DTYPE1, ALIGNED)
     p_a = table_ptr(tables, i_t, 2, 5, DTYPE2, ALIGNED)
     p_b = table_ptr(tables, i_t, 3, 5, DTYPE3, ALIGNED)
-    o_sr, o_sc = i_s * n_r + o_r, i_s * n_c + o_c
-    if full:
-        b_sum = _rms_tile(p_g, p_meta + _MASK, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
-                          factored, sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
-                          MASK_MODE, False)
-    else:
-        b_sum = _rms_tile(p_g, p_meta + _MASK, p_a, p_b, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
-                          factored, sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
-                          MASK_MODE, True)
-    tl.store(p_squ + tl.program_id(0), b_sum)
+    rbar = tl.full([], 1.0, tl.float32)
+    b_cf = tl.full([BC], 1.0, tl.float32)
+    if factored:
+        n_jr = (n_r + RJ - 1) // RJ
+        p_rb = p_rb + tl.load(p_meta + _OFF_RB)
+        rbar = _row_mean(p_rb + i_s * n_jr, n_jr, n_r, VB)
+        if (i_r == 0) & (i_c == 0):
+            # R̄ of the slice for the apply pass, after the [slices, row jobs] partials
+            tl.store(p_rb + tl.load(p_meta + _SLICES) * n_jr + i_s, rbar)
+        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), EPS_TORCH)
+    p_row = p_a + i_s * n_r
+    b_uu = tl.zeros([SR, BC], tl.float32)
+    for j in range(n_sub):
+        o_r, o, m, full = _sub(o_s, n, n_r, n_c, i_r * BR + j * SR, o_c, c_end, SR)
+        if full:
+            b_uu = _rms_sub(p_g, p_meta + _MASK, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, sign,
+                            weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
+                            mask_scale, EPS_TORCH, MASK_MODE, False)
+        else:
+            b_uu = _rms_sub(p_g, p_meta + _MASK, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, sign,
+                            weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
+                            mask_scale, EPS_TORCH, MASK_MODE, True)
+    tl.store(p_squ + tl.program_id(0), tl.sum(b_uu))
 
 
 @triton.jit
@@ -243,18 +339,19 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
                            p_squ, p_scale, rho, cap, eps2, use_scale, clip, wd_alpha, wd_lr,
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
-                           ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
-    # one program per tensor
+                           ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                           VB: tl.constexpr):
+    # one program per tensor, over its per-band partials (15 256 for a 488 160 × 512 matrix)
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
     i_t = tl.program_id(0).to(tl.int64)
     p_meta = meta + i_t * NMETA
     first, tiles = tl.load(p_meta + _FIRST), tl.load(p_meta + _TILES)
-    b_p = tl.full([BC], 0.0, tl.float32)
-    b_u = tl.full([BC], 0.0, tl.float32)
-    for k in range(0, tiles, BC):
-        o_k = k + tl.arange(0, BC)
+    b_p = tl.zeros([VB], tl.float32)
+    b_u = tl.zeros([VB], tl.float32)
+    for k in range(0, tiles, VB):
+        o_k = k + tl.arange(0, VB)
         b_p += tl.load(p_sqp + first + o_k, mask=o_k < tiles, other=0.0)
         b_u += tl.load(p_squ + first + o_k, mask=o_k < tiles, other=0.0)
     n = tl.load(numels + i_t).to(tl.float32)
@@ -268,14 +365,13 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
 
 
 @triton.jit
-def _apply_tile(p_p, p_g, p_d, p_a, p_b, p_m, o, o_sr, o_sc, m, m_r, m_c, rbar, factored, scale, decay,
-                sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH: tl.constexpr,
-                MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+def _apply_sub(p_p, p_g, p_d, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale, decay,
+               sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
+               EPS_TORCH: tl.constexpr, MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE) * sign
     if factored:
-        b_row = tl.load(p_a + o_sr, mask=m_r, other=1.0)
-        b_col = tl.load(p_b + o_sc, mask=m_c, other=1.0)
-        b_u = _factored_u(b_g, b_row, b_col, rbar, floor1, floor2, tiny, EPS_TORCH)
+        b_row = tl.load(p_row + o_r, mask=o_r < n_r, other=1.0)
+        b_u = _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH)
     else:
         # V was updated by the rms pass; masked lanes read 1 so rsqrt stays finite there
         b_v = load_f32(p_a, o, m, MASKED)
@@ -299,19 +395,15 @@ def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
                            MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, CHECK_SKIP: tl.constexpr,
-                           ALIGNED: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
+                           ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                           SR: tl.constexpr, RJ: tl.constexpr):
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
     i_t, p_meta, i_s, i_r, i_c = tile_coords(block_tensor, block_chunk, meta, NMETA)
-    o_r, o_c, o, m, full, n_r, n_c = tile_offsets(p_meta, tl.load(numels + i_t), i_s, i_r, i_c, BR, BC,
-                                                  ALIGNED)
+    n = tl.load(numels + i_t)
+    n_r, n_c, o_s, o_c, c_end, n_sub = _band(p_meta, i_s, i_r, i_c, BR, BC, SR, ALIGNED)
     factored = tl.load(p_meta + _FACTORED) != 0
-    rbar = tl.full([], 1.0, tl.float32)
-    if factored:
-        t_r = tl.load(p_meta + _TILES_R)
-        rbar = tl.load(p_rb + tl.load(p_meta + _OFF_RB) + tl.load(p_meta + _SLICES) * t_r + i_s)
     scale, decay = tl.load(p_scale + 2 * i_t), tl.load(p_scale + 2 * i_t + 1)
     p_p = table_ptr(tables, i_t, 0, 5, DTYPE0, ALIGNED)
     p_g = table_ptr(tables, i_t, 1, 5, DTYPE1, ALIGNED)
@@ -321,15 +413,23 @@ def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip
         p_m = table_ptr(tables, i_t, 4, 5, DTYPE4, ALIGNED)
     else:
         p_m = p_g
-    o_sr, o_sc = i_s * n_r + o_r, i_s * n_c + o_c
-    if full:
-        _apply_tile(p_p, p_g, p_meta + _MASK, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
-                    factored, scale, decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
-                    MOMENTUM, MASK_MODE, False)
-    else:
-        _apply_tile(p_p, p_g, p_meta + _MASK, p_a, p_b, p_m, o, o_sr, o_sc, m, o_r < n_r, o_c < n_c, rbar,
-                    factored, scale, decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale, EPS_TORCH,
-                    MOMENTUM, MASK_MODE, True)
+    rbar = tl.full([], 1.0, tl.float32)
+    b_cf = tl.full([BC], 1.0, tl.float32)
+    if factored:
+        n_jr = (n_r + RJ - 1) // RJ
+        rbar = tl.load(p_rb + tl.load(p_meta + _OFF_RB) + tl.load(p_meta + _SLICES) * n_jr + i_s)
+        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), EPS_TORCH)
+    p_row = p_a + i_s * n_r
+    for j in range(n_sub):
+        o_r, o, m, full = _sub(o_s, n, n_r, n_c, i_r * BR + j * SR, o_c, c_end, SR)
+        if full:
+            _apply_sub(p_p, p_g, p_meta + _MASK, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale,
+                       decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
+                       mask_scale, EPS_TORCH, MOMENTUM, MASK_MODE, False)
+        else:
+            _apply_sub(p_p, p_g, p_meta + _MASK, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale,
+                       decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
+                       mask_scale, EPS_TORCH, MOMENTUM, MASK_MODE, True)
 
 
 def _view(t: torch.Tensor, factored: bool) -> tuple[int, int, int]:
@@ -341,12 +441,13 @@ def _view(t: torch.Tensor, factored: bool) -> tuple[int, int, int]:
 
 
 def _scratch_sizes(view: tuple[int, int, int], factored: bool) -> tuple[int, int]:
-    """Row/column partials ``S·(t_c·n_r + t_r·n_c)`` and R̄ partials plus finals ``S·(t_r + 1)``."""
+    """Row/column partials ``S·(t_c·n_r + t_r·n_c)`` (``t_r`` bands of ``RB`` rows) and R̄ partials
+    plus finals ``S·(ceil(n_r / RJ) + 1)``."""
     if not factored:
         return 0, 0
     slices, n_r, n_c = view
-    t_r, t_c = _launcher.tile_counts(view, (BR, BC))
-    return slices * (t_c * n_r + t_r * n_c), slices * (t_r + 1)
+    t_r, t_c = _launcher.tile_counts(view, (RB, BC))
+    return slices * (t_c * n_r + t_r * n_c), slices * (-(-n_r // RJ) + 1)
 
 
 def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
@@ -383,9 +484,11 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     hf_decay = hp.decay_mode == "hf"
     beta1 = hp.beta1 if momentum else 0.0
     lists = [work, grads, stat_a, stat_b, exp_avg]
+    regs = {"maxnreg": MAX_REGS} if MAX_REGS else {}
+    sub = {k: dict(SR=r, num_warps=w, **regs) for k, (r, w) in SUB.items()}
     columns = [[int(f) for f in factored], *mask.columns]
     segments = [[s[0] for s in sizes], [s[1] for s in sizes]]
-    for idx, plan in _launcher.tile_groups(lists, views, (BR, BC), columns, segments):
+    for idx, plan in _launcher.tile_groups(lists, views, (RB, BC), columns, segments):
         eps1 = _eps1(hp, params[idx[0]].dtype)
         # torch mode's clamp floors ε1 (on R̄) and ε1² (on V̂, V), kept positive in fp32 as the
         # reference does (ε1² = 1e-60 would flush to 0 and a zero row give 0·rsqrt(0))
@@ -395,20 +498,21 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
         p_rc = _launcher.workspace("adafactor.rowcol", plan.segment_sizes[0], device)
         p_rb = _launcher.workspace("adafactor.row_mean", plan.segment_sizes[1], device)
         p_scale = _launcher.workspace("adafactor.scale", 2 * plan.n_tensors, device)
-        plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, *mask.args, num_warps=NUM_WARPS,
+        plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, *mask.args, **sub["rowcol"],
                     MASK_MODE=mask.mode, CHECK_SKIP=check)
         plan.launch(adafactor_stats_kernel, flag, p_rc, p_rb, sc.weight, 0.0 if torch_eps else eps1,
-                    num_warps=SMALL_WARPS, CHECK_SKIP=check)
+                    num_warps=STATS_WARPS, CHECK_SKIP=check, RJ=RJ, KR=KR, VR=VR, KC=KC, CB=CB)
         plan.launch(adafactor_rms_kernel, flag, p_rb, p_squ, sign, sc.weight, 1.0 - sc.weight,
                     sc.weight * eps1, floor1, floor2, _TINY, *mask.args,
-                    num_warps=NUM_WARPS, EPS_TORCH=torch_eps, MASK_MODE=mask.mode, CHECK_SKIP=check)
+                    **sub["rms"], EPS_TORCH=torch_eps, MASK_MODE=mask.mode, CHECK_SKIP=check, RJ=RJ,
+                    VB=VB)
         plan.launch(adafactor_scale_kernel, flag, lr_t, p_sqp, p_squ, p_scale, rho, cap, hp.eps2,
                     float(hp.scale_parameter), hp.clip_threshold,
                     hp.weight_decay if hf_decay else 0.0, 0.0 if hf_decay else hp.weight_decay,
-                    per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=check)
+                    per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=check, VB=VB)
         plan.launch(adafactor_apply_kernel, flag, p_rb, p_scale, sign, beta1, 1.0 - beta1, floor1,
-                    floor2, _TINY, *mask.args, num_warps=NUM_WARPS, EPS_TORCH=torch_eps, MOMENTUM=momentum,
-                    MASK_MODE=mask.mode, CHECK_SKIP=check)
+                    floor2, _TINY, *mask.args, **sub["apply"], EPS_TORCH=torch_eps, MOMENTUM=momentum,
+                    MASK_MODE=mask.mode, CHECK_SKIP=check, RJ=RJ)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
