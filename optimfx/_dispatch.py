@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -31,9 +30,8 @@ _dtype_of = attrgetter("dtype")
 _is_cuda = attrgetter("is_cuda")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether Triton can be imported (checked once, without importing it)."""
+    """Whether Triton can be imported (checked without importing it; once imported, a dict lookup)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -21,12 +21,17 @@ def _grad(params, which):
         p.grad = torch.randn_like(p) if i in which else None
 
 
+def _steps(opt, params, participation):
+    """One step per entry of ``participation``: the indices of the parameters that get a gradient."""
+    for which in participation:
+        _grad(params, which)
+        opt.step()
+
+
 def test_counters_are_views_of_one_buffer_and_read_as_ints():
     params = _params()
     opt = optimfx.AdaX(params, lr=1e-3)
-    for _ in range(3):
-        _grad(params, {0, 1, 2})
-        opt.step()
+    _steps(opt, params, [{0, 1, 2}] * 3)
     steps = [opt.state[p]["step"] for p in params]
     assert all(s.dtype == torch.int64 and s.device.type == "cpu" and s.dim() == 0 for s in steps)
     assert [int(s) for s in steps] == [3, 3, 3]
@@ -37,18 +42,14 @@ def test_counters_are_views_of_one_buffer_and_read_as_ints():
 def test_changing_participation_keeps_every_count():
     params = _params()
     opt = optimfx.AdamW(params, lr=1e-3)
-    for which in ({0, 1, 2}, {1}, {1, 2}, {0, 2}, {0, 1, 2}):
-        _grad(params, which)
-        opt.step()
+    _steps(opt, params, [{0, 1, 2}, {1}, {1, 2}, {0, 2}, {0, 1, 2}])
     assert [int(opt.state[p]["step"]) for p in params] == [3, 4, 4]
 
 
 def test_state_dict_saves_standalone_counters_and_resume_continues():
     params = _params()
     opt = optimfx.AdaXW(params, lr=1e-3)
-    for _ in range(2):
-        _grad(params, {0, 1, 2})
-        opt.step()
+    _steps(opt, params, [{0, 1, 2}] * 2)
     saved = opt.state_dict()
     assert all(entry["step"]._base is None for entry in saved["state"].values())
     # the live state still holds the group's views
