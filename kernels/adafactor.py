@@ -40,7 +40,8 @@ import triton.language as tl
 from .. import _distributed
 from ..reference import adafactor as ref
 from ..reference.adafactor import _eps1
-from . import _launcher, _mask
+from . import _launcher, _mask, checks
+from .checks import nonfinite, raise_flag
 from ._common import load_f32, store_cast, table_ptr, tile_coords
 
 # a band program owns RB rows × BC columns (64 KB of fp32 per stream) and walks them in sub-tiles of
@@ -55,6 +56,8 @@ BR, BC = 32, 128
 RB = 4 * BR
 SUB = {"rowcol": (BR // 4, 4), "rms": (BR // 4, 4), "apply": (BR, 16)}
 MAX_REGS = 64
+#: the rowcol pass can check the gradients for inf/NaN as it reads them (``launch(scan_nonfinite=True)``)
+SCANS_NONFINITE = True
 # stats: a row job finishes RJ rows from [KR, VR] blocks of row partials, a column job CB columns
 # from [KC, CB] blocks of column partials (CB·4 = 128 bytes: one cache line per partial row)
 RJ, KR, VR = 1024, 8, 512
@@ -152,16 +155,20 @@ def _sub(o_s, n, n_r, n_c, r0, o_c, c_end, SR: tl.constexpr):
 
 
 @triton.jit
-def _rowcol_sub(p_p, p_g, p_d, p_row, o, o_r, m, n_r, b_pp, b_cc, factored, mask_seed, mask_step,
-                mask_threshold, mask_scale, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+def _rowcol_sub(p_p, p_g, p_d, p_row, o, o_r, m, n_r, b_pp, b_cc, factored, flag_ptr, mask_seed, mask_step,
+                mask_threshold, mask_scale, MASK_MODE: tl.constexpr, SCAN: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
     b_pp += b_p * b_p
-    if factored:
+    if SCAN or factored:
         b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE)
-        b_g = b_g * b_g
-        # [SR] row partials of this column tile; the column sums add up over the band
-        tl.store(p_row + o_r, tl.sum(b_g, axis=1), mask=o_r < n_r)
-        b_cc += b_g
+        if SCAN:
+            # a mask multiplies by a finite factor: the masked gradient is non-finite where g is
+            raise_flag(flag_ptr, tl.max(nonfinite(b_g), axis=1))
+        if factored:
+            b_g = b_g * b_g
+            # [SR] row partials of this column tile; the column sums add up over the band
+            tl.store(p_row + o_r, tl.sum(b_g, axis=1), mask=o_r < n_r)
+            b_cc += b_g
     return b_pp, b_cc
 
 
@@ -170,9 +177,11 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
                             mask_seed, mask_step, mask_threshold, mask_scale,
                             DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                             DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, MASK_MODE: tl.constexpr,
-                            CHECK_SKIP: tl.constexpr, ALIGNED: tl.constexpr, BR: tl.constexpr,
-                            BC: tl.constexpr, NMETA: tl.constexpr, SR: tl.constexpr):
-    # lists: 0 param, 1 grad, 2 row stat or V, 3 column stat or V, 4 exp_avg (or a stand-in)
+                            CHECK_SKIP: tl.constexpr, SCAN: tl.constexpr, ALIGNED: tl.constexpr,
+                            BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr, SR: tl.constexpr):
+    # lists: 0 param, 1 grad, 2 row stat or V, 3 column stat or V, 4 exp_avg (or a stand-in);
+    # with SCAN, every gradient is also checked and a non-finite value raises the skip flag, which
+    # the later passes read (this pass writes only scratch, so a skipped step changes nothing)
     if CHECK_SKIP:
         if tl.load(skip_ptr) != 0:
             return
@@ -193,10 +202,12 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
         o_r, o, m, full = _sub(o_s, n, n_r, n_c, i_r * BR + j * SR, o_c, c_end, SR)
         if full:
             b_pp, b_cc = _rowcol_sub(p_p, p_g, p_meta + _MASK, p_row, o, o_r, m, n_r, b_pp, b_cc, factored,
-                                     mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, False)
+                                     skip_ptr, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE,
+                                     SCAN, False)
         else:
             b_pp, b_cc = _rowcol_sub(p_p, p_g, p_meta + _MASK, p_row, o, o_r, m, n_r, b_pp, b_cc, factored,
-                                     mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE, True)
+                                     skip_ptr, mask_seed, mask_step, mask_threshold, mask_scale, MASK_MODE,
+                                     SCAN, True)
     tl.store(p_sqp + tl.program_id(0), tl.sum(b_pp))
     if factored:
         tl.store(p_col + o_c, tl.sum(b_cc, axis=0), mask=o_c < n_c)
@@ -451,13 +462,18 @@ def _scratch_sizes(view: tuple[int, int, int], factored: bool) -> tuple[int, int
 
 
 def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
-           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None) -> None:
+           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None, scan_nonfinite: bool = False) -> None:
     """Host launcher: five launches per (device, dtype, alignment) group of tensors, whatever their number.
 
     ``skip_flag``, when given, is a device int32 tensor; a non-zero value makes every pass a no-op
-    (parameters and all state untouched), with no host synchronisation.
+    (parameters and all state untouched), with no host synchronisation. With ``scan_nonfinite`` the
+    gradients are checked here and ``skip_flag`` raised when one holds inf or NaN: inside the rowcol
+    pass, which reads them anyway, when the tensors form one launch group (so no group is written
+    before every gradient has been seen), else by a separate scan first.
     """
     if any(_distributed.SHARD_KEY in s for s in states):
+        if scan_nonfinite:
+            checks.raise_if_nonfinite(grads, skip_flag)
         _launch_sharded(params, grads, states, hp, sc, lr, skip_flag)
         return
     factored = ["exp_avg_sq_row" in s for s in states]
@@ -488,7 +504,11 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     sub = {k: dict(SR=r, num_warps=w, **regs) for k, (r, w) in SUB.items()}
     columns = [[int(f) for f in factored], *mask.columns]
     segments = [[s[0] for s in sizes], [s[1] for s in sizes]]
-    for idx, plan in _launcher.tile_groups(lists, views, (RB, BC), columns, segments):
+    launch_groups = _launcher.tile_groups(lists, views, (RB, BC), columns, segments)
+    scan = scan_nonfinite and len(launch_groups) == 1
+    if scan_nonfinite and not scan:
+        checks.raise_if_nonfinite(grads, skip_flag)
+    for idx, plan in launch_groups:
         eps1 = _eps1(hp, params[idx[0]].dtype)
         # torch mode's clamp floors ε1 (on R̄) and ε1² (on V̂, V), kept positive in fp32 as the
         # reference does (ε1² = 1e-60 would flush to 0 and a zero row give 0·rsqrt(0))
@@ -499,7 +519,7 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
         p_rb = _launcher.workspace("adafactor.row_mean", plan.segment_sizes[1], device)
         p_scale = _launcher.workspace("adafactor.scale", 2 * plan.n_tensors, device)
         plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, *mask.args, **sub["rowcol"],
-                    MASK_MODE=mask.mode, CHECK_SKIP=check)
+                    MASK_MODE=mask.mode, CHECK_SKIP=check, SCAN=scan)
         plan.launch(adafactor_stats_kernel, flag, p_rc, p_rb, sc.weight, 0.0 if torch_eps else eps1,
                     num_warps=STATS_WARPS, CHECK_SKIP=check, RJ=RJ, KR=KR, VR=VR, KC=KC, CB=CB)
         plan.launch(adafactor_rms_kernel, flag, p_rb, p_squ, sign, sc.weight, 1.0 - sc.weight,

@@ -20,11 +20,24 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _raise_flag(flag_ptr, b_g):
+def nonfinite(b_g):
+    """1 where ``b_g`` is inf or NaN, else 0 (int32, the shape of ``b_g``)."""
+    return ((b_g != b_g) | (tl.abs(b_g) == float("inf"))).to(tl.int32)
+
+
+@triton.jit
+def raise_flag(flag_ptr, b_bad):
+    """Set ``*flag_ptr`` to 1 when an element of the 1-D int32 block ``b_bad`` is non-zero."""
     # an integer max (not a float atomic) keeps the flag deterministic
-    bad = tl.max(((b_g != b_g) | (tl.abs(b_g) == float("inf"))).to(tl.int32), axis=0)
+    bad = tl.max(b_bad, axis=0)
     if bad != 0:
         tl.atomic_max(flag_ptr, bad)
+
+
+@triton.jit
+def raise_flag_if_nonfinite(flag_ptr, b_g):
+    """Set ``*flag_ptr`` to 1 when a value of the 1-D block ``b_g`` is inf or NaN."""
+    raise_flag(flag_ptr, nonfinite(b_g))
 
 
 @triton.jit
@@ -33,7 +46,7 @@ def nonfinite_flag_kernel(tables, numels, block_tensor, block_chunk, flag_ptr,
     i_t, o_start, n = block_coords(numels, block_tensor, block_chunk, BLOCK)
     p_g = table_ptr(tables, i_t, 0, 1, DTYPE0, ALIGNED)
     o = o_start + tl.arange(0, BLOCK)
-    _raise_flag(flag_ptr, load_f32(p_g, o, o < n, True))
+    raise_flag_if_nonfinite(flag_ptr, load_f32(p_g, o, o < n, True))
 
 
 @triton.jit
@@ -50,7 +63,7 @@ def unscale_kernel(tables, numels, block_tensor, block_chunk, flag_ptr, inv_scal
     m = o < n
     b_g = load_f32(p_g, o, m, True) * tl.load(inv_scale_ptr)
     if CHECK:
-        _raise_flag(flag_ptr, b_g)
+        raise_flag_if_nonfinite(flag_ptr, b_g)
     store_cast(p_u, o, b_g, m, True)
 
 
@@ -64,9 +77,14 @@ def nonfinite_flag(grads: list[torch.Tensor], found_inf: torch.Tensor | None = N
     else:
         flag = (found_inf.detach().reshape(1).to(device, non_blocking=True) != 0).to(torch.int32)
     if check:
-        grads = _launcher.contiguous_list(grads)
-        _launcher.launch(nonfinite_flag_kernel, [grads], flag, block=BLOCK, num_warps=NUM_WARPS)
+        raise_if_nonfinite(grads, flag)
     return flag
+
+
+def raise_if_nonfinite(grads: list[torch.Tensor], flag: torch.Tensor) -> None:
+    """Raise ``flag`` (set it non-zero, asynchronously) when a gradient holds inf or NaN."""
+    _launcher.launch(nonfinite_flag_kernel, [_launcher.contiguous_list(grads)], flag, block=BLOCK,
+                     num_warps=NUM_WARPS)
 
 
 def unscaled(grads: list[torch.Tensor], grad_scale: torch.Tensor, flag: torch.Tensor,

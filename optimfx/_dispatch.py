@@ -189,20 +189,24 @@ def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
                 skip_nonfinite: bool, grad_scale: Tensor | None, found_inf: Tensor | None,
                 rounding_seed: int | None) -> None:
     kernels = importlib.import_module(f"optimfx._kernels.{algo.name}")
-    flag = None
+    step_counts.advance()
+    steps = step_counts.values()
+    by_step = _indices_by_step(steps)
+    flag, fused_scan = None, False
     if found_inf is not None or grad_scale is not None or skip_nonfinite:
         checks = importlib.import_module("optimfx._kernels.checks")
         # GradScaler's found_inf already covers every gradient: no second scan
         scan = skip_nonfinite and found_inf is None
-        flag = checks.nonfinite_flag(grads, found_inf, check=scan and grad_scale is None)
+        # kernels that read every gradient in a first pass that writes only scratch can raise the
+        # flag there (one launch for the group: every pass after it sees the flag)
+        fused_scan = scan and grad_scale is None and len(by_step) == 1 and getattr(kernels, "SCANS_NONFINITE", False)
+        flag = checks.nonfinite_flag(grads, found_inf, check=scan and grad_scale is None and not fused_scan)
         if grad_scale is not None:
             grads = checks.unscaled(grads, grad_scale, flag, check=scan)
-    step_counts.advance()
-    steps = step_counts.values()
-    for idx in _indices_by_step(steps).values():
+    for idx in by_step.values():
         sc = algo.scalars(steps[idx[0]], hyper)
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        extra = {}
+        extra: dict[str, Any] = {"scan_nonfinite": True} if fused_scan else {}
         if rounding_seed is not None and any(params[i].dtype == torch.bfloat16 for i in idx):
             if "round_key" not in inspect.signature(kernels.launch).parameters:
                 raise NotImplementedError(f"bf16_rounding='stochastic' is not implemented by the {algo.name} "

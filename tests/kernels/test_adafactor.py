@@ -196,20 +196,48 @@ def test_launch_count_is_independent_of_tensor_count(monkeypatch, copies):
                          "adafactor_scale_kernel", "adafactor_apply_kernel"]
 
 
-def test_nonfinite_grad_skips_params_and_all_state():
-    shapes = [(33, 70), (63,), ()]
+# (shapes, index of the poisoned gradient, its element, value): a flat (unfactored) tensor, whose
+# gradient the rowcol pass reads only to check it, and a factored matrix (rows of 64 elements keep
+# every row start 16-byte aligned: one launch group); (9, 7) has rows that are not, so it forms a
+# second launch group and the check runs as a separate scan
+NONFINITE_CASES = {
+    "unfactored-nan": ([(33, 64), (63,), ()], 1, (7,), float("nan")),
+    "factored-inf": ([(33, 64), (63,), ()], 0, (5, 9), float("-inf")),
+    "two-launch-groups": ([(16, 32), (9, 7), (40,)], 1, (2, 3), float("nan")),
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE_CASES))
+def test_nonfinite_grad_skips_params_and_all_state(monkeypatch, case):
+    shapes, which, element, value = NONFINITE_CASES[case]
+    launched = []
+    real = _launcher._enqueue
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append(kernel.__name__)
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_launcher, "_enqueue", spy)
     init = _tensors(shapes, torch.float32, 0)
     run = _Run(init, "triton", beta1=0.9)
     run.step(_tensors(shapes, torch.float32, 1))
+    # one launch group: the rowcol pass checks the gradients; two: a separate scan first
+    separate_scan = "nonfinite_flag_kernel" in launched
+    assert separate_scan == (case == "two-launch-groups")
     before = [(p.detach().clone(), {k: v.clone() for k, v in run.state(i).items()})
               for i, p in enumerate(run.params)]
+    steps = [int(run.opt.state[p]["step"]) for p in run.params]
     grads = _tensors(shapes, torch.float32, 2)
-    grads[1][7] = float("nan")
+    grads[which][element] = value
     run.step(grads)
+    assert [int(run.opt.state[p]["step"]) for p in run.params] == steps
     for i, (p, state) in enumerate(before):
         assert torch.equal(run.params[i].detach(), p)
         for key, value in state.items():
             assert torch.equal(run.state(i)[key], value)
+    # the next finite step goes through
+    run.step(_tensors(shapes, torch.float32, 3))
+    assert not torch.equal(run.params[0].detach(), before[0][0])
 
 
 def test_noncontiguous_unaligned_and_missing_grads():
