@@ -37,6 +37,7 @@ import torch
 import optimfx
 from optimfx._algorithm import Algorithm
 from optimfx.bench.presets import get_preset, make_params
+from optimfx.bench.timing import quantile
 
 PRESETS = ("transformer-50m", "many-small", "matrices")
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -104,14 +105,6 @@ def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: 
     return seconds
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def report(preset: str, seconds: dict[str, list[float]]) -> str:
     shapes = get_preset(preset)
     ours = statistics.median(seconds["optimfx"])
@@ -119,7 +112,7 @@ def report(preset: str, seconds: dict[str, list[float]]) -> str:
              "| contender | median ms | p20–p80 ms | time / optimfx time |", "|---|---:|---:|---:|"]
     for name, xs in seconds.items():
         m = statistics.median(xs)
-        lines.append(f"| {name} | {m * 1e3:.1f} | {_quantile(xs, .2) * 1e3:.1f}–{_quantile(xs, .8) * 1e3:.1f} "
+        lines.append(f"| {name} | {m * 1e3:.1f} | {quantile(xs, .2) * 1e3:.1f}–{quantile(xs, .8) * 1e3:.1f} "
                      f"| {m / ours:.2f} |")
     return "\n".join(lines)
 
