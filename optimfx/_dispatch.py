@@ -85,17 +85,23 @@ def _host_lr(lr: Any) -> float:
     return float(lr) if isinstance(lr, Tensor) else lr
 
 
+def _graph_scalar(x: Any) -> Tensor:
+    """A host float (or the user's tensor lr) as a 0-d float64 tensor, a graph input of the compiled step."""
+    return x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64)
+
+
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def _compiled_step(algo: Algorithm) -> Callable[..., None]:
     fn = _COMPILED.get(algo.name)
     if fn is None:
-        # specialize_float=False gave wrong steps in torch 2.13: a float passed as a Scalar argument
-        # (``alpha=``/``value=``) is specialised anyway, and the FX graph cache reuses the kernel
-        # with the first value baked in. Floats stay constants (a recompile per step) until the
-        # step scalars reach the graph as tensors.
-        fn = torch.compile(algo.reference_step, fullgraph=False, dynamic=False)
+        # The step scalars and lr arrive as 0-d float64 tensors (graph inputs: no recompile as the
+        # step advances or a scheduler moves lr; torch 2.13's specialize_float=False baked the first
+        # value of a float passed as alpha=/value= into a cached kernel). Shapes are dynamic, so
+        # the graphs are one per rank and branch, not one per shape: a model with more distinct
+        # shapes than Dynamo's recompile limit (8) would otherwise fall back to eager.
+        fn = torch.compile(algo.reference_step, fullgraph=False, dynamic=True)
         _COMPILED[algo.name] = fn
     return fn
 
@@ -162,12 +168,17 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
         grads = _unscaled(grads, grad_scale)
     step_counts.advance()
     step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
-    lr_f = _host_lr(lr)
+    compiled = backend == "compiled"
+    lr_f = _graph_scalar(lr) if compiled else _host_lr(lr)
     scalars: dict[int, Any] = {}
     for p, g, state, step in zip(params, grads, states, step_counts.values()):
         sc = scalars.get(step)
         if sc is None:
-            sc = scalars[step] = algo.scalars(step, hyper)
+            sc = algo.scalars(step, hyper)
+            sc = scalars[step] = type(sc)(*map(_graph_scalar, sc)) if compiled else sc
+        if compiled:
+            # Dynamo keeps an nn.Parameter's shape static; a plain alias of it gets a dynamic one
+            p = p.detach()
         if rounding_seed is None:
             step_fn(p, g, state, hyper, sc, lr_f)
             continue

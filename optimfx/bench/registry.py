@@ -23,9 +23,9 @@ from torch.optim import Optimizer
 BENCH_LR = 1e-6
 #: Backends an optimfx optimizer is registered with; ``auto`` is the one users get by default.
 OPTIMFX_BACKENDS = ("auto", "reference", "compiled", "triton")
-#: Steps before timing: the first allocates state (and compiles). The compiled backend recompiles
-#: for several steps (its per-step float scalars are specialised), so it gets more.
-_WARMUP = {"compiled": 10}
+#: Steps before timing: the first allocates state (and compiles). The compiled backend gets a few
+#: more, so that its first timed step is not the one that finishes compiling.
+_WARMUP = {"compiled": 3}
 #: Constructor arguments besides ``lr`` and ``backend``, for optimizers whose defaults reject a
 #: manual ``lr`` (AdaFactor's relative step).
 BENCH_KWARGS: dict[str, dict[str, Any]] = {"AdaFactor": {"relative_step": False}}

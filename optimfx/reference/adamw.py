@@ -79,7 +79,7 @@ def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Te
     exp_avg.lerp_(grad32, 1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad32, grad32, value=1.0 - hp.beta2)
     denom = exp_avg_sq.sqrt()
-    if sc.c2 != 1.0:
+    if hp.correct_bias and hp.eps_placement == "v_hat":  # c2 = 1 otherwise (host_scalars)
         denom.mul_(sc.c2)
     denom.add_(hp.eps)
     return torch.div(exp_avg, denom, out=denom)

@@ -111,8 +111,9 @@ def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor
     param32 = working_copy(param)
     grad32 = prepare_grad(grad, param32, maximize=hp.maximize,
                           l2=0.0 if hp.decoupled else hp.weight_decay, mask=hp.mask, state=state)
-    # a private gradient copy (L2, maximize, low precision) is free once the moments are updated
-    scratch = grad32 if grad32.data_ptr() != grad.data_ptr() else None
+    # a private gradient copy (L2, maximize, low precision) is free once the moments are updated;
+    # prepare_grad returns ``grad`` itself or a new tensor, never a view of it
+    scratch = None if grad32 is grad else grad32
     d = direction_(grad32, exp_avg, exp_avg_sq, hp, sc, scratch)
     apply_(param32, d, lr, hp.weight_decay if hp.decoupled else 0.0)
     write_back_(param, param32)

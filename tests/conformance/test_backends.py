@@ -64,20 +64,29 @@ def test_compiled_matches_reference_on_a_model(row, backend, device):
     _assert_matches_reference(row, backend, dict(weight_decay=1e-2), device)
 
 
-@pytest.mark.xfail(strict=True, reason="the compiled backend compiles with dynamic=False, so every "
-                   "step's w_t and eps_eff are baked in and each step recompiles; drop this marker "
-                   "once optimfx/_dispatch.py passes them as graph inputs")
-@pytest.mark.parametrize("row, backend", rows_x_backends(("compiled",))[:1])
-def test_compiled_backend_stops_compiling_after_warm_up(row, backend, device):
-    """After two steps the compiled step has seen every shape and the step-dependent scalars; later
-    steps must reuse its graphs (a recompile per step would hit Dynamo's limit and silently fall
-    back to eager after 8 graphs)."""
-    params = make_params([(6, 4)], device)
-    grads = make_grads(params, 4)
-    opt = row.make(params, backend, lr=torch.tensor(1e-2))
-    run(opt, params, grads[:2])
-    graphs = counters["stats"]["unique_graphs"]
-    run(opt, params, grads[2:])
-    assert counters["stats"]["unique_graphs"] == graphs
+# ten distinct shapes, ranks 0-3: more than Dynamo's recompile limit (8) if each shape took a graph
+MANY_SHAPES = [(6, 4), (8,), (3, 5), (), (4, 4, 2), (10, 3), (7,), (2, 9), (5, 5), (11,)]
 
 
+@pytest.mark.parametrize("lr_kind", ["float-with-scheduler", "tensor"])
+@pytest.mark.parametrize("row, backend", rows_x_backends(("compiled",)))
+def test_compiled_backend_stops_compiling_after_warm_up(row, backend, lr_kind, device):
+    """After the first step the compiled step has seen every rank and the step scalars as graph
+    inputs; later steps, whose step count and (scheduled) lr change, reuse its graphs. Shapes are
+    dynamic, so ten shapes stay under Dynamo's recompile limit (``fail_on_recompile_limit_hit``: a
+    silent fall-back to eager would fail here), and the result is the reference's."""
+    runs = {b: make_params(MANY_SHAPES, device) for b in (backend, "reference")}
+    grads = make_grads(runs[backend], 5)
+    lr = 1e-2 if lr_kind == "float-with-scheduler" else torch.tensor(1e-2)
+    opts = {b: row.make(ps, b, lr=lr, weight_decay=1e-2) for b, ps in runs.items()}
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1.0 + t)) for o in opts.values()]
+    graphs = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for step_grads in grads:
+            for b, ps in runs.items():
+                run(opts[b], ps, [step_grads])
+            for s in schedulers:
+                s.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[1]] * (len(graphs) - 1), f"graphs after each step: {graphs}"
+    assert_runs_close(opts[backend], runs[backend], opts["reference"], runs["reference"], row.tolerance)
