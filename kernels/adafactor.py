@@ -38,11 +38,12 @@ import triton
 import triton.language as tl
 
 from .. import _distributed
+from .._precision import rounding
 from ..reference import adafactor as ref
 from ..reference.adafactor import _eps1
 from . import _launcher, _mask, checks
 from .checks import nonfinite, raise_flag
-from ._common import load_f32, store_cast, table_ptr, tile_coords
+from ._common import load_f32, store_cast, store_cast_stochastic, table_ptr, tile_coords
 
 # a band program owns RB rows × BC columns (64 KB of fp32 per stream) and walks them in sub-tiles of
 # SUB[pass] = (rows, warps), 8 fp32 elements per thread and stream each step; BR × BC is the apply
@@ -378,7 +379,8 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
 @triton.jit
 def _apply_sub(p_p, p_g, p_d, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale, decay,
                sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
-               EPS_TORCH: tl.constexpr, MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+               round_key, EPS_TORCH: tl.constexpr, MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr,
+               STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
     b_g = _mask.load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, MASKED, MASK_MODE) * sign
     if factored:
         b_row = tl.load(p_row + o_r, mask=o_r < n_r, other=1.0)
@@ -397,15 +399,19 @@ def _apply_sub(p_p, p_g, p_d, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, facto
         b_p = b_p * decay - b_m
     else:
         b_p = b_p * decay - b_u * scale
-    store_cast(p_p, o, b_p, m, MASKED)
+    if STOCHASTIC:
+        store_cast_stochastic(p_p, o, b_p, m, round_key, MASKED)
+    else:
+        store_cast(p_p, o, b_p, m, MASKED)
 
 
 @triton.jit(do_not_specialize=["mask_step"])
 def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_scale,
                            sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
-                           DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
+                           round_key, DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
-                           MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                           MOMENTUM: tl.constexpr, MASK_MODE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                           CHECK_SKIP: tl.constexpr,
                            ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
                            SR: tl.constexpr, RJ: tl.constexpr):
     if CHECK_SKIP:
@@ -436,11 +442,11 @@ def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip
         if full:
             _apply_sub(p_p, p_g, p_meta + _MASK, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale,
                        decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
-                       mask_scale, EPS_TORCH, MOMENTUM, MASK_MODE, False)
+                       mask_scale, round_key, EPS_TORCH, MOMENTUM, MASK_MODE, STOCHASTIC, False)
         else:
             _apply_sub(p_p, p_g, p_meta + _MASK, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, factored, scale,
                        decay, sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold,
-                       mask_scale, EPS_TORCH, MOMENTUM, MASK_MODE, True)
+                       mask_scale, round_key, EPS_TORCH, MOMENTUM, MASK_MODE, STOCHASTIC, True)
 
 
 def _view(t: torch.Tensor, factored: bool) -> tuple[int, int, int]:
@@ -462,7 +468,8 @@ def _scratch_sizes(view: tuple[int, int, int], factored: bool) -> tuple[int, int
 
 
 def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
-           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None, scan_nonfinite: bool = False) -> None:
+           hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None, scan_nonfinite: bool = False,
+           round_key: int | None = None) -> None:
     """Host launcher: five launches per (device, dtype, alignment) group of tensors, whatever their number.
 
     ``skip_flag``, when given, is a device int32 tensor; a non-zero value makes every pass a no-op
@@ -470,11 +477,14 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     gradients are checked here and ``skip_flag`` raised when one holds inf or NaN: inside the rowcol
     pass, which reads them anyway, when the tensors form one launch group (so no group is written
     before every gradient has been seen), else by a separate scan first.
+
+    ``round_key``, when given, writes bf16 parameters by stochastic rounding with that key
+    (:func:`optimfx._precision.round_key`) in the apply pass.
     """
     if any(_distributed.SHARD_KEY in s for s in states):
         if scan_nonfinite:
             checks.raise_if_nonfinite(grads, skip_flag)
-        _launch_sharded(params, grads, states, hp, sc, lr, skip_flag)
+        _launch_sharded(params, grads, states, hp, sc, lr, skip_flag, round_key)
         return
     factored = ["exp_avg_sq_row" in s for s in states]
     stat_a = [s["exp_avg_sq_row"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
@@ -531,15 +541,16 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
                     hp.weight_decay if hf_decay else 0.0, 0.0 if hf_decay else hp.weight_decay,
                     per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=check, VB=VB)
         plan.launch(adafactor_apply_kernel, flag, p_rb, p_scale, sign, beta1, 1.0 - beta1, floor1,
-                    floor2, _TINY, *mask.args, **sub["apply"], EPS_TORCH=torch_eps, MOMENTUM=momentum,
-                    MASK_MODE=mask.mode, CHECK_SKIP=check, RJ=RJ)
+                    floor2, _TINY, *mask.args, 3 if round_key is None else round_key, **sub["apply"],
+                    EPS_TORCH=torch_eps, MOMENTUM=momentum, MASK_MODE=mask.mode,
+                    STOCHASTIC=round_key is not None, CHECK_SKIP=check, RJ=RJ)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
 
 
 def _launch_sharded(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
-                    hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None) -> None:
+                    hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None, round_key: int | None) -> None:
     """FSDP2 shards: unsharded tensors take the kernels; sharded ones the reference step.
 
     The statistics of a sharded tensor must be completed across ranks between the rowcol, stats and
@@ -549,11 +560,12 @@ def _launch_sharded(params: list[torch.Tensor], grads: list[torch.Tensor], state
     plain = [i for i, s in enumerate(states) if _distributed.SHARD_KEY not in s]
     if plain:
         launch([params[i] for i in plain], [grads[i] for i in plain], [states[i] for i in plain], hp, sc, lr,
-               skip_flag)
+               skip_flag, round_key=round_key)
     # the reference decides on the host: this path reads the flag (a synchronisation the kernels avoid)
     if skip_flag is not None and bool(skip_flag.ne(0).any()):
         return
     lr_f = float(lr) if isinstance(lr, torch.Tensor) else lr
-    for p, g, s in zip(params, grads, states):
-        if _distributed.SHARD_KEY in s:
-            ref.step_(p, g, s, hp, sc, lr_f)
+    with rounding(round_key):
+        for p, g, s in zip(params, grads, states):
+            if _distributed.SHARD_KEY in s:
+                ref.step_(p, g, s, hp, sc, lr_f)

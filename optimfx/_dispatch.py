@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 from collections import defaultdict
 from operator import attrgetter
@@ -219,9 +218,6 @@ def _run_triton(algo: Algorithm, params: list[Tensor], grads: list[Tensor],
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         extra: dict[str, Any] = {"scan_nonfinite": True} if fused_scan else {}
         if rounding_seed is not None and any(params[i].dtype == torch.bfloat16 for i in idx):
-            if "round_key" not in inspect.signature(kernels.launch).parameters:
-                raise NotImplementedError(f"bf16_rounding='stochastic' is not implemented by the {algo.name} "
-                                          "Triton kernels yet; use backend='reference' for this group")
             extra["round_key"] = round_key(rounding_seed, steps[idx[0]])
         kernels.launch(pick(params), pick(grads), pick(states), hyper, sc, lr, flag, **extra)
     if flag is not None:

@@ -11,6 +11,7 @@ deterministic).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -95,13 +96,22 @@ def test_small_updates_accumulate_where_round_to_nearest_loses_them():
     assert abs(stochastic.double().mean() - (1.0 + steps * delta)) <= tol
 
 
+#: optimizers with a Triton apply pass that writes parameters (AdaFactor's factored and flat paths)
+OPTIMIZERS = {
+    "AdaXW": lambda groups, backend: optimfx.AdaXW(groups, lr=1e-4, weight_decay=0.0, backend=backend),
+    "AdamW": lambda groups, backend: optimfx.AdamW(groups, lr=1e-4, weight_decay=0.0, backend=backend),
+    "AdaFactor": lambda groups, backend: optimfx.AdaFactor(groups, lr=1e-4, relative_step=False,
+                                                           scale_parameter=False, backend=backend),
+}
+
+
 def _bf16_run(backend: str, seed: int, rounding_mode: str = "stochastic", steps: int = 20,
-              dtype: torch.dtype = torch.bfloat16):
+              dtype: torch.dtype = torch.bfloat16, optimizer: str = "AdaXW"):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16).to(dtype))
               for s in ((64, 33), (5,))]
-    opt = optimfx.AdaXW([{"params": params, "bf16_rounding": rounding_mode, "rounding_seed": seed}],
-                        lr=1e-4, weight_decay=0.0, backend=backend)
+    opt = OPTIMIZERS[optimizer]([{"params": params, "bf16_rounding": rounding_mode, "rounding_seed": seed}],
+                                backend)
     for _ in range(steps):
         for p in params:
             p.grad = torch.ones_like(p)
@@ -109,16 +119,19 @@ def _bf16_run(backend: str, seed: int, rounding_mode: str = "stochastic", steps:
     return params
 
 
-def test_an_optimizer_moves_bf16_weights_by_tiny_steps_only_with_stochastic_rounding():
-    """AdaXW with a constant gradient and no decay steps every weight by the same ``≤ lr = 1e-4``, far
-    below half a bf16 ULP: round-to-nearest never moves a weight of magnitude ≥ 2^-4, while the
-    stochastic run follows the fp32 run from the same start (its error is a sum of independent
-    zero-mean roundings: variance ≤ u²/4 per element and step)."""
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_an_optimizer_moves_bf16_weights_by_tiny_steps_only_with_stochastic_rounding(optimizer):
+    """A constant gradient and no decay step every weight by the same ``≤ lr = 1e-4`` (Adam's and
+    AdaX's ``m/√v`` and AdaFactor's clipped ``G/√V`` are all 1 here), far below half a bf16 ULP:
+    round-to-nearest never moves a weight of magnitude ≥ 2^-4, while the stochastic run follows the
+    fp32 run from the same start (its error is a sum of independent zero-mean roundings: variance
+    ≤ u²/4 per element and step)."""
     steps = 20
-    start = _bf16_run("reference", 0, steps=0)[0].detach().double()
-    nearest = _bf16_run("reference", 0, "nearest", steps)[0].detach().double()
-    stochastic = _bf16_run("reference", 0, steps=steps)[0].detach().double()
-    exact = _bf16_run("reference", 0, steps=steps, dtype=torch.float32)[0].detach().double()
+    run = functools.partial(_bf16_run, "reference", 0, optimizer=optimizer)
+    start = run(steps=0)[0].detach().double()
+    nearest = run("nearest", steps)[0].detach().double()
+    stochastic = run(steps=steps)[0].detach().double()
+    exact = run(steps=steps, dtype=torch.float32)[0].detach().double()
     big = start.abs() >= 2**-4  # half a ULP there, 2^-13, exceeds every step
     assert torch.equal(nearest[big], start[big])
     assert (exact - start).abs().min() > 5e-4  # the fp32 run moved every weight
@@ -143,13 +156,15 @@ def test_kernel_store_is_bit_identical_to_the_reference():
     assert torch.equal(y.view(torch.int16), stochastic_round_bf16(x, key).view(torch.int16))
 
 
-def test_triton_backend_matches_the_reference_backend():
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_triton_backend_matches_the_reference_backend(optimizer):
     """Both backends hash the same (seed, step, index, value) into the same thresholds. Their fp32
     results may differ in the last fp32 bits (tolerances.py), which flips a stochastic rounding only
     when the threshold falls between them (probability ~2^-14 per element and step): at most a
-    handful of elements may differ, by one bf16 ULP."""
+    handful of elements may differ, by one bf16 ULP. Round-to-nearest would leave every weight where
+    it started (the test above), so equal moved weights show the kernels rounded stochastically."""
     _require_triton()
-    ref, tri = _bf16_run("reference", 1, steps=4), _bf16_run("triton", 1, steps=4)
+    ref, tri = (_bf16_run(backend, 1, steps=4, optimizer=optimizer) for backend in ("reference", "triton"))
     for r, t in zip(ref, tri):
         differ = r != t
         assert differ.sum() <= 2
