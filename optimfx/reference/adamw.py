@@ -73,16 +73,16 @@ def host_scalars(step: int, hp: AdamWHyper) -> AdamWScalars:
     return AdamWScalars(step, math.sqrt(bc2) / bc1, 1.0)
 
 
-def direction_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hp: AdamWHyper,
-               sc: AdamWScalars) -> torch.Tensor:
-    """Update the moments in place and return ``m / (c2·sqrt(v) + ε)`` (``c1`` is applied with lr)."""
+def moments_and_denominator_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                              hp: AdamWHyper, sc: AdamWScalars) -> torch.Tensor:
+    """Update the moments in place and return the denominator ``c2·sqrt(v) + ε`` of the direction
+    ``m / (c2·sqrt(v) + ε)`` (``c1`` is applied with lr)."""
     exp_avg.lerp_(grad32, 1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad32, grad32, value=1.0 - hp.beta2)
     denom = exp_avg_sq.sqrt()
     if hp.correct_bias and hp.eps_placement == "v_hat":  # c2 = 1 otherwise (host_scalars)
         denom.mul_(sc.c2)
-    denom.add_(hp.eps)
-    return torch.div(exp_avg, denom, out=denom)
+    return denom.add_(hp.eps)
 
 
 def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], hp: AdamWHyper,
@@ -91,6 +91,7 @@ def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor
     param32 = working_copy(param)
     # §4.1: the ChildTuning mask acts on the gradient, before the moments
     grad32 = prepare_grad(grad, param32, maximize=hp.maximize, l2=0.0, mask=hp.mask, state=state)
-    d = direction_(grad32, state["exp_avg"], state["exp_avg_sq"], hp, sc)
-    apply_(param32, d, lr, hp.weight_decay, direction_scale=sc.c1, decay_first=hp.decay_order == "torch")
+    denom = moments_and_denominator_(grad32, state["exp_avg"], state["exp_avg_sq"], hp, sc)
+    apply_(param32, state["exp_avg"], denom, lr, hp.weight_decay, direction_scale=sc.c1,
+           decay_first=hp.decay_order == "torch")
     write_back_(param, param32)

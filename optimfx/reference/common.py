@@ -32,9 +32,10 @@ def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l
     return g
 
 
-def apply_(param32: torch.Tensor, direction: torch.Tensor, lr: float, decoupled_weight_decay: float, *,
-           direction_scale: float = 1.0, decay_first: bool = True) -> None:
-    """``θ ← θ·(1 − lr·λ) − lr·s·d`` (decoupled weight decay, Loshchilov & Hutter, then the step).
+def apply_(param32: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, lr: float,
+           decoupled_weight_decay: float, *, direction_scale: float = 1.0, decay_first: bool = True) -> None:
+    """``θ ← θ·(1 − lr·λ) − lr·s·d`` with ``d = numerator / denominator`` (decoupled weight decay,
+    Loshchilov & Hutter, then the step): the step is one ``addcdiv_``, so ``d`` is never stored.
 
     ``decay_first=False`` decays the already-updated parameter, ``θ ← (θ − lr·s·d)·(1 − lr·λ)``, the
     order of the legacy transformers AdamW that ChildTuning's official code uses.
@@ -42,6 +43,6 @@ def apply_(param32: torch.Tensor, direction: torch.Tensor, lr: float, decoupled_
     decay = decoupled_weight_decay != 0.0
     if decay and decay_first:
         param32.mul_(1.0 - lr * decoupled_weight_decay)
-    param32.add_(direction, alpha=-lr * direction_scale)
+    param32.addcdiv_(numerator, denominator, value=-lr * direction_scale)
     if decay and not decay_first:
         param32.mul_(1.0 - lr * decoupled_weight_decay)
