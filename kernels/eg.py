@@ -18,6 +18,10 @@ are contiguous row ranges (a tensor, a param group, or every tensor), so group a
 no host step. A raised skip flag (``kernels/checks.py``) leaves scales, gains, velocity and average
 untouched and restores ``θ`` from the saved copy. Traffic per fp32 element: 16 B read + 4 B written
 before the base step, 24 B read + 16 B written after it (60 B on top of the base).
+
+On FSDP2 shards (a ``ShardSpec`` in a tensor's state view) the rows of ``sums`` hold this rank's
+partial sums: they are all-reduced between the partials and the scale passes, the skip flag is
+all-reduced (max), and the gain coefficient divides by the global element count. No host read.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _distributed
 from . import _launcher
 from ._common import load_f32, store_cast, table_ptr, tile_coords, tile_offsets
 
@@ -269,11 +274,13 @@ def before(units: list[Any], skip_nonfinite: bool, scratch: dict) -> Pending:
     if any(p.device != device for u in units for p in u.params):
         raise RuntimeError("EGStepSize's Triton backend needs every parameter on one device")
     grads = [[_launcher.contiguous_or_copy(g) for g in u.grads] for u in units]
+    # FSDP2 shards, one per row of ``sums`` (None: a whole tensor)
+    shards = [s.get(_distributed.SHARD_KEY) for u in units for s in u.states]
     flag = None
     if skip_nonfinite:
         from .checks import nonfinite_flag
 
-        flag = nonfinite_flag([g for gs in grads for g in gs])
+        flag = _distributed.any_rank_(nonfinite_flag([g for gs in grads for g in gs]), shards)
     saved = _saved_copies(units, scratch)
     rows, bounds = _scope_rows(units)
     n_rows = sum(len(r) for r in rows)
@@ -288,10 +295,12 @@ def before(units: list[Any], skip_nonfinite: bool, scratch: dict) -> Pending:
             part = _launcher.workspace("eg.partials", 4 * plan.n_blocks, device)
             plan.launch(eg_reduce_kernel, part, num_warps=NUM_WARPS)
             plan.launch(eg_partials_kernel, part, sums, per_tensor=True, num_warps=SMALL_WARPS)
+    _distributed.sum_rows_(sums[:4 * n_rows].view(n_rows, 4), shards)
     for unit, rw, bd in zip(units, rows, bounds):
         hp = unit.hp
         scales = [s["scale"] for s in unit.states]
-        columns = [rw, [b[0] for b in bd], [b[1] for b in bd], [p.numel() for p in unit.params]]
+        numels = [_distributed.global_numel(p, s) for p, s in zip(unit.params, unit.states)]
+        columns = [rw, [b[0] for b in bd], [b[1] for b in bd], numels]
         plan = _launcher.tile_plan([scales], [(1, 1, BC)] * len(scales), (1, BC), columns)
         plan.launch(eg_scale_kernel, flag if flag is not None else sums, sums, coefs, hp.gamma_scale,
                     hp.gamma_gain, _bound(hp.exp_clip), _TINY, per_tensor=True, num_warps=SMALL_WARPS,

@@ -24,7 +24,9 @@ plain tensors, and:
 
   Empty local shards contribute zeros, so every rank issues the same collectives in the same order.
   A local tensor's :class:`ShardSpec` reaches the algorithm under :data:`SHARD_KEY` in its state dict
-  (the per-step local view, never the stored state).
+  (the per-step local view, never the stored state). Per-tensor sums that are not means (EG's
+  ``⟨ν, g⟩``, ``‖ν‖²``, ``‖g‖²``, ``‖m‖²``) are completed by :func:`sum_rows_`, one all-reduce for
+  every tensor split over the same groups.
 * **the non-finite check is global**: a step is skipped on every rank when any rank's shard holds
   inf/NaN (one flag all-reduce and one host read per parameter group and step).
 
@@ -100,12 +102,63 @@ class ShardSpec:
         return ShardSpec(shape, axes) if axes else None
 
 
+def global_numel(local: Tensor, state: Mapping[str, Any]) -> int:
+    """Element count of the global tensor whose local piece is ``local`` (its state view tells)."""
+    shard = state.get(SHARD_KEY)
+    return local.numel() if shard is None else math.prod(shard.global_shape)
+
+
 def _all_reduce_(t: Tensor, groups: Sequence[Any], op: Any = None) -> Tensor:
     import torch.distributed as dist
 
     for group in groups:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return t
+
+
+def _distinct_groups(shards: Sequence[Optional[ShardSpec]]) -> list[tuple[list[Any], list[int]]]:
+    """The distinct sets of process groups of ``shards``, in order of first appearance, each with the
+    indices of the shards split over it (``None`` entries, unsharded tensors, belong to none)."""
+    sets: list[tuple[list[Any], list[int]]] = []
+    for i, shard in enumerate(shards):
+        if shard is None:
+            continue
+        groups = shard.groups()
+        for known, members in sets:
+            if len(known) == len(groups) and all(a is b for a, b in zip(known, groups)):
+                members.append(i)
+                break
+        else:
+            sets.append((groups, [i]))
+    return sets
+
+
+def sum_rows_(rows: Tensor, shards: Sequence[Optional[ShardSpec]]) -> Tensor:
+    """Complete per-tensor partial sums across ranks, in place.
+
+    Row ``i`` of ``rows`` (``[T, k]``) holds sums over this rank's shard of tensor ``i``; it becomes
+    the sums over the whole tensor (a sum is the sum of the ranks' partial sums). Rows of tensors split
+    over the same process groups go in one all-reduce, the sets in order of first appearance, which
+    is the same on every rank (every rank lists the same tensors in the same order); rows of
+    unsharded tensors (``None``) stay as they are.
+    """
+    for groups, members in _distinct_groups(shards):
+        index = torch.tensor(members, device=rows.device)
+        rows.index_copy_(0, index, _all_reduce_(rows.index_select(0, index), groups))
+    return rows
+
+
+def any_rank_(flag: Tensor, shards: Sequence[Optional[ShardSpec]]) -> Tensor:
+    """``flag`` (a device tensor, nonzero: raised) raised on every rank whose tensors share a process
+    group with a rank where it is raised; an all-reduce, no host read (nothing without shards)."""
+    groups: list[Any] = []
+    for known, _ in _distinct_groups(shards):
+        groups.extend(g for g in known if all(g is not seen for seen in groups))
+    if not groups:
+        return flag
+    import torch.distributed as dist
+
+    return _all_reduce_(flag, groups, dist.ReduceOp.MAX)
 
 
 def mean(x: Tensor, dim: int, shard: ShardSpec, keepdim: bool = False) -> Tensor:
@@ -256,19 +309,11 @@ def local_group(params: list[Tensor], grads: list[Tensor], states: list[dict],
 
 def all_finite(local_grads: list[Tensor], states: list[dict]) -> bool:
     """Whether every rank's gradients are finite (all-reduced over the groups that shard them)."""
-    import torch.distributed as dist
-
     from ._dispatch import all_finite as local_all_finite
 
-    groups: list[Any] = []
-    for state in states:
-        spec = state.get(SHARD_KEY)
-        for g in spec.groups() if spec is not None else ():
-            if all(g is not seen for seen in groups):
-                groups.append(g)
     bad = torch.tensor([0.0 if local_all_finite(local_grads) else 1.0],
                        device=local_grads[0].device if local_grads else "cpu")
-    return not bool(_all_reduce_(bad, groups, dist.ReduceOp.MAX).item())
+    return not bool(any_rank_(bad, [state.get(SHARD_KEY) for state in states]).item())
 
 
 # ---- flat parameters (FSDP1, ZeRO) --------------------------------------------------------------

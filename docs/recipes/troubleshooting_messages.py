@@ -28,6 +28,9 @@ MESSAGES = {
     "group-size": "ValueError: loaded state dict contains a parameter group that doesn't match "
                   "the size of optimizer's group",
     "adapter": "KeyError: 'base'",
+    "eg-base": "ValueError: EGStepSize: the state of parameter 0 holds ['exp_avg', 'exp_avg_sq', 'step'], "
+               "neither EG's state nor its base's ('base/<key>'): load what EGStepSize.state_dict() saved, "
+               "not the base optimizer's state dict",
     "adafactor-lr": "ValueError: Invalid lr: a manual lr cannot be combined with relative_step=True "
                     "(leave lr=None, or pass relative_step=False, or lr_mode='rho_max')",
     "complex": "RuntimeError: AdaFactor does not support complex parameters or gradients",
@@ -95,6 +98,11 @@ expect("group-size", lambda: bigger.load_state_dict(saved))
 adapter = optimfx.ChildTuning(torch.optim.AdamW(model.parameters()), mode="F", reserve_p=0.3)
 expect("adapter", lambda: adapter.load_state_dict(adapter.base.state_dict()))
 adapter.load_state_dict(adapter.state_dict())
+# EGStepSize keeps its base's state in its own per-parameter entries, as "base/<key>"
+eg = optimfx.EGStepSize(torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
+stepped(eg)
+expect("eg-base", lambda: eg.load_state_dict(eg.base.state_dict()))
+eg.load_state_dict(eg.state_dict())
 
 # -- AdaFactor arguments ------------------------------------------------------------------------------
 expect("adafactor-lr", lambda: optimfx.AdaFactor(model.parameters(), lr=1e-3))

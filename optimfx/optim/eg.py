@@ -8,24 +8,32 @@ One step, for every param group (all alignments are measured before any paramete
 2. the base optimizer's ``step()`` writes its proposal ``θ − d`` into the parameters;
 3. ``after``: ``d = θ_saved − θ_proposed`` in place in the saved buffer, then velocity and parameter
    (the Triton backend runs the gains, velocity, parameter and average-gradient update in one pass).
+
+On FSDP2 (DTensor) parameters both backends step the local shards: the per-tensor sums are this
+rank's partial sums, completed across ranks (``_distributed.sum_rows_``) before any exponent is
+formed, and the state is created like the parameter (DTensors for the parameter-shaped buffers).
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch.optim import Optimizer
 
-from .._dispatch import all_finite, resolve_backend
+from .. import _distributed
+from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
-from .._validation import check_choice, check_nonnegative, check_range
+from .._validation import check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
+#: prefix of the base optimizer's per-parameter state in the entries of ``state_dict()["state"]``
+BASE_PREFIX = "base/"
 
 
 class _Unit(NamedTuple):
@@ -35,9 +43,9 @@ class _Unit(NamedTuple):
     scope: str
     backend: str
     owners: list[Tensor]  # the parameters themselves (keys of ``state`` and of the scratch buffers)
-    params: list[Tensor]
+    params: list[Tensor]  # local tensors: real views, FSDP2 shards
     grads: list[Tensor]
-    states: list[dict[str, Tensor]]
+    states: list[dict[str, Any]]  # local views; a sharded tensor's ShardSpec under _distributed.SHARD_KEY
 
 
 class EGStepSize(Optimizer):
@@ -70,8 +78,9 @@ class EGStepSize(Optimizer):
             (then γ has units of 1/gradient² and must be tuned). Default: ``True``.
         scope: one scale per ``"tensor"``, per ``"group"`` or ``"global"``. Default: ``"tensor"``.
         exp_clip: clamp on every exponent. Default: ``1.0``.
-        gain_clamp: ``(min, max)`` of the gains. Default: ``(1e-3, 1e3)``.
+        gain_clamp: ``(min, max)`` of the gains, either ``None`` for no bound. Default: ``(1e-3, 1e3)``.
         skip_nonfinite: skip the whole step (base included) when gradients hold inf/NaN. Default: ``True``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``. Default: ``"auto"``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -82,6 +91,12 @@ class EGStepSize(Optimizer):
     References:
         Amid, Anil, Fifty & Warmuth, `Step-size Adaptation Using Exponentiated Gradient Updates
         <https://arxiv.org/abs/2202.00145>`_, 2022.
+
+    Note:
+        Under FSDP2 (``fully_shard``) the base must step DTensor parameters too (every optimfx
+        optimizer and ``torch.optim`` does); EG's sums are completed across ranks, so a sharded run
+        matches a single-process one, and its state is DTensors that ``torch.distributed.checkpoint``
+        saves and reshards, with the base's state in the same per-parameter entries.
     """
 
     def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float = 0.0, beta: float = 0.9,
@@ -91,6 +106,7 @@ class EGStepSize(Optimizer):
                  skip_nonfinite: bool = True, backend: str = "auto") -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
+        gain_min, gain_max = _check_gain_clamp(gain_clamp)
         defaults = dict(
             eg_lr=check_nonnegative("lr", lr), eg_momentum=check_range("momentum", momentum, 0.0, 1.0, high_open=True),
             eg_beta=check_range("beta", beta, 0.0, 1.0, high_open=True),
@@ -98,8 +114,7 @@ class EGStepSize(Optimizer):
             gamma_gain=check_nonnegative("gamma_gain", gamma_gain), normalize=bool(normalize),
             scope=check_choice("scope", scope, ref.SCOPES),
             exp_clip=None if exp_clip is None else check_nonnegative("exp_clip", exp_clip),
-            gain_min=None if gain_clamp[0] is None else check_nonnegative("gain_clamp[0]", gain_clamp[0]),
-            gain_max=None if gain_clamp[1] is None else check_nonnegative("gain_clamp[1]", gain_clamp[1]),
+            gain_min=gain_min, gain_max=gain_max,
             # "eg_" keeps it apart from the ``backend`` key of an optimfx base (the groups are shared)
             eg_backend=check_choice("backend", backend, BACKENDS),
         )
@@ -132,12 +147,7 @@ class EGStepSize(Optimizer):
     def _state_for(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
-            view = real_view(p)
-            kw = dict(dtype=compute_dtype(p.dtype), device=p.device)
-            state["scale"] = torch.ones((), **kw)
-            state["gains"] = torch.ones(view.shape, **kw)
-            state["velocity"] = torch.zeros(view.shape, **kw)
-            state["avg_grad"] = torch.zeros(view.shape, **kw)
+            state.update(ref.init_state(real_view(p)))
         return state
 
     def _units(self) -> list[_Unit]:
@@ -146,13 +156,20 @@ class EGStepSize(Optimizer):
             owners = [p for p in group["params"] if p.grad is not None]
             if not owners:
                 continue
+            if any(p.grad.is_sparse for p in owners):
+                raise RuntimeError("EGStepSize does not support sparse gradients")
             params = [real_view(p) for p in owners]
             grads = [real_view(p.grad) for p in owners]
+            states = [self._state_for(p) for p in owners]
+            # FSDP2: the local shards, and state views that carry each shard's ShardSpec
+            local = _distributed.local_group(params, grads, states, {})
+            if local is not None:
+                params, grads, states = local
             if group.get("maximize", False):
                 # a maximising base descends along −g: the alignments must see the same sign
                 grads = [torch.neg(g) for g in grads]
             units.append(_Unit(self._hyper(group), group["scope"], resolve_backend(group["eg_backend"], params),
-                               owners, params, grads, [self._state_for(p) for p in owners]))
+                               owners, params, grads, states))
         if any(u.scope == "global" for u in units) and len({u.backend for u in units}) > 1:
             raise RuntimeError("EGStepSize: scope='global' needs one backend for every param group, got "
                                f"{sorted({u.backend for u in units})}")
@@ -195,14 +212,18 @@ class EGStepSize(Optimizer):
     def _reference_before(self, units: list[_Unit]) -> Optional[list[list[Tensor]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters; ``None`` when the step is skipped."""
         grads = [[working_copy(g) for g in u.grads] for u in units]
-        parts = [ref.alignment_parts([s["velocity"] for s in u.states], gs, [s["avg_grad"] for s in u.states])
-                 for u, gs in zip(units, grads)]
+        parts = []
+        for unit, gs in zip(units, grads):
+            part = ref.alignment_parts([s["velocity"] for s in unit.states], gs, [s["avg_grad"] for s in unit.states])
+            # FSDP2: a sharded tensor's row is this rank's part of its sums
+            parts.append(_distributed.sum_rows_(part, [s.get(_distributed.SHARD_KEY) for s in unit.states]))
         if self.skip_nonfinite and not self._finite(units, parts):
             return None
         saved = []
         for unit, gs, part, exponent in zip(units, grads, parts, self._exponents(units, parts)):
             torch._foreach_mul_([s["scale"] for s in unit.states], list(exponent.exp().unbind()))
-            numels = torch.tensor([g.numel() for g in gs], dtype=part.dtype, device=part.device)
+            numels = torch.tensor([_distributed.global_numel(g, s) for g, s in zip(gs, unit.states)],
+                                  dtype=part.dtype, device=part.device)
             coefs = ref.gain_coefficient(part[:, 3], part[:, 2], numels, unit.hp)
             buffers = self._saved_buffers(unit)
             for g, state, c, buf in zip(gs, unit.states, coefs.tolist(), buffers):
@@ -215,10 +236,11 @@ class EGStepSize(Optimizer):
 
     @staticmethod
     def _finite(units: list[_Unit], parts: list[Tensor]) -> bool:
-        # finite ‖g‖² proves every gradient finite; otherwise the exact check decides (overflow)
+        # finite ‖g‖² proves every gradient finite; otherwise the exact check decides (overflow). The
+        # sums are complete on every rank, so every rank takes the same branch and the same decision.
         if all(bool(part[:, 2].isfinite().all()) for part in parts):
             return True
-        return all_finite([g for u in units for g in u.grads])
+        return _distributed.all_finite([g for u in units for g in u.grads], [s for u in units for s in u.states])
 
     def _saved_buffers(self, unit: _Unit) -> list[Tensor]:
         """One persistent buffer per parameter, in the state dtype, reused every step (no allocation)."""
@@ -250,7 +272,10 @@ class EGStepSize(Optimizer):
         return out
 
     def scale_stats(self) -> list[dict[str, float]]:
-        """Per group: mean/min/max of the scales and the mean gain, for logging (host reads)."""
+        """Per group: mean/min/max of the scales and the mean gain, for logging (host reads).
+
+        Under FSDP2 the gains are gathered (``full_tensor``): call it on every rank.
+        """
         stats = []
         for group in self.param_groups:
             states = [self.state[p] for p in group["params"] if p in self.state and self.state[p]]
@@ -258,31 +283,103 @@ class EGStepSize(Optimizer):
                 stats.append({})
                 continue
             scales = torch.stack([s["scale"].double().cpu() for s in states])
-            gains = torch.cat([s["gains"].double().flatten().cpu() for s in states])
+            full = [s["gains"].full_tensor() if _distributed.is_dtensor(s["gains"]) else s["gains"] for s in states]
+            gains = torch.cat([g.double().flatten().cpu() for g in full])
             stats.append({"scale_mean": float(scales.mean()), "scale_min": float(scales.min()),
                           "scale_max": float(scales.max()), "gain_mean": float(gains.mean())})
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        """EG state in the standard layout, with the base's full state under ``"base"``."""
-        out = super().state_dict()
-        out["base"] = self.base.state_dict()
-        return out
+        """EG state in the standard layout; each parameter's entry also holds the base's state for that
+        parameter, as ``"base/<key>"``.
+
+        One entry per parameter (the param groups are the base's) is what ``torch.distributed.checkpoint``
+        maps to parameter names, saves and reshards. The base's entries are added before the
+        optimizer's own post-hooks run, so they see (and may rewrite) the whole state.
+        """
+        handle = self.register_state_dict_post_hook(_with_base_state, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        base = state_dict.pop("base")
-        self.base.load_state_dict(base)
-        super().load_state_dict(state_dict)
+        """Load EG's and the base's state (also a checkpoint that holds the base's under ``"base"``).
+
+        The state dict is split after the optimizer's own pre-hooks: the ``"base/"`` entries go to
+        the base's ``load_state_dict``. EG state is restored from the saved values in the precision
+        policy's dtype (``torch.optim`` would cast it to the parameter dtype: bf16 for a bf16 model).
+        """
+        hooked: dict[str, Any] = {}
+
+        def split(_: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+            mine, base = _split_base_state(saved)
+            self.base.load_state_dict(base)
+            hooked["sd"] = mine
+            return mine
+
+        # registered last, it runs after the pre-hooks registered before this call
+        handle = self.register_load_state_dict_pre_hook(split)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
         self.param_groups = self.base.param_groups
         for group in self.param_groups:  # checkpoints written before an option existed
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        for p, state in self.state.items():  # keep EG statistics in the policy dtype, never shared
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    restored = value.to(compute_dtype(p.dtype))
-                    state[key] = restored.clone() if restored.data_ptr() == value.data_ptr() else restored
+        saved = hooked["sd"]
+        saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
+        for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
+            for key, value in saved["state"].get(saved_id, {}).items():
+                if not isinstance(value, Tensor):
+                    continue
+                # the policy dtype, on the parameter's device (a DTensor stays one), never shared
+                dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
+                restored = value.detach().to(device=p.device, dtype=dtype)
+                self.state[p][key] = restored.clone() if restored.data_ptr() == value.data_ptr() else restored
+
+
+def _check_gain_clamp(gain_clamp: Any) -> tuple[Optional[float], Optional[float]]:
+    """``(min, max)``: a non-negative min, a positive max (a zero gain never recovers), min ≤ max."""
+    if not isinstance(gain_clamp, (tuple, list)) or len(gain_clamp) != 2:
+        raise ValueError(f"Invalid gain_clamp: {gain_clamp!r} (must be a pair (min, max), either may be None)")
+    low = None if gain_clamp[0] is None else check_nonnegative("gain_clamp[0]", gain_clamp[0])
+    high = None if gain_clamp[1] is None else check_positive("gain_clamp[1]", gain_clamp[1])
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"Invalid gain_clamp: {tuple(gain_clamp)!r} (min must not exceed max)")
+    return low, high
+
+
+def _with_base_state(opt: EGStepSize, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with the base's per-parameter state added to each entry (new entry dicts: the
+    packed entries are the live state). Both optimizers number the parameters of the same groups."""
+    state = dict(state_dict["state"])
+    for key, entry in opt.base.state_dict()["state"].items():
+        state[key] = {**state.get(key, {}), **{BASE_PREFIX + k: v for k, v in entry.items()}}
+    return {**state_dict, "state": state}
+
+
+def _split_base_state(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(EG's state dict, the base's)`` from a state dict of :meth:`EGStepSize.state_dict`."""
+    if "base" in state_dict:
+        # written before the base's state moved into the per-parameter entries
+        return {k: v for k, v in state_dict.items() if k != "base"}, state_dict["base"]
+    mine: dict[Any, dict[str, Any]] = {}
+    base: dict[Any, dict[str, Any]] = {}
+    for key, entry in state_dict["state"].items():
+        theirs = {k[len(BASE_PREFIX):]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(BASE_PREFIX)}
+        own = {k: v for k, v in entry.items() if k in ref.STATE_KEYS}
+        unknown = set(entry) - set(own) - {BASE_PREFIX + k for k in theirs}
+        if unknown:
+            raise ValueError(f"EGStepSize: the state of parameter {key!r} holds {sorted(map(str, unknown))}, "
+                             "neither EG's state nor its base's ('base/<key>'): load what EGStepSize.state_dict() "
+                             "saved, not the base optimizer's state dict")
+        if own:
+            mine[key] = own
+        if theirs:
+            base[key] = theirs
+    return {**state_dict, "state": mine}, {"state": base, "param_groups": state_dict["param_groups"]}
 
 
 def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: float = 0.9,
@@ -305,5 +402,7 @@ def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: 
     Returns:
         An :class:`EGStepSize` around ``torch.optim.SGD(params, lr=lr)``.
     """
+    # SGD's own check words it otherwise and lets nan through
+    check_lr(lr)
     return EGStepSize(torch.optim.SGD(params, lr=lr), lr=1.0, momentum=momentum, beta=beta,
                       gamma_scale=gamma_scale, gamma_gain=gamma_gain, **kwargs)

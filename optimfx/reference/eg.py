@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .._precision import compute_dtype
+
 Tensor = torch.Tensor
 SCOPES = ("tensor", "group", "global")
 
@@ -46,6 +48,21 @@ class EGHyper:
     gain_max: Optional[float]
 
 
+#: the per-parameter state of :func:`init_state`
+STATE_KEYS = ("scale", "gains", "velocity", "avg_grad")
+
+
+def init_state(param: Tensor) -> dict[str, Tensor]:
+    """§3.3: ``scale`` s = 1 (0-d), ``gains`` p = 1, ``velocity`` ν = 0, ``avg_grad`` m = 0, in the policy dtype.
+
+    The buffers are made ``*_like`` the parameter (contiguous): for an FSDP2 (DTensor) parameter they
+    are DTensors with its placements, allocated per shard; ``scale`` is a plain tensor on every rank.
+    """
+    kw = dict(dtype=compute_dtype(param.dtype), memory_format=torch.contiguous_format)
+    return {"scale": torch.ones((), dtype=kw["dtype"], device=param.device), "gains": torch.ones_like(param, **kw),
+            "velocity": torch.zeros_like(param, **kw), "avg_grad": torch.zeros_like(param, **kw)}
+
+
 def _clip(x: Tensor, hp: EGHyper) -> Tensor:
     return x if hp.exp_clip is None else x.clamp_(-hp.exp_clip, hp.exp_clip)
 
@@ -60,7 +77,8 @@ def alignment_parts(velocities: list[Tensor], grads: list[Tensor], avg_grads: li
 
     Every exponent of step ``t`` is a function of these sums (§3.1 steps 1–2). The norms come from one
     ``_foreach_norm`` over the three lists (read-only passes, no temporaries); the dot products are
-    one ``dot`` per tensor. A row of an empty tensor is all zeros.
+    one ``dot`` per tensor. A row of an empty tensor is all zeros. On an FSDP2 shard a row holds the
+    shard's partial sums; :func:`optimfx._distributed.sum_rows_` completes them across ranks.
     """
     n = len(grads)
     norms = torch.stack(torch._foreach_norm(velocities + grads + avg_grads)).reshape(3, n)

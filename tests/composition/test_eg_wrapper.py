@@ -128,6 +128,39 @@ def test_state_dict_round_trip_continues_in_lockstep():
         assert torch.equal(a, b)
 
 
+def test_state_dict_holds_the_base_state_per_parameter():
+    """One entry per parameter, EG's keys and the base's as ``base/<key>``: the layout DCP maps to names."""
+    init, grads = _problem(steps=2)
+    _, opt = _run(lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3), init, grads)
+    saved = opt.state_dict()
+    assert set(saved) == {"state", "param_groups"}
+    base = opt.base.state_dict()["state"]
+    for i, entry in saved["state"].items():
+        assert set(entry) == {"scale", "gains", "velocity", "avg_grad"} | {f"base/{k}" for k in base[i]}
+        assert all(torch.equal(entry[f"base/{k}"], v) for k, v in base[i].items())
+
+
+def test_checkpoint_with_the_base_state_under_base_loads():
+    """The layout written before the base's state moved into the entries: ``{"state", "param_groups",
+    "base": base.state_dict()}``."""
+    init, grads = _problem(steps=6)
+    make = lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1)  # noqa: E731
+    ref_params, ref_opt = _run(make, init, grads[:3])
+    current = copy.deepcopy(ref_opt.state_dict())
+    old = {"state": {i: {k: v for k, v in e.items() if not k.startswith("base/")} for i, e in current["state"].items()},
+           "param_groups": current["param_groups"], "base": copy.deepcopy(ref_opt.base.state_dict())}
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    opt = make(params)
+    opt.load_state_dict(old)
+    for gs in grads[3:]:
+        for a, b, g in zip(ref_params, params, gs):
+            a.grad, b.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    for a, b in zip(ref_params, params):
+        assert torch.equal(a, b)
+
+
 def test_scheduler_on_the_wrapper_drives_the_base_lr():
     p = torch.nn.Parameter(torch.ones(3))
     base = torch.optim.SGD([p], lr=0.1)
@@ -147,6 +180,10 @@ def test_errors():
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), scope="layer")
     with pytest.raises(ValueError, match="gamma_scale"):
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), gamma_scale=-1.0)
+    # Funnel's lr is SGD's, checked as every optimfx lr is (SGD alone would let nan through)
+    for lr in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"^Invalid lr: "):
+            optimfx.Funnel([p], lr=lr)
 
 
 def test_grads_are_read_only_and_the_saved_buffer_is_reused():

@@ -4,13 +4,15 @@ One forked 2-rank job trains every optimizer on a model whose shards are uneven 
 empty (1 row on 2 ranks), square (placement of row vs column statistics cannot be told from the
 shape) and 3-D (AdaFactor factors the last two axes, FSDP2 shards the first), each rank on its half of
 a fixed batch. The parent replays every run in one process on the full batch and compares. The same
-job checkpoints with ``torch.distributed.checkpoint`` mid-run and resumes into fresh objects.
+job checkpoints with ``torch.distributed.checkpoint`` mid-run and resumes into fresh objects, and
+puts a NaN into one rank's gradient shard, which every rank must skip.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -80,14 +82,20 @@ OPTIMIZERS = {
     # F masks keyed by the global element index (ShardSpec.element_offset): the single-process masks
     "childtuning-adamw-f": lambda ps, m: optimfx.ChildTuningAdamW(ps, lr=1e-2, mode="ChildTuning-F",
                                                                  reserve_p=0.5, seed=3),
-    "eg-adax": lambda ps, m: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2), gamma_scale=0.3),
+    # EG's sums are completed across ranks (optimfx/_distributed.py::sum_rows_); gamma_gain > 0 so the
+    # gains' RMS normalisation (global element counts) is exercised
+    "eg-adax": lambda ps, m: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1),
+    "eg-adax-triton": lambda ps, m: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2, backend="triton"), gamma_scale=0.3,
+                                                       gamma_gain=0.1, backend="triton"),
+    # a torch.optim base on DTensors, and one scale for every tensor of the model
+    "eg-global": lambda ps, m: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, scope="global"),
+    "funnel": lambda ps, m: optimfx.Funnel(ps, lr=0.05, gamma_scale=0.3, gamma_gain=0.1),
 }
-XFAIL = {
-    "eg-adax": "optim/eg.py computes its alignments with torch.dot on flattened DTensors (DTensor "
-               "refuses to flatten an unevenly sharded tensor) and keeps plain-tensor state",
-}
+XFAIL: dict[str, str] = {}
+# a NaN on one rank's shard skips the step on every rank
+NONFINITE_OPTIMIZERS = ("adax", "eg-adax", "eg-adax-triton", "funnel")
 # DCP resume: continue == uninterrupted, and DCP's zero-grad init step moves nothing
-DCP_OPTIMIZERS = ("adafactor", "adafactor-torch-mode", "adax", "childtuning-adamw-d")
+DCP_OPTIMIZERS = ("adafactor", "adafactor-torch-mode", "adax", "childtuning-adamw-d", "eg-adax", "funnel")
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +144,9 @@ def _worker(rank: int, out_dir: str) -> None:
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     results["placements"] = _placements(mesh)
+    results["eg-placements"] = _eg_placements(mesh)
+    for name in NONFINITE_OPTIMIZERS:
+        results[f"nonfinite-{name}"] = _nan_on_one_rank(rank, mesh, name)
     for name in DCP_OPTIMIZERS:
         results[f"dcp-{name}"] = _dcp_resume(rank, mesh, name, os.path.join(out_dir, f"ckpt-{name}"))
     if rank == 0:
@@ -152,6 +163,51 @@ def _placements(mesh) -> dict[str, str]:
             for p, s in opt.state.items() for k, v in s.items()}
 
 
+def _eg_placements(mesh) -> dict[str, str]:
+    """Placement of EGStepSize's state, by ``param/key``."""
+    model = _sharded(mesh)
+    opt = OPTIMIZERS["eg-adax"](list(model.parameters()), model)
+    _train(model, opt, 1, dist.get_rank())
+    names = {p: n for n, p in model.named_parameters()}
+    return {f"{names[p]}/{k}": (str(v.placements) if isinstance(v, DTensor) else "plain")
+            for p, s in opt.state.items() for k, v in s.items()}
+
+
+def _local_snapshot(model, opt) -> list[torch.Tensor]:
+    """This rank's pieces of the parameters and of every optimizer state tensor (EG's and its base's)."""
+    tensors = list(model.parameters()) + [v for s in opt.state_dict()["state"].values() for v in s.values()]
+    return [(t.to_local() if isinstance(t, DTensor) else t).detach().clone() for t in tensors]
+
+
+def _nan_on_one_rank(rank, mesh, name):
+    """Two steps, then a step whose NaN sits in rank 1's shard only: every rank must skip it (nothing
+    moves, no state changes on any rank), and the next step is taken everywhere."""
+    model = _sharded(mesh)
+    opt = OPTIMIZERS[name](list(model.parameters()), model)
+    _train(model, opt, 2, rank)
+    before = _local_snapshot(model, opt)
+    x, y = _batch(2)
+    opt.zero_grad(set_to_none=True)
+    half = slice(rank * BATCH, (rank + 1) * BATCH)
+    torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+    if rank == 1:
+        model.inp.weight.grad.to_local()[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _local_snapshot(model, opt)))
+    _train(model, opt, 1, rank, first=3)
+    moved_after = not all(torch.equal(a, b) for a, b in zip(before, _local_snapshot(model, opt)))
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, (unchanged, moved_after))
+    return flags
+
+
+def _state_keys(opt) -> list[str]:
+    """Keys of the first parameter's entry in the optimizer's state dict (EG's include its base's)."""
+    return sorted(next(iter(opt.state_dict()["state"].values())))
+
+
 def _dcp_resume(rank, mesh, name, path):
     """Uninterrupted run vs: save after DCP_SAVE_AT steps, fresh model and optimizer, DCP init step,
     load, continue."""
@@ -160,6 +216,7 @@ def _dcp_resume(rank, mesh, name, path):
     opt = factory(list(model.parameters()), model)
     _train(model, opt, DCP_STEPS, rank)
     uninterrupted = _full(model)
+    trained_keys = _state_keys(opt)
 
     model = _sharded(mesh)
     opt = factory(list(model.parameters()), model)
@@ -174,15 +231,16 @@ def _dcp_resume(rank, mesh, name, path):
     fresh = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     after_init = _full(model)
     init_state_finite = all(bool(torch.isfinite(v.full_tensor() if isinstance(v, DTensor) else v).all())
-                            for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
-                            and v.is_floating_point())
+                            for s in opt.state_dict()["state"].values() for v in s.values()
+                            if isinstance(v, torch.Tensor) and v.is_floating_point())
+    init_state_keys = _state_keys(opt)
     dcp.load(fresh, checkpoint_id=path)
     set_model_state_dict(model, fresh["model"])
     set_optimizer_state_dict(model, opt, fresh["optim"])
     _train(model, opt, DCP_STEPS - DCP_SAVE_AT, rank, first=DCP_SAVE_AT)
     return {"uninterrupted": uninterrupted, "resumed": _full(model),
             "init_moved": any(not torch.equal(before[k], after_init[k]) for k in before),
-            "init_state_finite": init_state_finite, "init_state_keys": sorted(opt.state[next(iter(opt.state))])}
+            "init_state_finite": init_state_finite, "init_state_keys": init_state_keys, "trained_keys": trained_keys}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +252,7 @@ def results():
 
 # the Triton runs are replayed on the reference backend (kernel == reference is tests/kernels/'s job;
 # the interpreter would cost seconds here)
-REPLAY = {"adaxw-triton": "adaxw", "adafactor-triton": "adafactor"}
+REPLAY = {"adaxw-triton": "adaxw", "adafactor-triton": "adafactor", "eg-adax-triton": "eg-adax"}
 
 
 def _single(name: str, steps: int = STEPS):
@@ -223,7 +281,8 @@ def test_fsdp2_matches_single_process(results, name):
         assert not torch.equal(p.detach(), init[n].detach()), f"{n} did not train"
 
 
-@pytest.mark.parametrize("name", ["adafactor", "adafactor-momentum-decay", "adax", "childtuning-adamw-d"])
+@pytest.mark.parametrize("name", ["adafactor", "adafactor-momentum-decay", "adax", "childtuning-adamw-d", "eg-adax",
+                                  "eg-adax-triton"])
 def test_fsdp2_full_optimizer_state_matches_single_process(results, name):
     """DCP's full state dict gathers the sharded state: it must be the single-process state."""
     _, opt = _single(name)
@@ -265,4 +324,23 @@ def test_dcp_init_step_moves_nothing_and_stays_finite(results, name):
     got = results[f"dcp-{name}"]
     assert not got["init_moved"]
     assert got["init_state_finite"]
-    assert "step" in got["init_state_keys"]
+    # the init step creates the whole state a trained optimizer has (EG: its own and its base's)
+    assert got["init_state_keys"] == got["trained_keys"]
+
+
+def test_fsdp2_eg_state_placements(results):
+    """EG's parameter-shaped state is placed like the parameter; its scale is a plain tensor."""
+    pl = results["eg-placements"]
+    shard0 = str((Shard(0),))
+    for key in ("gains", "velocity", "avg_grad"):
+        assert pl[f"inp.weight/{key}"] == shard0
+        assert pl[f"experts/{key}"] == shard0
+        assert pl[f"head.weight/{key}"] == shard0  # (1, 4): rank 1's piece is empty
+    assert pl["inp.weight/scale"] == "plain"
+
+
+@pytest.mark.parametrize("name", NONFINITE_OPTIMIZERS)
+def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(results, name):
+    for rank, (unchanged, moved_after) in enumerate(results[f"nonfinite-{name}"]):
+        assert unchanged, f"rank {rank} changed parameters or state in a skipped step"
+        assert moved_after, f"rank {rank} did not step after the skipped step"
