@@ -6,6 +6,11 @@ supports, whether it takes complex parameters, its tolerance profile in ``tolera
 the defaults do not fit it, the keywords the generic tests construct it with. Inputs never set
 ``backend``: the tests add it, as torch's tests add ``foreach``/``fused``. The errors every optimizer
 shares (``common_error_inputs``) are added by the test, not listed per row.
+
+A wrapper that is not built from ``params`` (``EGStepSize(base, ...)``) gets a ``factory`` that is
+(:class:`EGAround`), and a ``variant`` naming the composition in test ids. A generic test that cannot
+apply to a row is listed in the row's ``skips`` with the reason; ``tests/conformance/conftest.py``
+turns it into a skip.
 """
 
 from __future__ import annotations
@@ -61,14 +66,28 @@ class OptimInfo:
     tolerance: str = "pointwise"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-2})
     convergence: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: builds the optimizer from ``(params, **keywords)`` where ``cls`` is not built that way (a wrapper)
+    factory: Callable[..., torch.optim.Optimizer] | None = None
+    #: tells apart, in test ids, rows of one class (the base a wrapper is composed with)
+    variant: str = ""
+    #: key of the per-parameter step counter in ``state_dict()["state"]`` entries; ``None``: none is kept
+    step_key: str | None = "step"
+    #: generic tests that cannot apply to this row, by test function name (``"test_errors: <desc>"``
+    #: for one of ``common_error_inputs``), each with the reason
+    skips: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
+        """The optimizer's class name (its ``repr`` starts with it)."""
         return self.cls.__name__
 
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.variant}" if self.variant else self.name
+
     def make(self, params: Any, backend: str = "reference", **overrides: Any) -> torch.optim.Optimizer:
-        """``cls(params, **kwargs, backend=backend, **overrides)``."""
-        return self.cls(params, **{**self.kwargs, "backend": backend, **overrides})
+        """``cls(params, **kwargs, backend=backend, **overrides)`` (``factory`` in place of ``cls``)."""
+        return (self.factory or self.cls)(params, **{**self.kwargs, "backend": backend, **overrides})
 
 
 def _param() -> torch.nn.Parameter:
@@ -246,6 +265,101 @@ def adafactor_error_inputs() -> list[ErrorInput]:
     ]
 
 
+#: EGStepSize's keywords, its η as ``eg_lr`` (see :class:`EGAround`)
+EG_KEYWORDS = ("eg_lr", "momentum", "beta", "gamma_scale", "gamma_gain", "normalize", "scope", "exp_clip",
+               "gain_clamp", "skip_nonfinite", "backend")
+
+
+@dataclass(frozen=True)
+class EGAround:
+    """``EGStepSize`` around ``base``, built from ``(params, **keywords)`` as every row's optimizer is.
+
+    ``EGStepSize``'s keywords go to it, its η as ``eg_lr``: ``lr`` is the base's, the learning rate
+    that schedulers, DCP's init step and the tests' ``lr`` cases drive. The keywords in ``shared`` go
+    to the base as well (an optimfx base takes the same ``backend``, so one backend runs the whole
+    step); every other keyword goes to the base.
+    """
+
+    base: type[torch.optim.Optimizer]
+    shared: tuple[str, ...] = ()
+
+    def __call__(self, params: Any, **kwargs: Any) -> optimfx.EGStepSize:
+        eg = {key: kwargs.pop(key) for key in EG_KEYWORDS if key in kwargs}
+        kwargs.update({key: eg[key] for key in self.shared if key in eg})
+        if "eg_lr" in eg:
+            eg["lr"] = eg.pop("eg_lr")
+        return optimfx.EGStepSize(self.base(params, **kwargs), **eg)
+
+
+# γ large enough that the scale and gains move visibly within the suite's few steps
+_EG_KWARGS = {"lr": 1e-2, "gamma_scale": 0.3, "gamma_gain": 0.1}
+# over the convergence problems' 100-400 steps those γ let the scale run away (on SGD, e^{0.3} per step
+# of agreeing gradients, until it diverges); the library defaults, γ = 1e-2, are what a long run uses
+_EG_LONG_RUN = {"gamma_scale": 1e-2, "gamma_gain": 1e-2}
+
+
+def eg_adax_inputs() -> list[OptimInput]:
+    return [
+        OptimInput("default"),
+        # raw dot products: γ in units of 1/gradient² (unit-scale test gradients, tensors of ≤ 24 elements)
+        OptimInput("group-scope-raw", {"scope": "group", "normalize": False, "gamma_scale": 0.05,
+                                       "gamma_gain": 0.05}),
+        OptimInput("global-scope-momentum", {"scope": "global", "momentum": 0.5, "eg_lr": 0.5}),
+        # clamps that bind from the second step on
+        OptimInput("clamps-bind", {"gamma_gain": 5.0, "exp_clip": 0.05, "gain_clamp": (0.95, 1.05)}),
+        OptimInput("maximize", {"maximize": True, "weight_decay": 1e-2}),
+        OptimInput("no-gains-no-skip", {"gamma_gain": 0.0, "beta": 0.5, "skip_nonfinite": False}),
+    ]
+
+
+def eg_sgd_inputs() -> list[OptimInput]:
+    return [
+        OptimInput("default"),
+        OptimInput("weight-decay-maximize", {"weight_decay": 1e-2, "maximize": True}),
+        OptimInput("global-scope-raw", {"scope": "global", "normalize": False, "gamma_scale": 0.05}),
+        OptimInput("no-momentum-clamps-bind", {"momentum": 0.0, "gamma_gain": 5.0, "exp_clip": 0.05,
+                                               "gain_clamp": (0.95, 1.05)}),
+    ]
+
+
+def eg_error_inputs() -> list[ErrorInput]:
+    """EGStepSize's own checks (``eg_lr`` is its ``lr``, η)."""
+    return [
+        ErrorInput("negative eta", {"eg_lr": -1.0}, ValueError, _exactly("Invalid lr: -1.0 (must be in [0.0, inf])")),
+        ErrorInput("momentum = 1", {"momentum": 1.0}, ValueError,
+                   _exactly("Invalid momentum: 1.0 (must be in [0.0, 1.0))")),
+        ErrorInput("beta < 0", {"beta": -0.1}, ValueError, _exactly("Invalid beta: -0.1 (must be in [0.0, 1.0))")),
+        ErrorInput("beta = 1", {"beta": 1.0}, ValueError, _exactly("Invalid beta: 1.0 (must be in [0.0, 1.0))")),
+        ErrorInput("negative gamma_scale", {"gamma_scale": -1.0}, ValueError,
+                   _exactly("Invalid gamma_scale: -1.0 (must be in [0.0, inf])")),
+        ErrorInput("nan gamma_gain", {"gamma_gain": float("nan")}, ValueError,
+                   _exactly("Invalid gamma_gain: nan (must be in [0.0, inf])")),
+        ErrorInput("unknown scope", {"scope": "layer"}, ValueError,
+                   _exactly("Invalid scope: 'layer' (must be one of 'tensor', 'group', 'global')")),
+        ErrorInput("negative exp_clip", {"exp_clip": -1.0}, ValueError,
+                   _exactly("Invalid exp_clip: -1.0 (must be in [0.0, inf])")),
+        ErrorInput("one gain bound", {"gain_clamp": (1e-3,)}, ValueError,
+                   _exactly("Invalid gain_clamp: (0.001,) (must be a pair (min, max), either may be None)")),
+        ErrorInput("negative gain min", {"gain_clamp": (-1.0, 10.0)}, ValueError,
+                   _exactly("Invalid gain_clamp[0]: -1.0 (must be in [0.0, inf])")),
+        ErrorInput("zero gain max", {"gain_clamp": (None, 0.0)}, ValueError,
+                   _exactly("Invalid gain_clamp[1]: 0.0 (must be in (0.0, inf])")),
+        ErrorInput("gain min above max", {"gain_clamp": (2.0, 1.0)}, ValueError,
+                   _exactly("Invalid gain_clamp: (2.0, 1.0) (min must not exceed max)")),
+        ErrorInput("compiled backend", {"backend": "compiled"}, ValueError,
+                   _exactly("Invalid backend: 'compiled' (must be one of 'auto', 'reference', 'triton')")),
+    ]
+
+
+_EG_SKIPS = {
+    "test_reference_backend_runs_the_algorithms_reference_step":
+        "EGStepSize has no Algorithm whose reference_step could be driven by hand: it wraps its base's "
+        "step(); its reference is checked against the spec's worked example (tests/composition/test_eg_wrapper.py)",
+    "test_step_hooks_fire_once_in_torch_order":
+        "the base's step() is a torch.optim step of its own, so the global step hooks fire for it too "
+        "(twice per EGStepSize step); EGStepSize's own hooks fire once",
+}
+
 OPTIMIZERS: list[OptimInfo] = [
     OptimInfo(optimfx.AdaX, adax_inputs, adax_error_inputs),
     OptimInfo(optimfx.AdaXW, adax_inputs, adax_error_inputs),
@@ -263,6 +377,32 @@ OPTIMIZERS: list[OptimInfo] = [
               kwargs=ADAFACTOR_KWARGS,
               convergence={"quadratic": {"lr": 0.05, "scale_parameter": False},
                            "rosenbrock": {"lr": 0.1, "scale_parameter": False, "beta1": 0.9}}),
+    # EG around an optimfx optimizer: one backend for both (EG has no compiled backend)
+    OptimInfo(optimfx.EGStepSize, eg_adax_inputs, eg_error_inputs, backends=("reference", "triton"),
+              kwargs=_EG_KWARGS, factory=EGAround(optimfx.AdaX, shared=("backend", "skip_nonfinite")),
+              variant="AdaX", step_key="base/step", skips=_EG_SKIPS,
+              convergence={"quadratic": _EG_LONG_RUN, "rosenbrock": _EG_LONG_RUN}),
+    # the paper's setting (Funnel): plain SGD, EG's velocity as the momentum. Neither keeps a step counter.
+    OptimInfo(optimfx.EGStepSize, eg_sgd_inputs, eg_error_inputs, backends=("reference", "triton"),
+              kwargs={**_EG_KWARGS, "momentum": 0.9}, factory=EGAround(torch.optim.SGD), variant="SGD",
+              step_key=None,
+              # Rosenbrock's gradients reach ~10³ at the start: SGD needs a small lr there (0.3 diverges)
+              convergence={"quadratic": _EG_LONG_RUN, "rosenbrock": {**_EG_LONG_RUN, "lr": 1e-3}},
+              skips={**_EG_SKIPS,
+                     "test_state_dict_with_python_number_step_loads_and_steps":
+                         "neither torch.optim.SGD (without momentum) nor EGStepSize keeps a step counter",
+                     "test_complex_param_equals_its_real_view":
+                         "torch.optim.SGD rounds the step of a complex parameter and of its real view differently "
+                         "(1 ulp), which reaches EG's d and velocity; EG's own part is exact (the AdaX row)",
+                     "test_state_dict_from_before_an_option_existed_loads":
+                         "torch.optim.SGD does not fill its own group options missing from a checkpoint "
+                         "(KeyError 'momentum' in torch alone); EG fills its own (the AdaX row)",
+                     "test_errors: negative lr": "lr is torch.optim.SGD's, which words it 'Invalid learning rate'",
+                     "test_errors: nan lr": "lr is torch.optim.SGD's, which accepts nan",
+                     "test_errors: unknown bf16_rounding": "bf16_rounding is an option of optimfx's optimizers; "
+                                                           "torch.optim.SGD has none",
+                     "test_errors: float rounding_seed": "rounding_seed is an option of optimfx's optimizers; "
+                                                         "torch.optim.SGD has none"}),
 ]
 
 
@@ -274,18 +414,18 @@ def _backend_marks(backend: str) -> list[pytest.MarkDecorator]:
 
 def rows() -> list[Any]:
     """``pytest.param(row)`` for every optimizer, for ``@pytest.mark.parametrize("row", rows())``."""
-    return [pytest.param(r, id=r.name) for r in OPTIMIZERS]
+    return [pytest.param(r, id=r.id) for r in OPTIMIZERS]
 
 
 def rows_x_backends(backends: tuple[str, ...] = ("reference", "triton")) -> list[Any]:
     """``pytest.param(row, backend)`` for every optimizer and every backend it supports among
     ``backends``. Most tests skip "compiled" (each new graph costs seconds); the tests that make the
     compiled backend's claims (parity with the reference, state_dict round trip) pass it."""
-    return [pytest.param(r, b, id=f"{r.name}-{b}", marks=_backend_marks(b))
+    return [pytest.param(r, b, id=f"{r.id}-{b}", marks=_backend_marks(b))
             for r in OPTIMIZERS for b in backends if b in r.backends]
 
 
 def rows_x_inputs(backends: tuple[str, ...] = ("reference", "triton")) -> list[Any]:
     """``pytest.param(row, backend, input)`` for every optimizer, backend and keyword case."""
-    return [pytest.param(r, b, i, id=f"{r.name}-{b}-{i.desc}", marks=_backend_marks(b))
+    return [pytest.param(r, b, i, id=f"{r.id}-{b}-{i.desc}", marks=_backend_marks(b))
             for r in OPTIMIZERS for b in backends if b in r.backends for i in r.inputs()]

@@ -24,6 +24,14 @@ per reduction) a sum is a few roundings, and the factored update is about a doze
 element like the elementwise optimizers'; its row/column statistics depend on the gradients only, so
 the same bounds hold for its state. (Large tensors are compared at their own tolerances in
 ``tests/kernels/test_adafactor.py``.)
+
+EGStepSize (the rows around AdaX and around SGD) uses ``"pointwise"`` as well. On top of its base's
+step it adds, per tensor, four sums (``⟨ν, g⟩, ‖ν‖², ‖g‖², ‖m‖²``: per tile in fp32 in the kernel,
+``dot`` and ``_foreach_norm`` in the reference), a cosine and two ``exp``; over the suite's tensors a
+sum is a few roundings, so the scale and gains differ by a few fp32 ulps, and the elementwise rest
+(``d``, gains, velocity, parameter, average) is fewer roundings per element than AdaX's. Those ulps of
+the scale multiply a step of ``lr = 1e-2``: on unit-scale parameters the bounds above hold with room.
+(Larger tensors: ``tests/kernels/test_eg.py``.)
 """
 
 from __future__ import annotations
