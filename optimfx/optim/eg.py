@@ -29,6 +29,7 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
 from .._validation import check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
+from .base import FxOptimizer
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
@@ -189,12 +190,15 @@ class EGStepSize(Optimizer):
         slow = [u for u in units if u.backend != "triton"]
         saved = self._reference_before(slow) if slow else []
         if saved is None:
-            if not self._warned_skip:
-                self._warned_skip = True
-                warnings.warn("EGStepSize: gradients hold inf/NaN; the step was skipped (shown once).",
-                              RuntimeWarning, stacklevel=2)
+            self._warn_skipped()
             return loss
         handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch) if fast else None
+        if handle is not None and handle.flag is not None and not self._base_skips_nonfinite():
+            # a base that would step on inf/NaN gradients (torch.optim's) must not run: its state
+            # would be poisoned. Only an optimfx base skipping by itself lets the flag stay on the device.
+            if bool(handle.flag.ne(0).any()):
+                self._warn_skipped()
+                return loss
         self.base.step()
         for unit, buffers in zip(slow, saved):
             # d = θ_saved − θ_proposed, in place in the saved buffer
@@ -204,6 +208,18 @@ class EGStepSize(Optimizer):
         if handle is not None:
             self._kernels().after(handle)
         return loss
+
+    def _warn_skipped(self) -> None:
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn("EGStepSize: gradients hold inf/NaN; the step was skipped (shown once).",
+                          RuntimeWarning, stacklevel=3)
+
+    def _base_skips_nonfinite(self) -> bool:
+        """Whether the base skips a step with inf/NaN gradients by itself (an optimfx optimizer with
+        ``skip_nonfinite`` in every group), so the Triton path need not read its flag on the host."""
+        return isinstance(self.base, FxOptimizer) and all(g.get("skip_nonfinite", False)
+                                                          for g in self.base.param_groups)
 
     @staticmethod
     def _kernels() -> Any:
