@@ -51,10 +51,16 @@ class FxOptimizer(Optimizer):
             check_choice("bf16_rounding", group["bf16_rounding"], BF16_ROUNDINGS)
         self._warned_skip = False
         self._step_counters: dict[int, StepCounters] = {}
-        # a Triton step's skip flag is read back lazily; a checkpoint must see the settled counters,
-        # each saved on its own
-        self.register_state_dict_pre_hook(_settle_step_counters)
-        self.register_state_dict_post_hook(_standalone_steps)
+        self._register_state_dict_hooks()
+
+    def _register_state_dict_hooks(self) -> None:
+        """A Triton step's skip flag is read back lazily; a checkpoint must see the settled counters,
+        each saved on its own. Pickling (``copy.deepcopy``) drops hooks, so ``__setstate__`` calls
+        this again."""
+        if _settle_step_counters not in self._optimizer_state_dict_pre_hooks.values():
+            self.register_state_dict_pre_hook(_settle_step_counters)
+        if _standalone_steps not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(_standalone_steps)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -64,6 +70,7 @@ class FxOptimizer(Optimizer):
                 group.setdefault(key, value)
         self.__dict__.setdefault("_warned_skip", False)
         self.__dict__.setdefault("_step_counters", {})
+        self._register_state_dict_hooks()
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     states: list[dict[str, Tensor]], hyper: Any) -> None:

@@ -180,6 +180,10 @@ def test_deepcopy_keeps_attributes_and_continues_identically(row, backend, devic
     assert public == {k for k in vars(opt2) if not k.startswith("_")}
     # torch's __setstate__ may add keys (``differentiable``); every original value must survive
     assert {k: opt2.defaults[k] for k in opt.defaults} == opt.defaults
+    # the optimizer's own checkpoint hooks survive the copy (pickling drops registered hooks)
+    for hooks in ("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                  "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+        assert list(getattr(opt2, hooks).values()) == list(getattr(opt, hooks).values()), hooks
     run(opt, params, grads[2:])
     run(opt2, params2, grads[2:])
     assert_runs_equal(opt, params, opt2, params2)
