@@ -1,4 +1,4 @@
-"""``torch.compile`` of a training step that calls ``opt.step()``, for every optimfx optimizer, with a
+"""``torch.compile`` of a training step that calls ``opt.step()``, for every optimfx optimizer and EG, with a
 tensor ``lr`` driven by an LR scheduler (the setup of PyTorch's compiled-optimizer recipe).
 
 The optimizer update runs as one eager region of the compiled step (``_dispatch.run`` is
@@ -20,12 +20,16 @@ from torch._dynamo.utils import counters
 
 import optimfx
 
-# one row per algorithm (AdaX runs AdaXW's class and step path); each costs ~5 s of tracing
+# one row per algorithm (AdaX runs AdaXW's class and step path) and per wrapper; each costs ~5 s of
+# tracing. A row builds the optimizer from (params, tensor lr), on the reference backend.
 OPTIMIZERS = {
-    "AdaXW": (optimfx.AdaXW, {}),
-    "AdaFactor": (optimfx.AdaFactor, {"relative_step": False, "beta1": 0.9}),
-    "AdamW": (optimfx.AdamW, {}),
-    "ChildTuningAdamW-F": (optimfx.ChildTuningAdamW, {"mode": "ChildTuning-F", "reserve_p": 0.5}),
+    "AdaXW": lambda ps, lr: optimfx.AdaXW(ps, lr=lr, backend="reference"),
+    "AdaFactor": lambda ps, lr: optimfx.AdaFactor(ps, lr=lr, relative_step=False, beta1=0.9, backend="reference"),
+    "AdamW": lambda ps, lr: optimfx.AdamW(ps, lr=lr, backend="reference"),
+    "ChildTuningAdamW-F": lambda ps, lr: optimfx.ChildTuningAdamW(ps, lr=lr, mode="ChildTuning-F", reserve_p=0.5,
+                                                                  backend="reference"),
+    "EGStepSize-AdaX": lambda ps, lr: optimfx.EGStepSize(optimfx.AdaX(ps, lr=lr, backend="reference"),
+                                                         gamma_scale=0.1, backend="reference"),
 }
 WARM_UP, STEPS = 2, 5
 
@@ -41,8 +45,7 @@ def _fresh_dynamo():
 def _setup(name: str):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    cls, kwargs = OPTIMIZERS[name]
-    opt = cls(model.parameters(), lr=torch.tensor(1e-2), backend="reference", **kwargs)
+    opt = OPTIMIZERS[name](model.parameters(), torch.tensor(1e-2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
     return model, opt, sched
 

@@ -183,22 +183,30 @@ class EGStepSize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
+
+    @torch.compiler.disable
+    def _update(self) -> None:
+        """The whole update, base step included. Inside a ``torch.compile``d training step it runs as
+        one eager region (as optimfx's own optimizers do): its host scalars and reads are exact and
+        no step-dependent value reaches a graph, so nothing recompiles as the step advances."""
         units = self._units()
         if not units:
-            return loss
+            return
         fast = [u for u in units if u.backend == "triton"]
         slow = [u for u in units if u.backend != "triton"]
         saved = self._reference_before(slow) if slow else []
         if saved is None:
             self._warn_skipped()
-            return loss
+            return
         handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch) if fast else None
         if handle is not None and handle.flag is not None and not self._base_skips_nonfinite():
             # a base that would step on inf/NaN gradients (torch.optim's) must not run: its state
             # would be poisoned. Only an optimfx base skipping by itself lets the flag stay on the device.
             if bool(handle.flag.ne(0).any()):
                 self._warn_skipped()
-                return loss
+                return
         self.base.step()
         for unit, buffers in zip(slow, saved):
             # d = θ_saved − θ_proposed, in place in the saved buffer
@@ -207,13 +215,12 @@ class EGStepSize(Optimizer):
                 ref.apply_(p, d, state, unit.hp)
         if handle is not None:
             self._kernels().after(handle)
-        return loss
 
     def _warn_skipped(self) -> None:
         if not self._warned_skip:
             self._warned_skip = True
             warnings.warn("EGStepSize: gradients hold inf/NaN; the step was skipped (shown once).",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
 
     def _base_skips_nonfinite(self) -> bool:
         """Whether the base skips a step with inf/NaN gradients by itself (an optimfx optimizer with
