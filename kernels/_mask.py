@@ -9,12 +9,16 @@ A kernel replaces ``load_f32(p_g, ...)`` by ``load_grad(p_g, p_k, ..., MASK_MODE
 The F-mode hash is the one of ``optimfx/reference/child_tuning.py`` (its docstring gives the
 keying), in uint32 ops here and int32 torch ops there, so masks are bit-identical on every backend.
 It depends on the element index only, never on the block layout, so every pass of a multi-pass
-kernel (AdaFactor) that loads ``g`` draws the same mask, and nothing is stored.
+kernel (AdaFactor) that loads ``g`` draws the same mask, and nothing is stored. The index is the
+global one: an FSDP2 shard adds its element offset (``ShardSpec.element_offset``, as the reference's
+:func:`~optimfx.reference.child_tuning.element_offset`), so its mask is the matching slice of the
+single-process one.
 
-Per tensor, the kernel reads a descriptor, int64 ``[stream, mask address]`` (address 0: no D mask):
-elementwise kernels get it as one more launcher list (16-byte rows of a cached table; the launcher's
-lists hold floating tensors, so the table is kept as float32 bit patterns), tile kernels as two
-columns of their plan's meta table (:attr:`MaskLaunch.columns`).
+Per tensor, the kernel reads a descriptor, int64 ``[stream, word]``: the word is the element offset
+in F mode and the D-mask address in D mode (address 0: no D mask); a launch runs one mode, so one
+word serves both. Elementwise kernels get the descriptor as one more launcher list (16-byte rows of
+a cached table; the launcher's lists hold floating tensors, so the table is kept as float32 bit
+patterns), tile kernels as two columns of their plan's meta table (:attr:`MaskLaunch.columns`).
 """
 
 from __future__ import annotations
@@ -69,8 +73,10 @@ def load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, 
     if MASK_MODE == BERNOULLI:
         p_d = p_d.to(tl.pointer_type(tl.int64), bitcast=True)
         k0, k1 = tensor_keys(tl.load(p_d).to(tl.int32), mask_seed, mask_step)
+        # the bits of the global indices: word 1 is the element offset of a shard (0 otherwise)
+        keep = bernoulli_keep(o + tl.load(p_d + 1), k0, k1, mask_threshold)
         # a product, as the reference (and the official ``p.grad *= mask``)
-        b_g = b_g * tl.where(bernoulli_keep(o, k0, k1, mask_threshold), mask_scale, 0.0)
+        b_g = b_g * tl.where(keep, mask_scale, 0.0)
     elif MASK_MODE == STORED:
         addr = tl.load(p_d.to(tl.pointer_type(tl.int64), bitcast=True) + 1)
         # tensors without a D mask train fully
@@ -81,8 +87,9 @@ def load_grad(p_g, p_d, o, m, mask_seed, mask_step, mask_threshold, mask_scale, 
 
 class MaskLaunch(NamedTuple):
     """What a launcher adds for :func:`load_grad`: the descriptors, as a launcher list (``aux``) or as
-    two meta columns (``columns``: streams, addresses), the scalar arguments ``(mask_seed, mask_step,
-    mask_threshold, mask_scale)`` and the ``MASK_MODE`` constexpr."""
+    two meta columns (``columns``: streams, then element offsets (F) or mask addresses (D)), the
+    scalar arguments ``(mask_seed, mask_step, mask_threshold, mask_scale)`` and the ``MASK_MODE``
+    constexpr."""
 
     aux: list[torch.Tensor]
     columns: tuple[list[int], list[int]]
@@ -100,7 +107,7 @@ def _signed32(x: int) -> int:
 
 
 def _descriptor_rows(rows: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
-    """One float32 ``[4]`` view per ``(stream, address)`` of a cached device table (16-byte rows)."""
+    """One float32 ``[4]`` view per ``(stream, word)`` of a cached device table (16-byte rows)."""
     key = (device, tuple(rows))
     views = _descriptors.get(key)
     if views is None:
@@ -118,12 +125,13 @@ def prepare(grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp:
     """The :class:`MaskLaunch` of one launch: every tensor has taken the same number of steps.
 
     ``hp`` is the group's :class:`~optimfx.reference.child_tuning.MaskHyper`; without masks the
-    gradient list stands in for the descriptors (never read).
+    gradient list stands in for the descriptors (never read). A state view of an FSDP2 shard carries
+    its ``ShardSpec``, whose element offset F mode adds to the element indices.
     """
     device = grads[0].device
     if hp.bernoulli:
         step = int(states[0]["step"])
-        rows = [(int(s["mask_stream"]), 0) for s in states]
+        rows = [(int(s["mask_stream"]), ct.element_offset(s)) for s in states]
         seed_word = ct.seed_words(hp.seed)[0]
         args = (_signed32(seed_word), _signed32(ct.step_word(hp.seed, step)), ct.keep_threshold(hp.reserve_p),
                 1.0 / hp.reserve_p)

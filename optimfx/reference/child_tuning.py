@@ -30,7 +30,8 @@ data-parallel rank and after a resume, with no stored mask and no extra pass. Th
 Hashing pairs halves the integer work of the CPU reference; 16 bits per element resolve ``reserve_p``
 to ``2^-16``. The mask multiplies the gradient, as the official ``p.grad *= mask`` (an inf/NaN entry
 stays NaN where it is dropped). Elements are those of the tensor the optimizer steps: a complex
-parameter's real and imaginary parts draw separate F masks and share its D mask.
+parameter's real and imaginary parts draw separate F masks and share its D mask; an FSDP2 shard's
+elements are numbered by their index in the whole tensor (:func:`element_offset`).
 
 References:
     Xu et al, `Raise a Child in Large Language Model: Towards Effective and Generalizable
@@ -265,6 +266,13 @@ def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int
     return torch.addcmul(zero, out, grad32, value=1.0 / reserve_p, out=out)
 
 
+def element_offset(state: dict) -> int:
+    """Global index of a tensor's first element, the start of its F-mask bits: an FSDP2 shard's
+    ``ShardSpec.element_offset`` (from its state view), so it draws the single-process mask; else 0."""
+    shard = state.get(_SHARD_KEY)
+    return 0 if shard is None or shard.element_offset is None else shard.element_offset
+
+
 @torch.compiler.disable
 def mask_grad(grad32: torch.Tensor, state: dict, hp: MaskHyper) -> torch.Tensor:
     """The ChildTuning transform of one tensor's working gradient (§4.1), ``grad32`` when off.
@@ -275,11 +283,8 @@ def mask_grad(grad32: torch.Tensor, state: dict, hp: MaskHyper) -> torch.Tensor:
     eagerly under ``torch.compile`` (the integer hash stays bit-identical to the kernels').
     """
     if hp.bernoulli:
-        # an FSDP2 shard draws the bits of its elements' global indices: the single-process mask
-        shard = state.get(_SHARD_KEY)
-        offset = 0 if shard is None or shard.element_offset is None else shard.element_offset
         key = mask_key(hp.seed, int(state["mask_stream"]), int(state["step"]))
-        return bernoulli_grad(grad32, hp.reserve_p, key, offset)
+        return bernoulli_grad(grad32, hp.reserve_p, key, element_offset(state))
     if hp.mode == "D" and "child_mask" in state:
         return apply_mask(grad32, state["child_mask"].view(grad32.shape), 1.0)
     return grad32

@@ -1,7 +1,8 @@
 """ChildTuning masks as a gradient transform of every optimfx optimizer (spec §4).
 
 * The F-mode hash: the reference's int32 torch ops and the kernels' uint32 ``load_grad`` give the same
-  bits; kept fraction, unbiasedness and pairwise independence within binomial bounds; the keying.
+  bits, also for an FSDP2 shard (global indices from its element offset); kept fraction,
+  unbiasedness and pairwise independence within binomial bounds; the keying.
 * Every optimizer: ``reserve_p = 1`` is the optimizer without masks, bit for bit; F and D masks
   on AdaX/AdaXW/AdaFactor, reference against Triton; resume in F mode is bitwise.
 
@@ -21,6 +22,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import optimfx  # noqa: E402
+from optimfx._distributed import SHARD_KEY, ShardSpec  # noqa: E402
 from optimfx._kernels import _launcher, _mask  # noqa: E402
 from optimfx.reference import child_tuning as ct  # noqa: E402
 
@@ -45,8 +47,12 @@ def _masked_ones_kernel(out_ptr, p_d, base, n, mask_seed, mask_step, mask_thresh
     tl.store(out_ptr + o, b_g, mask=m)
 
 
-def _kernel_mask(hp: ct.MaskHyper, stream: int, step: int, n: int, base: int = 0) -> torch.Tensor:
+def _kernel_mask(hp: ct.MaskHyper, stream: int, step: int, n: int, base: int = 0,
+                 shard_offset: int | None = None) -> torch.Tensor:
     state = {"mask_stream": torch.tensor(stream), "step": torch.tensor(step)}
+    if shard_offset is not None:
+        # an FSDP2 shard's state view: n elements from shard_offset on, of a longer tensor
+        state[SHARD_KEY] = ShardSpec((shard_offset + n,), ((0, None),), shard_offset)
     launch = _mask.prepare([torch.empty(n, device=KERNEL_DEVICE)], [state], hp)
     out = torch.ones(n, device=KERNEL_DEVICE)
     _masked_ones_kernel[(triton.cdiv(n, 512),)](out, launch.aux[0], base, n, *launch.args, MASK_MODE=launch.mode,
@@ -65,6 +71,20 @@ def test_kernel_f_mask_is_the_reference_mask_bitwise(n, base):
     for stream, step in [(0, 1), (5, 7), (1023, 2**31 + 5)]:
         expected = _keep(hp.seed, stream, step, n, hp.reserve_p, offset=base).float() / hp.reserve_p
         assert torch.equal(_kernel_mask(hp, stream, step, n, base).cpu(), expected)
+
+
+@pytest.mark.parametrize("n, offset", [(1, 1), (777, 3), (600, 4096), (600, (1 << 33) - 301)])
+def test_kernel_f_mask_of_a_shard_keys_global_indices(n, offset):
+    """A shard's element offset reaches the kernel in its descriptor (the word a D mask's address
+    takes): local element ``i`` draws the bit of global element ``offset + i``, the reference's."""
+    hp = ct.MaskHyper("F", 0.3, seed=12345)
+    for stream, step in [(0, 1), (1023, 2**31 + 5)]:
+        got = _kernel_mask(hp, stream, step, n, shard_offset=offset).cpu()
+        assert torch.equal(got, _keep(hp.seed, stream, step, n, hp.reserve_p, offset=offset).float() / hp.reserve_p)
+        if offset < 1 << 16:
+            # the matching slice of the whole tensor's mask
+            whole = _keep(hp.seed, stream, step, offset + n, hp.reserve_p).float() / hp.reserve_p
+            assert torch.equal(got, whole[offset:])
 
 
 def test_kernel_d_mask_reads_the_stored_uint8_mask():
