@@ -3,6 +3,9 @@
 With optimfx's :class:`~optimfx.AdamW` the mask is fused into the update (``child_tuning_mode=``); this
 adapter serves every other optimizer. During the base's ``step()`` each ``p.grad`` is swapped for a
 masked copy and the user's gradient object is put back afterwards, so ``p.grad`` is never modified.
+The masks are the reference's (:func:`optimfx.reference.child_tuning.mask_grad`); on FSDP2 (DTensor)
+parameters they are computed on each rank's local shard, F masks keyed by global element indices
+and D masks sliced like the parameter, so a sharded run masks as a single-process one does.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.optim import Optimizer
 
-from .._precision import compute_dtype
+from .. import _distributed
+from .._precision import working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
 
@@ -32,7 +36,8 @@ class ChildTuning(Optimizer):
         base: the optimizer to feed masked gradients (param groups and schedulers are shared).
         mode: ``"F"``/``"ChildTuning-F"`` or ``"D"``/``"ChildTuning-D"``.
         reserve_p: keep probability of F-mode masks, in (0, 1]. Default: ``1.0``.
-        seed: key of the mask stream: same seed, same masks (also across DDP ranks). Default: ``0``.
+        seed: key of the mask stream: same seed, same masks (also across DDP ranks and FSDP2
+            shards). Default: ``0``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -63,23 +68,35 @@ class ChildTuning(Optimizer):
                                  f"parameter shape {tuple(p.shape)}")
             self.state[p]["child_mask"] = (mask != 0).to(device=p.device, dtype=torch.uint8)
 
-    def _masked(self, index: int, p: Tensor, group: dict) -> Tensor:
-        grad = p.grad
-        state = self.state[p]
-        step = state.get("step")
-        step = torch.zeros((), dtype=torch.int64) if step is None else step
-        step += 1
-        state["step"] = step
-        if group["child_tuning_mode"] == "F":
-            if group["reserve_p"] >= 1.0:
-                return grad
-            key = ct.mask_key(group["seed"], index, int(step))
-            keep = ct.bernoulli_keep(grad.shape, group["reserve_p"], key, grad.device)
-            g32 = grad.to(compute_dtype(grad.dtype))
-            return ct.apply_mask(g32, keep, 1.0 / group["reserve_p"]).to(grad.dtype)
-        if "child_mask" in state:
-            return ct.apply_mask(grad, state["child_mask"].bool(), 1.0)
-        return grad
+    def _masked(self, entries: list[tuple[int, Tensor, dict]]) -> list[Tensor]:
+        """The masked gradient of every ``(position, parameter, group)``, after advancing its step:
+        a new tensor, or ``p.grad`` itself when no mask applies."""
+        params = [p for _, p, _ in entries]
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for state in states:
+            step = state.get("step")
+            step = torch.zeros((), dtype=torch.int64) if step is None else step
+            step += 1
+            state["step"] = step
+        # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec
+        local = _distributed.local_group(params, grads, states, {})
+        local_grads, views = (grads, states) if local is None else local[1:]
+        out = []
+        for (index, p, group), grad, g, view in zip(entries, grads, local_grads, views):
+            g32 = working_copy(g)
+            masked = ct.mask_grad(g32, {**view, "mask_stream": index}, ct.MaskHyper.from_group(group))
+            if masked is g32:
+                out.append(grad)
+                continue
+            masked = masked.to(g.dtype)
+            if _distributed.is_dtensor(grad):
+                from torch.distributed.tensor import DTensor
+
+                masked = DTensor.from_local(masked, p.device_mesh, p.placements, run_check=False,
+                                            shape=grad.shape, stride=grad.stride())
+            out.append(masked)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -88,17 +105,16 @@ class ChildTuning(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
+        entries = [(index, p, group) for index, (p, group) in enumerate(zip(params, groups)) if p.grad is not None]
+        if any(p.grad.is_sparse for _, p, _ in entries):
+            raise RuntimeError("ChildTuning does not support sparse gradients")
         originals: list[tuple[Tensor, Tensor]] = []
         try:
-            params = chain.from_iterable(g["params"] for g in self.param_groups)
-            groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
-            for index, (p, group) in enumerate(zip(params, groups)):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ChildTuning does not support sparse gradients")
+            for (_, p, _), masked in zip(entries, self._masked(entries)):
                 originals.append((p, p.grad))
-                p.grad = self._masked(index, p, group)
+                p.grad = masked
             self.base.step()
         finally:
             for p, grad in originals:
