@@ -1,4 +1,4 @@
-"""``torch.compile`` of a training step that calls ``opt.step()``, for every optimfx optimizer and EG, with a
+"""``torch.compile`` of a training step that calls ``opt.step()``, for every optimfx optimizer and wrapper, with a
 tensor ``lr`` driven by an LR scheduler (the setup of PyTorch's compiled-optimizer recipe).
 
 The optimizer update runs as one eager region of the compiled step (``_dispatch.run`` is
@@ -30,6 +30,8 @@ OPTIMIZERS = {
                                                                   backend="reference"),
     "EGStepSize-AdaX": lambda ps, lr: optimfx.EGStepSize(optimfx.AdaX(ps, lr=lr, backend="reference"),
                                                          gamma_scale=0.1, backend="reference"),
+    "ChildTuning-adapter-AdamW": lambda ps, lr: optimfx.ChildTuning(torch.optim.AdamW(ps, lr=lr),
+                                                                    mode="ChildTuning-F", reserve_p=0.5),
 }
 WARM_UP, STEPS = 2, 5
 

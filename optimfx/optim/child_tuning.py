@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _distributed
-from .._precision import working_copy
+from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
 
@@ -84,12 +84,18 @@ class ChildTuning(Optimizer):
         local_grads, views = (grads, states) if local is None else local[1:]
         out = []
         for (index, p, group), grad, g, view in zip(entries, grads, local_grads, views):
-            g32 = working_copy(g)
+            # a complex gradient is masked as its (..., 2) real view, as the fused optimizers do: real
+            # and imaginary parts draw their own F bits and share the element's D bit
+            g32 = working_copy(real_view(g))
+            if g.is_complex() and "child_mask" in view:
+                view = {**view, "child_mask": view["child_mask"].unsqueeze(-1).expand(g32.shape)}
             masked = ct.mask_grad(g32, {**view, "mask_stream": index}, ct.MaskHyper.from_group(group))
             if masked is g32:
                 out.append(grad)
                 continue
-            masked = masked.to(g.dtype)
+            masked = masked.to(real_view(g).dtype)
+            if g.is_complex():
+                masked = torch.view_as_complex(masked)
             if _distributed.is_dtensor(grad):
                 from torch.distributed.tensor import DTensor
 
@@ -105,6 +111,13 @@ class ChildTuning(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._masked_base_step()
+        return loss
+
+    @torch.compiler.disable
+    def _masked_base_step(self) -> None:
+        """Inside a ``torch.compile``d training step this runs as one eager region, as optimfx's
+        optimizers do: the integer mask hash and the step counts never reach a graph."""
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         groups = chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
         entries = [(index, p, group) for index, (p, group) in enumerate(zip(params, groups)) if p.grad is not None]
@@ -119,7 +132,6 @@ class ChildTuning(Optimizer):
         finally:
             for p, grad in originals:
                 p.grad = grad
-        return loss
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
