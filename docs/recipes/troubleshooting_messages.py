@@ -27,10 +27,12 @@ MESSAGES = {
     "groups": "ValueError: loaded state dict has a different number of parameter groups",
     "group-size": "ValueError: loaded state dict contains a parameter group that doesn't match "
                   "the size of optimizer's group",
-    "adapter": "KeyError: 'base'",
+    "adapter": "ValueError: ChildTuning: the state of parameter 0 holds ['exp_avg', 'exp_avg_sq'], "
+               "neither ChildTuning's state nor its base's ('base/<key>'): load what ChildTuning.state_dict() "
+               "saved, not the base optimizer's state dict",
     "eg-base": "ValueError: EGStepSize: the state of parameter 0 holds ['exp_avg', 'exp_avg_sq', 'step'], "
-               "neither EG's state nor its base's ('base/<key>'): load what EGStepSize.state_dict() saved, "
-               "not the base optimizer's state dict",
+               "neither EGStepSize's state nor its base's ('base/<key>'): load what EGStepSize.state_dict() "
+               "saved, not the base optimizer's state dict",
     "adafactor-lr": "ValueError: Invalid lr: a manual lr cannot be combined with relative_step=True "
                     "(leave lr=None, or pass relative_step=False, or lr_mode='rho_max')",
     "complex": "RuntimeError: AdaFactor does not support complex parameters or gradients",
@@ -95,7 +97,8 @@ expect("groups", lambda: two_groups.load_state_dict(saved))
 bigger = optimfx.AdamW(torch.nn.Sequential(model, torch.nn.Linear(2, 2)).parameters())
 expect("group-size", lambda: bigger.load_state_dict(saved))
 # the adapter's checkpoint holds its own and its base's state: load the adapter's, not the base's
-adapter = optimfx.ChildTuning(torch.optim.AdamW(model.parameters()), mode="F", reserve_p=0.3)
+adapter = optimfx.ChildTuning(torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()), mode="F", reserve_p=0.3)
+stepped(adapter)
 expect("adapter", lambda: adapter.load_state_dict(adapter.base.state_dict()))
 adapter.load_state_dict(adapter.state_dict())
 # EGStepSize keeps its base's state in its own per-parameter entries, as "base/<key>"

@@ -20,8 +20,11 @@ from .. import _distributed
 from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
+from ._wrapped_state import load_with_base_state, state_dict_with_base
 
 Tensor = torch.Tensor
+#: the adapter's own per-parameter state (the base's is stored beside it as ``"base/<key>"``)
+STATE_KEYS = ("step", "child_mask")
 
 
 class ChildTuning(Optimizer):
@@ -134,15 +137,14 @@ class ChildTuning(Optimizer):
                 p.grad = grad
 
     def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["base"] = self.base.state_dict()
-        return out
+        """The adapter's state (``step``, ``child_mask``) in the standard layout; each parameter's entry
+        also holds the base's state for it, as ``"base/<key>"`` (:mod:`optimfx.optim._wrapped_state`:
+        the layout ``torch.distributed.checkpoint`` saves whole)."""
+        return state_dict_with_base(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.base.load_state_dict(state_dict.pop("base"))
-        super().load_state_dict(state_dict)
-        self.param_groups = self.base.param_groups
+        """Load the adapter's and the base's state (also a checkpoint holding the base's under ``"base"``)."""
+        load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
         for state in self.state.values():  # torch casts every state tensor to the param dtype on load
             if "child_mask" in state:
                 state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8)

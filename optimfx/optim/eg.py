@@ -29,12 +29,12 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
 from .._validation import check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
+from ._wrapped_state import load_with_base_state, state_dict_with_base
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
 #: prefix of the base optimizer's per-parameter state in the entries of ``state_dict()["state"]``
-BASE_PREFIX = "base/"
 
 
 class _Unit(NamedTuple):
@@ -317,14 +317,9 @@ class EGStepSize(Optimizer):
         parameter, as ``"base/<key>"``.
 
         One entry per parameter (the param groups are the base's) is what ``torch.distributed.checkpoint``
-        maps to parameter names, saves and reshards. The base's entries are added before the
-        optimizer's own post-hooks run, so they see (and may rewrite) the whole state.
+        maps to parameter names, saves and reshards (:mod:`optimfx.optim._wrapped_state`).
         """
-        handle = self.register_state_dict_post_hook(_with_base_state, prepend=True)
-        try:
-            return super().state_dict()
-        finally:
-            handle.remove()
+        return state_dict_with_base(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load EG's and the base's state (also a checkpoint that holds the base's under ``"base"``).
@@ -333,25 +328,10 @@ class EGStepSize(Optimizer):
         the base's ``load_state_dict``. EG state is restored from the saved values in the precision
         policy's dtype (``torch.optim`` would cast it to the parameter dtype: bf16 for a bf16 model).
         """
-        hooked: dict[str, Any] = {}
-
-        def split(_: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
-            mine, base = _split_base_state(saved)
-            self.base.load_state_dict(base)
-            hooked["sd"] = mine
-            return mine
-
-        # registered last, it runs after the pre-hooks registered before this call
-        handle = self.register_load_state_dict_pre_hook(split)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
-        self.param_groups = self.base.param_groups
+        saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
         for group in self.param_groups:  # checkpoints written before an option existed
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        saved = hooked["sd"]
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():
@@ -372,37 +352,6 @@ def _check_gain_clamp(gain_clamp: Any) -> tuple[Optional[float], Optional[float]
     if low is not None and high is not None and low > high:
         raise ValueError(f"Invalid gain_clamp: {tuple(gain_clamp)!r} (min must not exceed max)")
     return low, high
-
-
-def _with_base_state(opt: EGStepSize, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with the base's per-parameter state added to each entry (new entry dicts: the
-    packed entries are the live state). Both optimizers number the parameters of the same groups."""
-    state = dict(state_dict["state"])
-    for key, entry in opt.base.state_dict()["state"].items():
-        state[key] = {**state.get(key, {}), **{BASE_PREFIX + k: v for k, v in entry.items()}}
-    return {**state_dict, "state": state}
-
-
-def _split_base_state(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(EG's state dict, the base's)`` from a state dict of :meth:`EGStepSize.state_dict`."""
-    if "base" in state_dict:
-        # written before the base's state moved into the per-parameter entries
-        return {k: v for k, v in state_dict.items() if k != "base"}, state_dict["base"]
-    mine: dict[Any, dict[str, Any]] = {}
-    base: dict[Any, dict[str, Any]] = {}
-    for key, entry in state_dict["state"].items():
-        theirs = {k[len(BASE_PREFIX):]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(BASE_PREFIX)}
-        own = {k: v for k, v in entry.items() if k in ref.STATE_KEYS}
-        unknown = set(entry) - set(own) - {BASE_PREFIX + k for k in theirs}
-        if unknown:
-            raise ValueError(f"EGStepSize: the state of parameter {key!r} holds {sorted(map(str, unknown))}, "
-                             "neither EG's state nor its base's ('base/<key>'): load what EGStepSize.state_dict() "
-                             "saved, not the base optimizer's state dict")
-        if own:
-            mine[key] = own
-        if theirs:
-            base[key] = theirs
-    return {**state_dict, "state": mine}, {"state": base, "param_groups": state_dict["param_groups"]}
 
 
 def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: float = 0.9,

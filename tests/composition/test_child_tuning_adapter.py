@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import optimfx
+from _lockstep import assert_resumes_in_lockstep
 
 
 def _problem(seed=0, steps=5):
@@ -94,6 +95,29 @@ def test_d_mode_masks_and_checkpoint():
     restored = optimfx.ChildTuning(torch.optim.SGD(params, lr=0.1), "D")
     restored.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert restored.state[params[0]]["child_mask"].dtype == torch.uint8
+
+
+def _adamw_f(ps):
+    return optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2), "F", 0.5, seed=4)
+
+
+@pytest.mark.parametrize("layout", ["per-parameter", "base-key"])
+def test_checkpoint_resumes_in_lockstep(layout):
+    """The state dict holds one entry per parameter with the adapter's state and the base's as
+    ``base/<key>`` (what distributed checkpoints keep); the earlier layout with the base's state dict
+    under ``"base"`` still loads. Either way a resumed run continues bit for bit."""
+    init, grads = _problem(steps=6)
+    ref_params, ref_opt = _run(_adamw_f, init, grads[:3])
+    saved = copy.deepcopy(ref_opt.state_dict())
+    assert set(saved) == {"state", "param_groups"}
+    base = ref_opt.base.state_dict()["state"]
+    for i, entry in saved["state"].items():
+        assert set(entry) == {"step"} | {f"base/{k}" for k in base[i]}
+    if layout == "base-key":
+        saved = {"state": {i: {k: v for k, v in e.items() if not k.startswith("base/")}
+                           for i, e in saved["state"].items()},
+                 "param_groups": saved["param_groups"], "base": copy.deepcopy(ref_opt.base.state_dict())}
+    assert_resumes_in_lockstep(_adamw_f, ref_params, ref_opt, saved, grads[3:])
 
 
 def test_errors():

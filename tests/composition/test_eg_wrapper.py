@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import optimfx
+from _lockstep import assert_resumes_in_lockstep
 
 W0 = [[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]]
 GS = [[[0.1, -0.2, 0.3], [0.05, 0.0, -0.1]], [[-0.05, 0.1, 0.2], [0.02, 0.03, -0.04]],
@@ -128,22 +129,7 @@ def test_state_dict_round_trip_continues_in_lockstep():
     init, grads = _problem(steps=8)
     make = lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1)  # noqa: E731
     ref_params, ref_opt = _run(make, init, grads[:4])
-    _assert_resumes_in_lockstep(make, ref_params, ref_opt, copy.deepcopy(ref_opt.state_dict()), grads[4:])
-
-
-def _assert_resumes_in_lockstep(make, ref_params, ref_opt, saved, grads):
-    """A fresh optimizer loaded from ``saved`` at the parameters' values takes the same steps as
-    ``ref_opt`` continuing, bit for bit."""
-    params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
-    opt = make(params)
-    opt.load_state_dict(saved)
-    for gs in grads:
-        for a, b, g in zip(ref_params, params, gs):
-            a.grad, b.grad = g.clone(), g.clone()
-        ref_opt.step()
-        opt.step()
-    for a, b in zip(ref_params, params):
-        assert torch.equal(a, b)
+    assert_resumes_in_lockstep(make, ref_params, ref_opt, copy.deepcopy(ref_opt.state_dict()), grads[4:])
 
 
 def test_state_dict_holds_the_base_state_per_parameter():
@@ -167,7 +153,7 @@ def test_checkpoint_with_the_base_state_under_base_loads():
     current = copy.deepcopy(ref_opt.state_dict())
     old = {"state": {i: {k: v for k, v in e.items() if not k.startswith("base/")} for i, e in current["state"].items()},
            "param_groups": current["param_groups"], "base": copy.deepcopy(ref_opt.base.state_dict())}
-    _assert_resumes_in_lockstep(make, ref_params, ref_opt, old, grads[3:])
+    assert_resumes_in_lockstep(make, ref_params, ref_opt, old, grads[3:])
 
 
 def test_scheduler_on_the_wrapper_drives_the_base_lr():

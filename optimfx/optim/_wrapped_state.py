@@ -1,0 +1,88 @@
+"""State dicts of optimizers that wrap a base optimizer (:class:`~optimfx.EGStepSize`,
+:class:`~optimfx.ChildTuning`).
+
+A wrapper and its base number the parameters of the same param groups, so each parameter's entry of
+the wrapper's state dict holds the wrapper's state and the base's, the latter as ``"base/<key>"``.
+One entry per parameter and the param groups are all ``torch.distributed.checkpoint`` keeps: a
+separate top-level ``"base"`` state dict would be dropped by its optimizer state-dict helpers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection
+
+from torch.optim import Optimizer
+
+BASE_PREFIX = "base/"
+
+
+def state_dict_with_base(wrapper: Any) -> dict[str, Any]:
+    """``Optimizer.state_dict`` of ``wrapper`` with the base's entries added (:func:`with_base_state`)
+    before the wrapper's own post-hooks run, so they see (and may rewrite) the whole state."""
+    handle = wrapper.register_state_dict_post_hook(lambda opt, sd: with_base_state(opt.base, sd), prepend=True)
+    try:
+        return Optimizer.state_dict(wrapper)
+    finally:
+        handle.remove()
+
+
+def load_with_base_state(wrapper: Any, state_dict: dict[str, Any], own_keys: Collection[str],
+                         owner: str) -> dict[str, Any]:
+    """``Optimizer.load_state_dict`` of ``wrapper`` on its part of ``state_dict``; the base's part
+    (:func:`split_base_state`, taken after the wrapper's own pre-hooks) goes to the base's
+    ``load_state_dict``. Returns the wrapper's part as loaded; the wrapper shares the base's param
+    groups again afterwards."""
+    loaded: dict[str, Any] = {}
+
+    def split(_: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+        mine, base = split_base_state(saved, own_keys, owner)
+        wrapper.base.load_state_dict(base)
+        loaded["state_dict"] = mine
+        return mine
+
+    # registered last, it runs after the pre-hooks registered before this call
+    handle = wrapper.register_load_state_dict_pre_hook(split)
+    try:
+        Optimizer.load_state_dict(wrapper, state_dict)
+    finally:
+        handle.remove()
+    wrapper.param_groups = wrapper.base.param_groups
+    return loaded["state_dict"]
+
+
+def with_base_state(base: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with ``base``'s per-parameter state added to each entry (new entry dicts: the
+    entries of ``state_dict`` may be the live state)."""
+    state = dict(state_dict["state"])
+    for key, entry in base.state_dict()["state"].items():
+        state[key] = {**state.get(key, {}), **{BASE_PREFIX + k: v for k, v in entry.items()}}
+    return {**state_dict, "state": state}
+
+
+def split_base_state(state_dict: dict[str, Any], own_keys: Collection[str],
+                     owner: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(the wrapper's state dict, the base's)`` from a state dict written by :func:`with_base_state`.
+
+    Also reads the older layout with the base's state dict under a top-level ``"base"`` key.
+
+    Raises:
+        ValueError: an entry holds keys that are neither ``own_keys`` nor ``"base/<key>"`` (for
+            example the base optimizer's own state dict, loaded into the wrapper).
+    """
+    if "base" in state_dict:
+        return {k: v for k, v in state_dict.items() if k != "base"}, state_dict["base"]
+    mine: dict[Any, dict[str, Any]] = {}
+    base: dict[Any, dict[str, Any]] = {}
+    for key, entry in state_dict["state"].items():
+        theirs = {k[len(BASE_PREFIX):]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(BASE_PREFIX)}
+        own = {k: v for k, v in entry.items() if k in own_keys}
+        unknown = set(entry) - set(own) - {BASE_PREFIX + k for k in theirs}
+        if unknown:
+            raise ValueError(f"{owner}: the state of parameter {key!r} holds {sorted(map(str, unknown))}, "
+                             f"neither {owner}'s state nor its base's ('base/<key>'): load what "
+                             f"{owner}.state_dict() saved, not the base optimizer's state dict")
+        if own:
+            mine[key] = own
+        if theirs:
+            base[key] = theirs
+    return {**state_dict, "state": mine}, {"state": base, "param_groups": state_dict["param_groups"]}
