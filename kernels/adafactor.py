@@ -27,11 +27,26 @@ Reductions are two-stage (partials at fixed scratch slots, summed in a fixed ord
 atomics, bit-identical reruns. ``lr`` and the skip flag are read from device memory; no host sync.
 Traffic per fp32 element (factored, no momentum): θ + g, g, θ + g + θ written = 24 bytes, plus
 ~0.2 bytes of partials written and read back.
+
+FSDP2 shards (``Shard(0)``: whole rows of a matrix, whole slices of a batched tensor, a run of a
+vector) take the same passes on the local shard. Their sums over the sharded axis are completed
+between passes: a fold pass sums this rank's partials into the tensor's slot of an exchange buffer
+(``_distributed.SumLayout``: the same layout on every rank, empty shards included), one all-reduce
+per part completes it, and the next pass reads the slot, one partial instead of its own partials,
+and divides by the global count. A shard's slots and counts are in a small int64 descriptor whose
+address is a meta column (0 for whole tensors, which keep the single-process path)::
+
+    rowcol, fold cols  → all-reduce column sums of row-split matrices      (stats reads them)
+    stats,  fold R̄     → all-reduce Σ R of row-split matrices               (rms reads it)
+    rms,    fold sums  → all-reduce Σθ², ΣU² of every shard                 (scale reads them)
+    scale, apply
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 import triton
@@ -81,8 +96,14 @@ _TILES = tl.constexpr(_launcher.TILE_META.index("tiles"))
 _FACTORED = tl.constexpr(_launcher.META_USER)
 # two columns: the ChildTuning mask descriptor (stream, D-mask address) of ``_mask.load_grad``
 _MASK = tl.constexpr(_launcher.META_USER + 1)
-_OFF_RC = tl.constexpr(_launcher.META_USER + 3)
-_OFF_RB = tl.constexpr(_launcher.META_USER + 4)
+# 0 for a whole tensor, else the address of the FSDP2 shard's int64 descriptor (entries below)
+_SHARD = tl.constexpr(_launcher.META_USER + 3)
+_OFF_RC = tl.constexpr(_launcher.META_USER + 4)
+_OFF_RB = tl.constexpr(_launcher.META_USER + 5)
+# descriptor entries: the exchange-buffer slots (-1: none) of the column sums and Σ R of a matrix
+# whose rows are split across ranks and of [Σθ², ΣU²], then the global row and element counts
+_X_COLS, _X_RBAR, _X_SUMS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_G_ROWS, _G_NUMEL = tl.constexpr(3), tl.constexpr(4)
 
 
 @triton.jit
@@ -215,24 +236,49 @@ def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, ski
 
 
 @triton.jit
-def _finish_stat(p_part, p_stat, o_v, m_v, n_parts, stride, count, weight, eps_add, KP: tl.constexpr,
-                 BV: tl.constexpr):
-    # n_parts partial vectors (stride apart) summed KP at a time in a fixed order, then the EMA of
-    # the mean; returns the new values (0 where masked)
+def _slot(p_meta, X: tl.constexpr):
+    """``(o_x, p_d)``: entry ``X`` of the tensor's shard descriptor ``p_d`` (-1 for a whole tensor)."""
+    addr = tl.load(p_meta + _SHARD)
+    p_d = addr.to(tl.pointer_type(tl.int64))
+    return tl.load(p_d + X, mask=addr != 0, other=-1), p_d
+
+
+@triton.jit
+def _completed(p_meta, X: tl.constexpr, G: tl.constexpr, p_x, p_own, n_own, count_own):
+    """``(p, n_parts, count)`` of a sum to finish: this rank's ``n_own`` partials at ``p_own`` over
+    ``count_own`` elements or, when the tensor is an FSDP2 shard with slot ``X``, the slot in ``p_x``,
+    one partial already summed over every rank, and the global count ``G``."""
+    o_x, p_d = _slot(p_meta, X)
+    sharded = o_x >= 0
+    p = tl.where(sharded, p_x + o_x, p_own)
+    return p, tl.where(sharded, 1, n_own), tl.where(sharded, tl.load(p_d + G, mask=sharded, other=0), count_own)
+
+
+@triton.jit
+def _sum_parts(p_part, o_v, m_v, n_parts, stride, KP: tl.constexpr, BV: tl.constexpr):
+    # n_parts partial vectors (stride apart) summed KP at a time in a fixed order
     o_k = tl.arange(0, KP)
     b_acc = tl.zeros([KP, BV], tl.float32)
     for k in range(0, n_parts, KP):
         o_kk = k + o_k
         b_acc += tl.load(p_part + o_kk[:, None] * stride + o_v[None, :],
                          mask=(o_kk[:, None] < n_parts) & m_v[None, :], other=0.0)
+    return tl.sum(b_acc, axis=0)
+
+
+@triton.jit
+def _finish_stat(p_part, p_stat, o_v, m_v, n_parts, stride, count, weight, eps_add, KP: tl.constexpr,
+                 BV: tl.constexpr):
+    # the EMA of the mean of n_parts partial vectors; returns the new values (0 where masked)
     b_s = tl.load(p_stat + o_v, mask=m_v, other=0.0)
-    b_s = _lerp(b_s, tl.sum(b_acc, axis=0) / count.to(tl.float32) + eps_add, weight)
+    b_s = _lerp(b_s, _sum_parts(p_part, o_v, m_v, n_parts, stride, KP, BV) / count.to(tl.float32) + eps_add,
+                weight)
     tl.store(p_stat + o_v, b_s, mask=m_v)
     return tl.where(m_v, b_s, 0.0)
 
 
 @triton.jit
-def adafactor_stats_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rc, p_rb,
+def adafactor_stats_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rc, p_rb, p_x,
                            weight, eps_add,
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
@@ -262,23 +308,38 @@ def adafactor_stats_kernel(tables, numels, block_tensor, block_chunk, meta, skip
                 o_v = r + tl.arange(0, VR)
                 b_tot += _finish_stat(p_rpart, p_row, o_v, o_v < n_r, t_c, n_r, n_c, weight, eps_add, KR, VR)
             tl.store(p_rbar + j, tl.sum(b_tot))
-        # column jobs: C ← lerp(C, mean_i g² + ε1, w) for CB columns
+        # column jobs: C ← lerp(C, mean_i g² + ε1, w) for CB columns (rows split across ranks: from
+        # the column sums over every rank's rows)
         n_jc = (n_c + CB - 1) // CB
         p_col = table_ptr(tables, i_t, 3, 5, DTYPE3, False) + i_s * n_c
-        p_cpart = p_rc + tl.load(p_meta + _SLICES) * t_c * n_r + i_s * t_r * n_c
+        p_cpart, n_cparts, n_rows = _completed(p_meta, _X_COLS, _G_ROWS, p_x,
+                                               p_rc + tl.load(p_meta + _SLICES) * t_c * n_r + i_s * t_r * n_c,
+                                               t_r, n_r)
         for j in range(n_prog - 1 - q, n_jc, n_prog):
             o_v = j * CB + tl.arange(0, CB)
-            _finish_stat(p_cpart, p_col, o_v, o_v < n_c, t_r, n_c, n_r, weight, eps_add, KC, CB)
+            _finish_stat(p_cpart, p_col, o_v, o_v < n_c, n_cparts, n_c, n_rows, weight, eps_add, KC, CB)
 
 
 @triton.jit
-def _row_mean(p_rb, n_parts, n_r, BV: tl.constexpr):
-    # R̄ of one slice from its [n_parts] partial sums, in a fixed order
+def _pair_sum(p_a, p_b, n_parts, BV: tl.constexpr):
+    # (Σ a, Σ b) of two [n_parts] partial vectors, BV at a time in a fixed order
+    b_a = tl.zeros([BV], tl.float32)
+    b_b = tl.zeros([BV], tl.float32)
+    for k in range(0, n_parts, BV):
+        o_k = k + tl.arange(0, BV)
+        b_a += tl.load(p_a + o_k, mask=o_k < n_parts, other=0.0)
+        b_b += tl.load(p_b + o_k, mask=o_k < n_parts, other=0.0)
+    return tl.sum(b_a), tl.sum(b_b)
+
+
+@triton.jit
+def _vec_sum(p_part, n_parts, BV: tl.constexpr):
+    # Σ of [n_parts] partials, BV at a time in a fixed order
     b_acc = tl.zeros([BV], tl.float32)
     for k in range(0, n_parts, BV):
         o_k = k + tl.arange(0, BV)
-        b_acc += tl.load(p_rb + o_k, mask=o_k < n_parts, other=0.0)
-    return tl.sum(b_acc) / n_r.to(tl.float32)
+        b_acc += tl.load(p_part + o_k, mask=o_k < n_parts, other=0.0)
+    return tl.sum(b_acc)
 
 
 @triton.jit
@@ -303,7 +364,7 @@ def _rms_sub(p_g, p_d, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, s
 
 
 @triton.jit(do_not_specialize=["mask_step"])
-def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_squ,
+def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_squ, p_x,
                          sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
                          DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                          DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, EPS_TORCH: tl.constexpr,
@@ -326,7 +387,9 @@ def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_p
     if factored:
         n_jr = (n_r + RJ - 1) // RJ
         p_rb = p_rb + tl.load(p_meta + _OFF_RB)
-        rbar = _row_mean(p_rb + i_s * n_jr, n_jr, n_r, VB)
+        # R̄ of the slice from its [n_jr] partials (rows split across ranks: Σ R over every rank)
+        p_part, n_parts, n_rows = _completed(p_meta, _X_RBAR, _G_ROWS, p_x, p_rb + i_s * n_jr, n_jr, n_r)
+        rbar = _vec_sum(p_part, n_parts, VB) / n_rows.to(tl.float32)
         if (i_r == 0) & (i_c == 0):
             # R̄ of the slice for the apply pass, after the [slices, row jobs] partials
             tl.store(p_rb + tl.load(p_meta + _SLICES) * n_jr + i_s, rbar)
@@ -348,7 +411,7 @@ def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_p
 
 @triton.jit
 def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, lr_ptr, p_sqp,
-                           p_squ, p_scale, rho, cap, eps2, use_scale, clip, wd_alpha, wd_lr,
+                           p_squ, p_x, p_scale, rho, cap, eps2, use_scale, clip, wd_alpha, wd_lr,
                            DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
                            DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
                            ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
@@ -360,20 +423,79 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
     i_t = tl.program_id(0).to(tl.int64)
     p_meta = meta + i_t * NMETA
     first, tiles = tl.load(p_meta + _FIRST), tl.load(p_meta + _TILES)
-    b_p = tl.zeros([VB], tl.float32)
-    b_u = tl.zeros([VB], tl.float32)
-    for k in range(0, tiles, VB):
-        o_k = k + tl.arange(0, VB)
-        b_p += tl.load(p_sqp + first + o_k, mask=o_k < tiles, other=0.0)
-        b_u += tl.load(p_squ + first + o_k, mask=o_k < tiles, other=0.0)
-    n = tl.load(numels + i_t).to(tl.float32)
+    # Σθ², ΣU² from the band partials (an FSDP2 shard: its slot [Σθ², ΣU²], over every rank)
+    n = tl.load(numels + i_t)
+    p_p, n_parts, n = _completed(p_meta, _X_SUMS, _G_NUMEL, p_x, p_sqp + first, tiles, n)
+    p_u, n_parts, n = _completed(p_meta, _X_SUMS, _G_NUMEL, p_x + 1, p_squ + first, tiles, n)
+    s_p, s_u = _pair_sum(p_p, p_u, n_parts, VB)
+    n = n.to(tl.float32)
     lr = tl.load(lr_ptr)
     # α = ρ·max(ε2, RMS θ) (ρ = min(lr·ρ_t, cap)); the update is α/κ with κ = max(1, RMS U / d)
     alpha = tl.minimum(lr * rho, cap)
-    alpha = alpha * tl.where(use_scale != 0.0, tl.maximum(tl.sqrt(tl.sum(b_p) / n), eps2), 1.0)
-    kappa = tl.maximum(tl.sqrt(tl.sum(b_u) / n) / clip, 1.0)
+    alpha = alpha * tl.where(use_scale != 0.0, tl.maximum(tl.sqrt(s_p / n), eps2), 1.0)
+    kappa = tl.maximum(tl.sqrt(s_u / n) / clip, 1.0)
     tl.store(p_scale + 2 * i_t, alpha / kappa)
     tl.store(p_scale + 2 * i_t + 1, 1.0 - (wd_alpha * alpha + wd_lr * lr))
+
+
+@triton.jit
+def adafactor_fold_cols_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rc, p_x,
+                               DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
+                               DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                               ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                               KC: tl.constexpr, CB: tl.constexpr):
+    # a matrix whose rows are split across ranks (one slice): this rank's column sums, its [t_r, n_c]
+    # column partials summed, into its exchange slot; the tiles share the column jobs as in stats
+    if CHECK_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
+    _, p_meta, _, i_r, i_c = tile_coords(block_tensor, block_chunk, meta, NMETA)
+    o_x, _ = _slot(p_meta, _X_COLS)
+    if o_x >= 0:
+        n_r, n_c = tl.load(p_meta + _ROWS), tl.load(p_meta + _COLS)
+        t_r, t_c = tl.load(p_meta + _TILES_R), tl.load(p_meta + _TILES_C)
+        p_cpart = p_rc + tl.load(p_meta + _OFF_RC) + t_c * n_r
+        for j in range(i_r * t_c + i_c, (n_c + CB - 1) // CB, t_r * t_c):
+            o_v = j * CB + tl.arange(0, CB)
+            m_v = o_v < n_c
+            tl.store(p_x + o_x + o_v, _sum_parts(p_cpart, o_v, m_v, t_r, n_c, KC, CB), mask=m_v)
+
+
+@triton.jit
+def adafactor_fold_rbar_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_x,
+                               DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
+                               DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                               ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                               RJ: tl.constexpr, VB: tl.constexpr):
+    # one program per tensor; a matrix whose rows are split across ranks: Σ R over this rank's rows
+    # (the stats pass's [n_jr] partials) into its exchange slot
+    if CHECK_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
+    p_meta = meta + tl.program_id(0).to(tl.int64) * NMETA
+    o_x, _ = _slot(p_meta, _X_RBAR)
+    if o_x >= 0:
+        n_jr = (tl.load(p_meta + _ROWS) + RJ - 1) // RJ
+        tl.store(p_x + o_x, _vec_sum(p_rb + tl.load(p_meta + _OFF_RB), n_jr, VB))
+
+
+@triton.jit
+def adafactor_fold_sums_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_sqp, p_squ, p_x,
+                               DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
+                               DTYPE3: tl.constexpr, DTYPE4: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                               ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr,
+                               VB: tl.constexpr):
+    # one program per tensor; an FSDP2 shard: Σθ², ΣU² over this rank's bands into its exchange slot
+    if CHECK_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
+    p_meta = meta + tl.program_id(0).to(tl.int64) * NMETA
+    o_x, _ = _slot(p_meta, _X_SUMS)
+    if o_x >= 0:
+        first, tiles = tl.load(p_meta + _FIRST), tl.load(p_meta + _TILES)
+        s_p, s_u = _pair_sum(p_sqp + first, p_squ + first, tiles, VB)
+        tl.store(p_x + o_x, s_p)
+        tl.store(p_x + o_x + 1, s_u)
 
 
 @triton.jit
@@ -467,6 +589,209 @@ def _scratch_sizes(view: tuple[int, int, int], factored: bool) -> tuple[int, int
     return slices * (t_c * n_r + t_r * n_c), slices * (-(-n_r // RJ) + 1)
 
 
+class _Group(NamedTuple):
+    """A launch group: its tile plan, ε1 and torch mode's clamp floors for its dtype, and its scratch."""
+
+    plan: _launcher.TilePlan
+    eps1: float
+    floor1: float
+    floor2: float
+    sq_param: torch.Tensor
+    sq_update: torch.Tensor
+    rowcol: torch.Tensor
+    row_mean: torch.Tensor
+    scale: torch.Tensor
+
+
+def _group(plan: _launcher.TilePlan, dtype: torch.dtype, hp: Any, tag: str) -> _Group:
+    """The group of ``plan``; groups with one ``tag`` take turns with the same scratch buffers."""
+    eps1 = _eps1(hp, dtype)
+    device = plan.tables.device
+
+    def scratch(name: str, numel: int) -> torch.Tensor:
+        return _launcher.workspace(f"adafactor.{name}{tag}", numel, device)
+
+    # torch mode's clamp floors ε1 (on R̄) and ε1² (on V̂, V), kept positive in fp32 as the
+    # reference does (ε1² = 1e-60 would flush to 0 and a zero row give 0·rsqrt(0))
+    return _Group(plan, eps1, max(eps1, _TINY), max(eps1 * eps1, _TINY), scratch("sq_param", plan.n_blocks),
+                  scratch("sq_update", plan.n_blocks), scratch("rowcol", plan.segment_sizes[0]),
+                  scratch("row_mean", plan.segment_sizes[1]), scratch("scale", 2 * plan.n_tensors))
+
+
+# parts of the exchange buffer, in the order a sharded step completes them
+_PART_COLS, _PART_RBAR, _PART_SUMS = 0, 1, 2
+#: ``(device, rows) → int64 [T, 5]`` device tables of shard descriptors; cached, so a step whose
+#: layout did not change reuses its tile plans (whose meta holds the descriptors' addresses)
+_descriptor_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _descriptor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    key = (device, tuple(map(tuple, rows)))
+    table = _descriptor_tables.get(key)
+    if table is None:
+        table = _launcher._to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5), device)
+        _descriptor_tables[key] = table
+        if len(_descriptor_tables) > _CACHE_SIZE:
+            _descriptor_tables.popitem(last=False)
+    else:
+        _descriptor_tables.move_to_end(key)
+    return table
+
+
+class _Exchange(NamedTuple):
+    """Where the sums of FSDP2 shards meet across ranks, and the descriptors that point the kernels there.
+
+    A factored matrix (its rows split) has slots for its column sums (``n_c``) and ``Σ R`` (one);
+    every shard has ``[Σθ², ΣU²]``. ``descriptors``: one int64 row per tensor, entries ``_X_COLS``
+    to ``_G_NUMEL``. ``empty``: ``(tensor, column-sum slot, global rows)`` of the row-split matrices
+    whose local shard is empty (no tiles, but a replicated column statistic).
+    """
+
+    layout: _distributed.SumLayout
+    descriptors: torch.Tensor
+    empty: list[tuple[int, int, int]]
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor], states: list[dict[str, Any]],
+           shards: list[_distributed.ShardSpec]) -> "_Exchange":
+        factored = ["exp_avg_sq_row" in s for s in states]
+        split = [f and len(sh.global_shape) == 2 for f, sh in zip(factored, shards)]
+        sizes = [[sh.global_shape[1] if sp else 0 for sh, sp in zip(shards, split)], [int(sp) for sp in split],
+                 [2] * len(shards)]
+        layout = _distributed.SumLayout.build(sizes, shards)
+        # per tensor: its slot in each part, then the global rows and element count
+        rows = [[*(at[i] for at in layout.offsets), sh.global_shape[-2] if f else -1, _distributed.global_numel(p, s)]
+                for i, (p, s, sh, f) in enumerate(zip(params, states, shards, factored))]
+        empty = [(i, rows[i][_X_COLS], rows[i][_G_ROWS]) for i, (p, sp) in enumerate(zip(params, split))
+                 if sp and p.numel() == 0]
+        return cls(layout, _descriptor_table(rows, params[0].device), empty)
+
+    def addresses(self) -> list[int]:
+        """The meta column ``_SHARD``: the address of each tensor's descriptor."""
+        base, row = self.descriptors.data_ptr(), self.descriptors.stride(0) * self.descriptors.element_size()
+        return [base + row * i for i in range(self.descriptors.shape[0])]
+
+
+class _Step:
+    """One step over a list of tensors: its launch arguments, and each pass as a method that launches
+    it on one group (:meth:`run` runs passes group by group).
+
+    With ``exchange`` (FSDP2 shards) the shard descriptors point the kernels at the tensors' slots in
+    the zeroed exchange buffer :attr:`x`; without it every tensor finishes its sums from its own
+    partials (meta column ``_SHARD`` holds 0, and :attr:`x` is a never-read stand-in).
+    """
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hp: Any,
+                 sc: Any, lr: Any, skip_flag: torch.Tensor | None, round_key: int | None,
+                 exchange: _Exchange | None = None) -> None:
+        factored = ["exp_avg_sq_row" in s for s in states]
+        stat_a = [s["exp_avg_sq_row"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
+        self.stat_b = [s["exp_avg_sq_col"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
+        self.params, self.hp, self.sc, self.round_key, self.exchange = params, hp, sc, round_key, exchange
+        self.work = [_launcher.contiguous_or_copy(p) for p in params]
+        self.grads = [_launcher.contiguous_or_copy(g) for g in grads]
+        self.mask = _mask.prepare(self.grads, states, hp.mask)
+        self.momentum = hp.beta1 is not None
+        # without momentum list 4 is a never-read stand-in, so every kernel keeps one signature
+        exp_avg = [s["exp_avg"] for s in states] if self.momentum else self.grads
+        views = [_view(p, f) for p, f in zip(params, factored)]
+        sizes = [_scratch_sizes(v, f) for v, f in zip(views, factored)]
+        device = params[0].device
+        self.lr_t = _launcher.device_scalar(lr, device, _lr_cache)
+        self.flag = skip_flag if skip_flag is not None else self.lr_t
+        self.check = skip_flag is not None
+        self.torch_eps = hp.eps_mode == "torch"
+        self.sign = -1.0 if hp.maximize else 1.0
+        if hp.relative_step and hp.lr_mode == "rho_max":
+            self.rho, self.cap = 1.0, sc.inv_sqrt_step
+        else:
+            self.rho, self.cap = sc.rho, float("inf")
+        regs = {"maxnreg": MAX_REGS} if MAX_REGS else {}
+        self.sub = {k: dict(SR=r, num_warps=w, **regs) for k, (r, w) in SUB.items()}
+        if exchange is None:
+            shards, tag, self.x = [0] * len(params), "", self.lr_t
+        else:
+            shards, tag = exchange.addresses(), ".shards"
+            self.x = _launcher.workspace("adafactor.exchange", exchange.layout.size, device)[:exchange.layout.size]
+            self.x.zero_()
+        columns = [[int(f) for f in factored], *self.mask.columns, shards]
+        segments = [[s[0] for s in sizes], [s[1] for s in sizes]]
+        launch_groups = _launcher.tile_groups([self.work, self.grads, stat_a, self.stat_b, exp_avg], views,
+                                              (RB, BC), columns, segments)
+        # a sharded step runs each pass over every group before the next pass: each group keeps its
+        # own scratch (whole tensors' groups take turns with one set)
+        self.groups = [_group(plan, params[idx[0]].dtype, hp, f"{tag}{k}" if exchange else "")
+                       for k, (idx, plan) in enumerate(launch_groups)]
+
+    def run(self, *passes: Callable[[_Group], None]) -> None:
+        """``passes`` in order on the first group, then on the next one, and so on."""
+        for g in self.groups:
+            for launch_pass in passes:
+                launch_pass(g)
+
+    def rowcol(self, g: _Group, scan: bool = False) -> None:
+        g.plan.launch(adafactor_rowcol_kernel, self.flag, g.sq_param, g.rowcol, *self.mask.args, **self.sub["rowcol"],
+                      MASK_MODE=self.mask.mode, CHECK_SKIP=self.check, SCAN=scan)
+
+    def stats(self, g: _Group) -> None:
+        g.plan.launch(adafactor_stats_kernel, self.flag, g.rowcol, g.row_mean, self.x, self.sc.weight,
+                      0.0 if self.torch_eps else g.eps1, num_warps=STATS_WARPS, CHECK_SKIP=self.check, RJ=RJ,
+                      KR=KR, VR=VR, KC=KC, CB=CB)
+
+    def rms(self, g: _Group) -> None:
+        w = self.sc.weight
+        g.plan.launch(adafactor_rms_kernel, self.flag, g.row_mean, g.sq_update, self.x, self.sign, w, 1.0 - w,
+                      w * g.eps1, g.floor1, g.floor2, _TINY, *self.mask.args, **self.sub["rms"],
+                      EPS_TORCH=self.torch_eps, MASK_MODE=self.mask.mode, CHECK_SKIP=self.check, RJ=RJ, VB=VB)
+
+    def scale(self, g: _Group) -> None:
+        hp = self.hp
+        hf_decay = hp.decay_mode == "hf"
+        g.plan.launch(adafactor_scale_kernel, self.flag, self.lr_t, g.sq_param, g.sq_update, self.x, g.scale,
+                      self.rho, self.cap, hp.eps2, float(hp.scale_parameter), hp.clip_threshold,
+                      hp.weight_decay if hf_decay else 0.0, 0.0 if hf_decay else hp.weight_decay,
+                      per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=self.check, VB=VB)
+
+    def apply(self, g: _Group) -> None:
+        beta1 = self.hp.beta1 if self.momentum else 0.0
+        key = self.round_key
+        g.plan.launch(adafactor_apply_kernel, self.flag, g.row_mean, g.scale, self.sign, beta1, 1.0 - beta1,
+                      g.floor1, g.floor2, _TINY, *self.mask.args, 3 if key is None else key, **self.sub["apply"],
+                      EPS_TORCH=self.torch_eps, MOMENTUM=self.momentum, MASK_MODE=self.mask.mode,
+                      STOCHASTIC=key is not None, CHECK_SKIP=self.check, RJ=RJ)
+
+    def fold_cols(self, g: _Group) -> None:
+        if self.exchange.layout.used(_PART_COLS):
+            g.plan.launch(adafactor_fold_cols_kernel, self.flag, g.rowcol, self.x, num_warps=STATS_WARPS,
+                          CHECK_SKIP=self.check, KC=KC, CB=CB)
+
+    def fold_rbar(self, g: _Group) -> None:
+        if self.exchange.layout.used(_PART_RBAR):
+            g.plan.launch(adafactor_fold_rbar_kernel, self.flag, g.row_mean, self.x, per_tensor=True,
+                          num_warps=SMALL_WARPS, CHECK_SKIP=self.check, RJ=RJ, VB=VB)
+
+    def fold_sums(self, g: _Group) -> None:
+        g.plan.launch(adafactor_fold_sums_kernel, self.flag, g.sq_param, g.sq_update, self.x, per_tensor=True,
+                      num_warps=SMALL_WARPS, CHECK_SKIP=self.check, VB=VB)
+
+    def empty_columns(self) -> None:
+        """The column statistic of a row-split matrix whose shard is empty here: no tile updates it, but
+        it is replicated, so it takes, from the same completed column sums, the update the stats pass
+        gives it on the other ranks (torch ops in fp32, as the kernel; a skipped step keeps it)."""
+        for i, o_x, g_rows in self.exchange.empty:
+            col = self.stat_b[i]
+            eps_add = 0.0 if self.torch_eps else _eps1(self.hp, self.params[i].dtype)
+            new = self.x[o_x:o_x + col.numel()].div(g_rows).add_(eps_add)
+            new = torch.lerp(col, new, self.sc.weight)
+            col.copy_(torch.where(self.flag.ne(0), col, new) if self.check else new)
+
+    def write_back(self) -> None:
+        for p, w in zip(self.params, self.work):
+            if w is not p:
+                p.copy_(w)
+
+
 def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, torch.Tensor]],
            hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None = None, scan_nonfinite: bool = False,
            round_key: int | None = None) -> None:
@@ -480,92 +805,76 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
 
     ``round_key``, when given, writes bf16 parameters by stochastic rounding with that key
     (:func:`optimfx._precision.round_key`) in the apply pass.
+
+    FSDP2 shards (a ``ShardSpec`` under ``_distributed.SHARD_KEY`` in their state) go through
+    :func:`_launch_distributed`.
     """
     if any(_distributed.SHARD_KEY in s for s in states):
+        _launch_distributed(params, grads, states, hp, sc, lr, skip_flag, scan_nonfinite, round_key)
+        return
+    step = _Step(params, grads, states, hp, sc, lr, skip_flag, round_key)
+    scan = scan_nonfinite and len(step.groups) == 1
+    if scan_nonfinite and not scan:
+        checks.raise_if_nonfinite(step.grads, skip_flag)
+    step.run(partial(step.rowcol, scan=scan), step.stats, step.rms, step.scale, step.apply)
+    step.write_back()
+
+
+def _on_kernels(shard: _distributed.ShardSpec) -> bool:
+    """Whether the kernels take an FSDP2 shard: split on its leading axis only (FSDP2's ``Shard(0)``:
+    whole rows of a matrix, whole slices of a batched tensor, a run of a vector; ChildTuning-F masks
+    then add the shard's element offset, ``_mask.prepare``). The same answer on every rank."""
+    return shard.element_offset is not None
+
+
+def _launch_distributed(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                        hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None, scan_nonfinite: bool,
+                        round_key: int | None) -> None:
+    """A launch with FSDP2 shards: the skip flag is agreed across ranks first (a step skipped on one
+    rank is skipped on every rank that shares a tensor with it), then whole tensors take the plain
+    passes, shards :func:`_launch_shards` and the shards the kernels do not take the reference step.
+    Every rank issues the same collectives in the same order."""
+    shards = [s.get(_distributed.SHARD_KEY) for s in states]
+    if skip_flag is not None:
         if scan_nonfinite:
             checks.raise_if_nonfinite(grads, skip_flag)
-        _launch_sharded(params, grads, states, hp, sc, lr, skip_flag, round_key)
-        return
-    factored = ["exp_avg_sq_row" in s for s in states]
-    stat_a = [s["exp_avg_sq_row"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
-    stat_b = [s["exp_avg_sq_col"] if f else s["exp_avg_sq"] for s, f in zip(states, factored)]
-    work = [_launcher.contiguous_or_copy(p) for p in params]
-    grads = [_launcher.contiguous_or_copy(g) for g in grads]
-    mask = _mask.prepare(grads, states, hp.mask)
-    momentum = hp.beta1 is not None
-    # without momentum list 4 is a never-read stand-in, so every kernel keeps one signature
-    exp_avg = [s["exp_avg"] for s in states] if momentum else grads
-    views = [_view(p, f) for p, f in zip(params, factored)]
-    sizes = [_scratch_sizes(v, f) for v, f in zip(views, factored)]
-    device = params[0].device
-    lr_t = _launcher.device_scalar(lr, device, _lr_cache)
-    flag = skip_flag if skip_flag is not None else lr_t
-    check = skip_flag is not None
-    torch_eps = hp.eps_mode == "torch"
-    sign = -1.0 if hp.maximize else 1.0
-    if hp.relative_step and hp.lr_mode == "rho_max":
-        rho, cap = 1.0, sc.inv_sqrt_step
-    else:
-        rho, cap = sc.rho, float("inf")
-    hf_decay = hp.decay_mode == "hf"
-    beta1 = hp.beta1 if momentum else 0.0
-    lists = [work, grads, stat_a, stat_b, exp_avg]
-    regs = {"maxnreg": MAX_REGS} if MAX_REGS else {}
-    sub = {k: dict(SR=r, num_warps=w, **regs) for k, (r, w) in SUB.items()}
-    columns = [[int(f) for f in factored], *mask.columns]
-    segments = [[s[0] for s in sizes], [s[1] for s in sizes]]
-    launch_groups = _launcher.tile_groups(lists, views, (RB, BC), columns, segments)
-    scan = scan_nonfinite and len(launch_groups) == 1
-    if scan_nonfinite and not scan:
-        checks.raise_if_nonfinite(grads, skip_flag)
-    for idx, plan in launch_groups:
-        eps1 = _eps1(hp, params[idx[0]].dtype)
-        # torch mode's clamp floors ε1 (on R̄) and ε1² (on V̂, V), kept positive in fp32 as the
-        # reference does (ε1² = 1e-60 would flush to 0 and a zero row give 0·rsqrt(0))
-        floor1, floor2 = max(eps1, _TINY), max(eps1 * eps1, _TINY)
-        p_sqp = _launcher.workspace("adafactor.sq_param", plan.n_blocks, device)
-        p_squ = _launcher.workspace("adafactor.sq_update", plan.n_blocks, device)
-        p_rc = _launcher.workspace("adafactor.rowcol", plan.segment_sizes[0], device)
-        p_rb = _launcher.workspace("adafactor.row_mean", plan.segment_sizes[1], device)
-        p_scale = _launcher.workspace("adafactor.scale", 2 * plan.n_tensors, device)
-        plan.launch(adafactor_rowcol_kernel, flag, p_sqp, p_rc, *mask.args, **sub["rowcol"],
-                    MASK_MODE=mask.mode, CHECK_SKIP=check, SCAN=scan)
-        plan.launch(adafactor_stats_kernel, flag, p_rc, p_rb, sc.weight, 0.0 if torch_eps else eps1,
-                    num_warps=STATS_WARPS, CHECK_SKIP=check, RJ=RJ, KR=KR, VR=VR, KC=KC, CB=CB)
-        plan.launch(adafactor_rms_kernel, flag, p_rb, p_squ, sign, sc.weight, 1.0 - sc.weight,
-                    sc.weight * eps1, floor1, floor2, _TINY, *mask.args,
-                    **sub["rms"], EPS_TORCH=torch_eps, MASK_MODE=mask.mode, CHECK_SKIP=check, RJ=RJ,
-                    VB=VB)
-        plan.launch(adafactor_scale_kernel, flag, lr_t, p_sqp, p_squ, p_scale, rho, cap, hp.eps2,
-                    float(hp.scale_parameter), hp.clip_threshold,
-                    hp.weight_decay if hf_decay else 0.0, 0.0 if hf_decay else hp.weight_decay,
-                    per_tensor=True, num_warps=SMALL_WARPS, CHECK_SKIP=check, VB=VB)
-        plan.launch(adafactor_apply_kernel, flag, p_rb, p_scale, sign, beta1, 1.0 - beta1, floor1,
-                    floor2, _TINY, *mask.args, 3 if round_key is None else round_key, **sub["apply"],
-                    EPS_TORCH=torch_eps, MOMENTUM=momentum, MASK_MODE=mask.mode,
-                    STOCHASTIC=round_key is not None, CHECK_SKIP=check, RJ=RJ)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
+        _distributed.any_rank_(skip_flag, shards)
+    whole = [i for i, sh in enumerate(shards) if sh is None]
+    kernel = [i for i, sh in enumerate(shards) if sh is not None and _on_kernels(sh)]
+    other = [i for i, sh in enumerate(shards) if sh is not None and not _on_kernels(sh)]
+    for idx, run in ((whole, launch), (kernel, _launch_shards), (other, _reference_steps)):
+        if idx:
+            pick = [[xs[i] for i in idx] for xs in (params, grads, states)]
+            run(*pick, hp, sc, lr, skip_flag, round_key=round_key)
 
 
-def _launch_sharded(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
-                    hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None, round_key: int | None) -> None:
-    """FSDP2 shards: unsharded tensors take the kernels; sharded ones the reference step.
+def _launch_shards(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hp: Any,
+                   sc: Any, lr: Any, skip_flag: torch.Tensor | None, round_key: int | None = None) -> None:
+    """FSDP2 shards of the leading axis through the five passes on their local shards; between passes
+    their sums are folded into the exchange buffer and all-reduced (module docstring). Each pass runs
+    on every group before the next one, and a rank whose shard of a tensor is empty (no tiles) still
+    takes part in every all-reduce, with zeros."""
+    exchange = _Exchange.of(params, states, [s[_distributed.SHARD_KEY] for s in states])
+    step = _Step(params, grads, states, hp, sc, lr, skip_flag, round_key, exchange)
+    step.run(step.rowcol, step.fold_cols)
+    exchange.layout.sum_(step.x, _PART_COLS)
+    step.empty_columns()
+    step.run(step.stats, step.fold_rbar)
+    exchange.layout.sum_(step.x, _PART_RBAR)
+    step.run(step.rms, step.fold_sums)
+    exchange.layout.sum_(step.x, _PART_SUMS)
+    step.run(step.scale, step.apply)
+    step.write_back()
 
-    The statistics of a sharded tensor must be completed across ranks between the rowcol, stats and
-    rms passes; these kernels do not issue those all-reduces yet, so sharded tensors run the
-    reference (whose means and RMS values are all-reduced, ``optimfx/_distributed.py``).
-    """
-    plain = [i for i, s in enumerate(states) if _distributed.SHARD_KEY not in s]
-    if plain:
-        launch([params[i] for i in plain], [grads[i] for i in plain], [states[i] for i in plain], hp, sc, lr,
-               skip_flag, round_key=round_key)
-    # the reference decides on the host: this path reads the flag (a synchronisation the kernels avoid)
+
+def _reference_steps(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
+                     hp: Any, sc: Any, lr: Any, skip_flag: torch.Tensor | None, round_key: int | None = None) -> None:
+    """Shards the kernels do not take (:func:`_on_kernels`): the reference step, whose means and RMS
+    values are all-reduced (``optimfx/_distributed.py``). It decides on the host: it reads the flag,
+    a synchronisation the kernels avoid."""
     if skip_flag is not None and bool(skip_flag.ne(0).any()):
         return
     lr_f = float(lr) if isinstance(lr, torch.Tensor) else lr
     with rounding(round_key):
         for p, g, s in zip(params, grads, states):
-            if _distributed.SHARD_KEY in s:
-                ref.step_(p, g, s, hp, sc, lr_f)
+            ref.step_(p, g, s, hp, sc, lr_f)

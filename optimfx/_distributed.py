@@ -26,7 +26,8 @@ plain tensors, and:
   A local tensor's :class:`ShardSpec` reaches the algorithm under :data:`SHARD_KEY` in its state dict
   (the per-step local view, never the stored state). Per-tensor sums that are not means (EG's
   ``⟨ν, g⟩``, ``‖ν‖²``, ``‖g‖²``, ``‖m‖²``) are completed by :func:`sum_rows_`, one all-reduce for
-  every tensor split over the same groups.
+  every tensor split over the same groups. Multi-pass kernels (AdaFactor's) lay their partial sums
+  out in a flat buffer with :class:`SumLayout` and complete one part of it between two passes.
 * **the non-finite check is global**: a step is skipped on every rank when any rank's shard holds
   inf/NaN (one flag all-reduce and one host read per parameter group and step).
 
@@ -159,6 +160,58 @@ def any_rank_(flag: Tensor, shards: Sequence[Optional[ShardSpec]]) -> Tensor:
     import torch.distributed as dist
 
     return _all_reduce_(flag, groups, dist.ReduceOp.MAX)
+
+
+@dataclass(frozen=True)
+class SumLayout:
+    """Slots of per-tensor partial sums in one flat buffer, in parts completed across ranks one at a time.
+
+    A multi-pass kernel step writes this rank's partial sums of each sharded tensor into the tensor's
+    slot of a part, :meth:`sum_` all-reduces the part, and the next pass reads sums over every rank.
+    Every rank builds the layout from the same tensors in the same order, with slot sizes that depend
+    on global shapes only, so offsets and collectives agree across ranks; an empty local shard keeps
+    its slots and adds zeros. Within a part the slots of tensors split over the same process groups
+    are adjacent: a part costs one all-reduce per distinct set of groups.
+
+    Attributes:
+        offsets: ``offsets[k][i]``, where tensor ``i``'s slot in part ``k`` starts; ``-1``: none.
+        ranges: per part, ``(groups, start, end)`` of each set of process groups, in the order of
+            :func:`sum_rows_`.
+        size: elements of the buffer.
+    """
+
+    offsets: tuple[tuple[int, ...], ...]
+    ranges: tuple[tuple[tuple[tuple[Any, ...], int, int], ...], ...]
+    size: int
+
+    @classmethod
+    def build(cls, sizes: Sequence[Sequence[int]], shards: Sequence[Optional[ShardSpec]]) -> "SumLayout":
+        """``sizes[k][i]``: elements of tensor ``i``'s slot in part ``k`` (0: none); ``shards[i]``: its spec
+        (``None``: a whole tensor, which gets no slot)."""
+        sets = _distinct_groups(shards)
+        offsets, ranges, end = [], [], 0
+        for part in sizes:
+            at, spans = [-1] * len(shards), []
+            for groups, members in sets:
+                start = end
+                for i in members:
+                    if part[i]:
+                        at[i], end = end, end + part[i]
+                spans.append((tuple(groups), start, end))
+            offsets.append(tuple(at))
+            ranges.append(tuple(spans))
+        return cls(tuple(offsets), tuple(ranges), end)
+
+    def used(self, part: int) -> bool:
+        """Whether part ``part`` has a slot (the same answer on every rank)."""
+        return any(end > start for _, start, end in self.ranges[part])
+
+    def sum_(self, flat: Tensor, part: int) -> Tensor:
+        """Complete part ``part`` of ``flat`` in place: each slot becomes the sum of the ranks' slots."""
+        for groups, start, end in self.ranges[part]:
+            if end > start:
+                _all_reduce_(flat[start:end], groups)
+        return flat
 
 
 def mean(x: Tensor, dim: int, shard: ShardSpec, keepdim: bool = False) -> Tensor:

@@ -5,7 +5,9 @@ empty (1 row on 2 ranks), square (placement of row vs column statistics cannot b
 shape) and 3-D (AdaFactor factors the last two axes, FSDP2 shards the first), each rank on its half of
 a fixed batch. The parent replays every run in one process on the full batch and compares. The same
 job checkpoints with ``torch.distributed.checkpoint`` mid-run and resumes into fresh objects, and
-puts a NaN into one rank's gradient shard, which every rank must skip.
+puts a NaN into one rank's gradient shard (or has GradScaler report inf on one rank only), which every
+rank must skip. The Triton AdaFactor runs step their shards through the kernels (no reference step),
+completing the sums over the sharded axis with all-reduces between the passes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import optimfx
+from optimfx.reference import adafactor as adafactor_ref
 
 STEPS = 5
 DCP_STEPS, DCP_SAVE_AT = 6, 3
@@ -75,8 +78,17 @@ OPTIMIZERS = {
     "adafactor-torch-mode": lambda ps, m: optimfx.AdaFactor(ps, lr=0.05, eps=(None, 1e-3), lr_mode="rho_max",
                                                             eps_mode="torch", decay_mode="torch",
                                                             weight_decay=0.1),
-    # sharded tensors take the reference step inside the Triton launch (kernels/adafactor.py)
+    # the kernels step the shards, all-reducing column sums, Σ R, Σθ² and ΣU² between passes
     "adafactor-triton": lambda ps, m: optimfx.AdaFactor(ps, backend="triton"),
+    "adafactor-triton-momentum-decay": lambda ps, m: optimfx.AdaFactor(ps, beta1=0.9, weight_decay=0.1,
+                                                                       backend="triton"),
+    "adafactor-triton-torch-mode": lambda ps, m: optimfx.AdaFactor(ps, lr=0.05, eps=(None, 1e-3), lr_mode="rho_max",
+                                                                   eps_mode="torch", decay_mode="torch",
+                                                                   weight_decay=0.1, backend="triton"),
+    # F masks keyed by the global element index in every pass that loads the gradient
+    "adafactor-f": lambda ps, m: optimfx.AdaFactor(ps, child_tuning_mode="F", reserve_p=0.5, seed=3),
+    "adafactor-triton-f": lambda ps, m: optimfx.AdaFactor(ps, child_tuning_mode="F", reserve_p=0.5, seed=3,
+                                                          backend="triton"),
     "adamw": lambda ps, m: optimfx.AdamW(ps, lr=1e-2),
     "childtuning-adamw-d": _ct_d,
     # F masks keyed by the global element index (ShardSpec.element_offset): the single-process masks
@@ -92,10 +104,16 @@ OPTIMIZERS = {
     "funnel": lambda ps, m: optimfx.Funnel(ps, lr=0.05, gamma_scale=0.3, gamma_gain=0.1),
 }
 XFAIL: dict[str, str] = {}
+TRITON_ADAFACTOR = ("adafactor-triton", "adafactor-triton-momentum-decay", "adafactor-triton-torch-mode",
+                    "adafactor-triton-f")
 # a NaN on one rank's shard skips the step on every rank
-NONFINITE_OPTIMIZERS = ("adax", "eg-adax", "eg-adax-triton", "funnel")
+NONFINITE_OPTIMIZERS = ("adax", "eg-adax", "eg-adax-triton", "funnel", "adafactor-triton")
+# GradScaler's found_inf raised on one rank only (a plain GradScaler's flag is per rank): the Triton
+# launch agrees it across ranks before any pass writes
+FOUND_INF_OPTIMIZERS = ("adafactor-triton",)
 # DCP resume: continue == uninterrupted, and DCP's zero-grad init step moves nothing
-DCP_OPTIMIZERS = ("adafactor", "adafactor-torch-mode", "adax", "childtuning-adamw-d", "eg-adax", "funnel")
+DCP_OPTIMIZERS = ("adafactor", "adafactor-torch-mode", "adax", "childtuning-adamw-d", "eg-adax", "funnel",
+                  "adafactor-triton")
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,23 +148,62 @@ def _full(model) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
+class _KernelUse:
+    """Counts, while active, AdaFactor reference steps and kernel launches (by kernel name)."""
+
+    def __enter__(self) -> "_KernelUse":
+        from optimfx._kernels import _launcher
+
+        self._launcher = _launcher
+        self.reference_steps, self.launches = 0, {}
+        self._saved = adafactor_ref.step_, _launcher._enqueue
+        step, enqueue = self._saved
+
+        def counted_step(*args):
+            self.reference_steps += 1
+            return step(*args)
+
+        def counted_enqueue(kernel, grid, *args, **kwargs):
+            self.launches[kernel.__name__] = self.launches.get(kernel.__name__, 0) + 1
+            return enqueue(kernel, grid, *args, **kwargs)
+
+        adafactor_ref.step_, _launcher._enqueue = counted_step, counted_enqueue
+        return self
+
+    def __exit__(self, *exc) -> None:
+        adafactor_ref.step_, self._launcher._enqueue = self._saved
+
+
+def _replicated_state(model, opt) -> dict[str, torch.Tensor]:
+    """This rank's copy of every replicated state DTensor (AdaFactor's column statistics of matrices)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {f"{names[p]}/{k}": v.to_local().clone() for p, s in opt.state.items() for k, v in s.items()
+            if isinstance(v, DTensor) and all(isinstance(pl, Replicate) for pl in v.placements)}
+
+
 def _worker(rank: int, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = {}
     for name, make in OPTIMIZERS.items():
         model = _sharded(mesh)
         try:
-            opt = make(list(model.parameters()), model)
-            _train(model, opt, STEPS, rank)
+            with _KernelUse() as use:
+                opt = make(list(model.parameters()), model)
+                _train(model, opt, STEPS, rank)
             full_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
                                                                                        cpu_offload=True))
-            results[name] = {"params": _full(model), "state": full_state["state"], "error": None}
+            replicas = [None] * dist.get_world_size()
+            dist.all_gather_object(replicas, _replicated_state(model, opt))
+            results[name] = {"params": _full(model), "state": full_state["state"], "replicas": replicas,
+                             "reference_steps": use.reference_steps, "launches": use.launches, "error": None}
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     results["placements"] = _placements(mesh)
     results["eg-placements"] = _eg_placements(mesh)
     for name in NONFINITE_OPTIMIZERS:
-        results[f"nonfinite-{name}"] = _nan_on_one_rank(rank, mesh, name)
+        results[f"nonfinite-{name}"] = _skip_on_one_rank(rank, mesh, name, "grad")
+    for name in FOUND_INF_OPTIMIZERS:
+        results[f"found-inf-{name}"] = _skip_on_one_rank(rank, mesh, name, "found_inf")
     for name in DCP_OPTIMIZERS:
         results[f"dcp-{name}"] = _dcp_resume(rank, mesh, name, os.path.join(out_dir, f"ckpt-{name}"))
     if rank == 0:
@@ -179,9 +236,11 @@ def _local_snapshot(model, opt) -> list[torch.Tensor]:
     return [(t.to_local() if isinstance(t, DTensor) else t).detach().clone() for t in tensors]
 
 
-def _nan_on_one_rank(rank, mesh, name):
-    """Two steps, then a step whose NaN sits in rank 1's shard only: every rank must skip it (nothing
-    moves, no state changes on any rank), and the next step is taken everywhere."""
+def _skip_on_one_rank(rank, mesh, name, via):
+    """Two steps, then a step that rank 1 alone must skip: a NaN in its gradient shard (``via="grad"``)
+    or GradScaler's ``found_inf`` raised there only (``"found_inf"``, handed to ``step()`` as an
+    attribute, as GradScaler does). Every rank must skip it (nothing moves, no state changes on any
+    rank), and the next step is taken everywhere."""
     model = _sharded(mesh)
     opt = OPTIMIZERS[name](list(model.parameters()), model)
     _train(model, opt, 2, rank)
@@ -190,11 +249,15 @@ def _nan_on_one_rank(rank, mesh, name):
     opt.zero_grad(set_to_none=True)
     half = slice(rank * BATCH, (rank + 1) * BATCH)
     torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
-    if rank == 1:
+    if via == "grad" and rank == 1:
         model.inp.weight.grad.to_local()[0, 0] = float("nan")
+    if via == "found_inf":
+        opt.found_inf = torch.tensor(float(rank == 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         opt.step()
+    if via == "found_inf":
+        del opt.found_inf
     unchanged = all(torch.equal(a, b) for a, b in zip(before, _local_snapshot(model, opt)))
     _train(model, opt, 1, rank, first=3)
     moved_after = not all(torch.equal(a, b) for a, b in zip(before, _local_snapshot(model, opt)))
@@ -252,7 +315,9 @@ def results():
 
 # the Triton runs are replayed on the reference backend (kernel == reference is tests/kernels/'s job;
 # the interpreter would cost seconds here)
-REPLAY = {"adaxw-triton": "adaxw", "adafactor-triton": "adafactor", "eg-adax-triton": "eg-adax"}
+REPLAY = {"adaxw-triton": "adaxw", "adafactor-triton": "adafactor", "eg-adax-triton": "eg-adax",
+          "adafactor-triton-momentum-decay": "adafactor-momentum-decay",
+          "adafactor-triton-torch-mode": "adafactor-torch-mode", "adafactor-triton-f": "adafactor-f"}
 
 
 def _single(name: str, steps: int = STEPS):
@@ -282,7 +347,7 @@ def test_fsdp2_matches_single_process(results, name):
 
 
 @pytest.mark.parametrize("name", ["adafactor", "adafactor-momentum-decay", "adax", "childtuning-adamw-d", "eg-adax",
-                                  "eg-adax-triton"])
+                                  "eg-adax-triton", *TRITON_ADAFACTOR])
 def test_fsdp2_full_optimizer_state_matches_single_process(results, name):
     """DCP's full state dict gathers the sharded state: it must be the single-process state."""
     _, opt = _single(name)
@@ -339,8 +404,37 @@ def test_fsdp2_eg_state_placements(results):
     assert pl["inp.weight/scale"] == "plain"
 
 
-@pytest.mark.parametrize("name", NONFINITE_OPTIMIZERS)
-def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(results, name):
-    for rank, (unchanged, moved_after) in enumerate(results[f"nonfinite-{name}"]):
+@pytest.mark.parametrize("key", [f"nonfinite-{n}" for n in NONFINITE_OPTIMIZERS]
+                         + [f"found-inf-{n}" for n in FOUND_INF_OPTIMIZERS])
+def test_fsdp2_nonfinite_shard_skips_the_step_on_every_rank(results, key):
+    for rank, (unchanged, moved_after) in enumerate(results[key]):
         assert unchanged, f"rank {rank} changed parameters or state in a skipped step"
         assert moved_after, f"rank {rank} did not step after the skipped step"
+
+
+@pytest.mark.parametrize("name", TRITON_ADAFACTOR)
+def test_fsdp2_triton_adafactor_steps_shards_with_the_kernels(results, name):
+    """Every tensor of the model is sharded; none took the reference step, and the passes that fold
+    this rank's sums into the exchange ran (the column fold for the row-split matrices)."""
+    got = results[name]
+    assert got["error"] is None, got["error"]
+    assert got["reference_steps"] == 0
+    for kernel in ("adafactor_rowcol_kernel", "adafactor_fold_cols_kernel", "adafactor_fold_rbar_kernel",
+                   "adafactor_fold_sums_kernel", "adafactor_apply_kernel"):
+        assert got["launches"].get(kernel, 0) >= STEPS, kernel
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adafactor-torch-mode", *TRITON_ADAFACTOR])
+def test_fsdp2_replicated_state_agrees_across_ranks(results, name):
+    """The column statistics of row-split matrices are replicated: every rank holds the same values,
+    also rank 1, whose shard of the (1, 4) head weight is empty (no tiles: it updates its copy from
+    the completed column sums)."""
+    got = results[name]
+    assert got["error"] is None, got["error"]
+    first, *others = got["replicas"]
+    assert "head.weight/exp_avg_sq_col" in first
+    for rank, replica in enumerate(others, start=1):
+        assert replica.keys() == first.keys()
+        for key, value in first.items():
+            torch.testing.assert_close(replica[key], value, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, where=f"rank {rank} {key}": f"{where}: {m}")

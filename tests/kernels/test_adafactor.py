@@ -260,3 +260,116 @@ def test_noncontiguous_unaligned_and_missing_grads():
     assert runs["triton"].params[1].data_ptr() % 16 != 0
     assert int(runs["triton"].opt.state[runs["triton"].params[2]]["step"]) == 2
     _assert_same(runs["triton"], runs["reference"], FP32)
+
+
+
+# FSDP2 shards in one process: two ranks that hold the same shard, so the global tensor is the shard
+# stacked on itself along dim 0 and an all-reduce (sum) doubles. On the shard, the kernels must give
+# the first half of a single-process step on the stacked tensor: every sum over the sharded axis
+# (column sums, Σ R, Σθ², ΣU²) completed and every mean divided by the global count. (130, 70) has
+# two row bands (RB = 128 rows) and three column jobs, so the folds sum several partials; (2, 5, 7) is
+# sharded on its slice axis, (63,) is flat, and (9, 7) is a whole tensor in the same launch.
+SHARD_SHAPES = [(130, 70), (2, 5, 7), (63,), (9, 7)]
+_RANKS = object()  # the process group of the two ranks (only its identity is used)
+
+
+def _twin_all_reduce(t, groups, op=None):
+    """All-reduce over ranks that hold the same values: a sum doubles, a max keeps them."""
+    return t.mul_(2 ** len(groups)) if op is None else t
+
+
+def _stacked(t):
+    return torch.cat([t, t])
+
+
+def _shard_run(monkeypatch, case, steps, broken_part=None, nan_at=None):
+    """``steps`` kernel steps on the shards (the last tensor whole) and reference steps on the stacked
+    tensors; returns ``(shards, their states, stacked, their states)``. ``broken_part`` leaves that
+    part of the exchange buffer rank-local (its all-reduce skipped). With ``nan_at`` the launches get
+    a skip flag and scan the gradients, and step ``nan_at`` has a NaN in the matrix's gradient: the
+    kernels must skip it, and the reference steps leave it out."""
+    from optimfx import _distributed
+    from optimfx.reference import adafactor as ref
+
+    reference_step = ref.step_
+
+    def no_reference(*args):
+        raise RuntimeError("a shard took the reference step")
+
+    monkeypatch.setattr(_distributed, "_all_reduce_", _twin_all_reduce)
+    monkeypatch.setattr(ref, "step_", no_reference)
+    if broken_part is not None:
+        real_sum = _distributed.SumLayout.sum_
+        monkeypatch.setattr(_distributed.SumLayout, "sum_",
+                            lambda self, flat, part: flat if part == broken_part else real_sum(self, flat, part))
+    group = optimfx.AdaFactor([torch.nn.Parameter(torch.zeros(1))], **CASES[case]).param_groups[0]
+    hp = ref.AdaFactorHyper.from_group(group)
+    shards = _tensors(SHARD_SHAPES, torch.float32, 0)
+    stacked = [_stacked(p) for p in shards[:-1]] + [shards[-1].clone()]
+    shard_states = [ref.init_state(p, hp) for p in shards]
+    for p, s in zip(stacked[:-1], shard_states):
+        s[_distributed.SHARD_KEY] = _distributed.ShardSpec(tuple(p.shape), ((0, _RANKS),), 0)
+    stacked_states = [ref.init_state(p, hp) for p in stacked]
+    taken = 0
+    for t in range(1, steps + 1):
+        grads = _tensors(SHARD_SHAPES, torch.float32, t)
+        sc = ref.host_scalars(taken + 1, hp)
+        if nan_at is None:
+            adafactor_kernels.launch(shards, grads, shard_states, hp, sc, group["lr"])
+        else:
+            grads[0][3, 5] = float("nan") if t == nan_at else grads[0][3, 5]
+            flag = torch.zeros(1, dtype=torch.int32, device=KERNEL_DEVICE)
+            adafactor_kernels.launch(shards, grads, shard_states, hp, sc, group["lr"], flag, scan_nonfinite=True)
+            assert int(flag[0]) == (t == nan_at)
+            if t == nan_at:
+                continue
+        taken += 1
+        for p, g, s in zip(stacked, [_stacked(g) for g in grads[:-1]] + grads[-1:], stacked_states):
+            reference_step(p, g, s, hp, sc, group["lr"])
+    return shards, shard_states, stacked, stacked_states
+
+
+def _assert_shard_matches(shards, shard_states, stacked, stacked_states):
+    for p, s, pw, sw in zip(shards, shard_states, stacked, stacked_states):
+        # the shard is the first half; a column statistic (a matrix's rows split) is the whole one
+        for key, value, whole in [("param", p, pw)] + [(k, v, sw[k]) for k, v in s.items() if k != "__shard__"]:
+            torch.testing.assert_close(value, whole[:len(value)], **FP32,
+                                       msg=lambda m, where=f"{key} of {tuple(p.shape)}": f"{where}: {m}")
+
+
+@pytest.mark.parametrize("case", ["paper", "external-lr-beta1-decay", "torch-mode"])
+def test_fsdp2_shards_match_the_stacked_tensor(monkeypatch, case):
+    _assert_shard_matches(*_shard_run(monkeypatch, case, 3))
+
+
+def test_fsdp2_shard_nonfinite_gradient_skips_the_step(monkeypatch):
+    """A skip flag and a gradient scan (a NaN at step 2): the sharded step writes nothing, the next one
+    continues as if step 2 had not happened."""
+    _assert_shard_matches(*_shard_run(monkeypatch, "external-lr-beta1-decay", 3, nan_at=2))
+
+
+@pytest.mark.parametrize("part", [0, 1, 2], ids=["column-sums", "row-stat-sum", "param-and-update-sums"])
+def test_fsdp2_shards_need_every_exchange(monkeypatch, part):
+    """With one part of the exchange left rank-local, the step is wrong: each all-reduce is needed."""
+    with pytest.raises(AssertionError, match="not close"):
+        _assert_shard_matches(*_shard_run(monkeypatch, "paper", 1, broken_part=part))
+
+
+def test_fsdp2_shards_of_another_axis_take_the_reference_step(monkeypatch):
+    """A shard split on its last axis (a custom FSDP2 placement) is stepped by the reference inside the
+    Triton launch, which completes its row means across ranks; the twin ranks give the stacked tensor."""
+    from optimfx import _distributed
+    from optimfx.reference import adafactor as ref
+
+    monkeypatch.setattr(_distributed, "_all_reduce_", _twin_all_reduce)
+    group = optimfx.AdaFactor([torch.nn.Parameter(torch.zeros(1))], **CASES["paper"]).param_groups[0]
+    hp = ref.AdaFactorHyper.from_group(group)
+    shard, grad = _tensors([(9, 7)], torch.float32, 0)[0], _tensors([(9, 7)], torch.float32, 1)[0]
+    stacked = torch.cat([shard, shard], dim=1)
+    state, stacked_state = ref.init_state(shard, hp), ref.init_state(stacked, hp)
+    state[_distributed.SHARD_KEY] = _distributed.ShardSpec((9, 14), ((1, _RANKS),))
+    sc = ref.host_scalars(1, hp)
+    adafactor_kernels.launch([shard], [grad], [state], hp, sc, group["lr"])
+    ref.step_(stacked, torch.cat([grad, grad], dim=1), stacked_state, hp, sc, group["lr"])
+    torch.testing.assert_close(shard, stacked[:, :7], **FP32)
+    torch.testing.assert_close(state["exp_avg_sq_row"], stacked_state["exp_avg_sq_row"], **FP32)
