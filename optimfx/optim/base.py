@@ -133,10 +133,15 @@ class FxOptimizer(Optimizer):
                 params, grads, states = local
                 finite = not skip_nonfinite or _distributed.all_finite(grads, states)
                 skip_nonfinite = False
+            options = self._precision_options(group)
+            if local is not None and options["found_inf"] is not None:
+                # a plain GradScaler checks each rank's own shards: every rank must take one decision
+                # (on a copy: the scaler's flag is its own)
+                options["found_inf"] = _distributed.any_rank_(options["found_inf"].clone(),
+                                                              [s.get(_distributed.SHARD_KEY) for s in states])
             backend = _dispatch.resolve_backend(group["backend"], params)
             stepped = finite and _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
-                                               hyper, group["lr"], skip_nonfinite,
-                                               **self._precision_options(group))
+                                               hyper, group["lr"], skip_nonfinite, **options)
             if not stepped and not self._warned_skip:
                 self._warned_skip = True
                 warnings.warn(f"{type(self).__name__}: gradients hold inf/NaN; the step was skipped for "

@@ -108,9 +108,9 @@ TRITON_ADAFACTOR = ("adafactor-triton", "adafactor-triton-momentum-decay", "adaf
                     "adafactor-triton-f")
 # a NaN on one rank's shard skips the step on every rank
 NONFINITE_OPTIMIZERS = ("adax", "eg-adax", "eg-adax-triton", "funnel", "adafactor-triton")
-# GradScaler's found_inf raised on one rank only (a plain GradScaler's flag is per rank): the Triton
-# launch agrees it across ranks before any pass writes
-FOUND_INF_OPTIMIZERS = ("adafactor-triton",)
+# GradScaler's found_inf raised on one rank only (a plain GradScaler's flag is per rank): the step
+# agrees it across ranks (the Triton AdaFactor launch before any pass writes)
+FOUND_INF_OPTIMIZERS = ("adafactor-triton", "adax", "adafactor")
 # DCP resume: continue == uninterrupted, and DCP's zero-grad init step moves nothing
 DCP_OPTIMIZERS = ("adafactor", "adafactor-torch-mode", "adax", "childtuning-adamw-d", "eg-adax", "funnel",
                   "adafactor-triton")
