@@ -39,6 +39,19 @@ Tensor = torch.Tensor
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _CACHE_SIZE = 64
 
+
+def cached(cache: "OrderedDict[Any, Any]", key: Any, build: Any) -> Any:
+    """``cache[key]``, built by ``build()`` on a miss; the least recently used entry is dropped past
+    ``_CACHE_SIZE`` entries (small device tables and plans, reused step after step)."""
+    item = cache.get(key)
+    if item is None:
+        item = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return item
+
 #: leading columns of ``TilePlan.meta``, in order; the jit helper ``_common.tile_coords`` reads them
 TILE_META = ("slices", "rows", "cols", "tiles_r", "tiles_c", "first", "tiles")
 #: index of the first caller column of ``TilePlan.meta``

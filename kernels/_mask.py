@@ -40,7 +40,6 @@ STORED = tl.constexpr(2)
 _GOLDEN = tl.constexpr(ct.GOLDEN)
 _MUL_A = tl.constexpr(ct.PAIR_MUL_A)
 _MUL_B = tl.constexpr(ct.PAIR_MUL_B)
-_CACHE_SIZE = 64
 
 
 @triton.jit
@@ -108,17 +107,11 @@ def _signed32(x: int) -> int:
 
 def _descriptor_rows(rows: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
     """One float32 ``[4]`` view per ``(stream, word)`` of a cached device table (16-byte rows)."""
-    key = (device, tuple(rows))
-    views = _descriptors.get(key)
-    if views is None:
+    def build() -> list[torch.Tensor]:
         host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
-        views = list(_launcher._to_device(host, device).view(torch.float32).unbind(0))
-        _descriptors[key] = views
-        if len(_descriptors) > _CACHE_SIZE:
-            _descriptors.popitem(last=False)
-    else:
-        _descriptors.move_to_end(key)
-    return views
+        return list(_launcher._to_device(host, device).view(torch.float32).unbind(0))
+
+    return _launcher.cached(_descriptors, (device, tuple(rows)), build)
 
 
 def prepare(grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: ct.MaskHyper) -> MaskLaunch:

@@ -623,20 +623,11 @@ _PART_COLS, _PART_RBAR, _PART_SUMS = 0, 1, 2
 #: ``(device, rows) → int64 [T, 5]`` device tables of shard descriptors; cached, so a step whose
 #: layout did not change reuses its tile plans (whose meta holds the descriptors' addresses)
 _descriptor_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_CACHE_SIZE = 64
 
 
 def _descriptor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    key = (device, tuple(map(tuple, rows)))
-    table = _descriptor_tables.get(key)
-    if table is None:
-        table = _launcher._to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5), device)
-        _descriptor_tables[key] = table
-        if len(_descriptor_tables) > _CACHE_SIZE:
-            _descriptor_tables.popitem(last=False)
-    else:
-        _descriptor_tables.move_to_end(key)
-    return table
+    return _launcher.cached(_descriptor_tables, (device, tuple(map(tuple, rows))), lambda: _launcher._to_device(
+        torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5), device))
 
 
 class _Exchange(NamedTuple):
