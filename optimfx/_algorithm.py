@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class Algorithm:
         scalars: ``(step, hyper) -> host scalars`` in float64, shared by every backend.
         reference_step: ``(param, grad, state, hyper, scalars, lr) -> None``, the specification;
             ``state`` is the parameter's state dict, updated in place.
+        stacked_step: the same step over a stack of same-shape tensors (new leading axis; each
+            slice steps as on its own), or ``None``. Algorithms with many ops per tensor set it: the
+            reference backend then steps small tensors in stacks (``optimfx/reference/stacking.py``).
     """
 
     name: str
@@ -26,3 +29,4 @@ class Algorithm:
     hyper: Callable[[dict], Any]
     scalars: Callable[[int, Any], Any]
     reference_step: Callable[..., None]
+    stacked_step: Optional[Callable[..., None]] = None

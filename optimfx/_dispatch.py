@@ -22,6 +22,7 @@ import torch
 from ._algorithm import Algorithm
 from ._counters import StepCounters
 from ._precision import round_key, rounding, working_copy
+from .reference import stacking
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -170,11 +171,22 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
     compiled = backend == "compiled"
     lr_f = _graph_scalar(lr) if compiled else _host_lr(lr)
     scalars: dict[int, Any] = {}
-    for p, g, state, step in zip(params, grads, states, step_counts.values()):
+
+    def scalars_of(step: int) -> Any:
         sc = scalars.get(step)
         if sc is None:
             sc = algo.scalars(step, hyper)
             sc = scalars[step] = type(sc)(*map(_graph_scalar, sc)) if compiled else sc
+        return sc
+
+    steps = step_counts.values()
+    todo: Iterable[int] = range(len(params))
+    if not compiled and algo.stacked_step is not None:
+        todo = stacking.step_stacks(algo, params, grads, states, steps, hyper, lr_f, scalars_of,
+                                    stochastic_bf16=rounding_seed is not None)
+    for i in todo:
+        p, g, state, step = params[i], grads[i], states[i], steps[i]
+        sc = scalars_of(step)
         if compiled:
             # Dynamo keeps an nn.Parameter's shape static; a plain alias of it gets a dynamic one
             p = p.detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Optional
 
 import torch
@@ -19,6 +20,7 @@ ADAFACTOR = Algorithm(
     hyper=ref.AdaFactorHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,
+    stacked_step=functools.partial(ref.step_, stacked=True),
 )
 
 

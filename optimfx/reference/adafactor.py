@@ -11,6 +11,9 @@ Per tensor, in the order the kernels run it (§1.1)::
     θ    ← θ − λ·α_t·θ − α_t·Û  (or − M)
 
 Factoring acts on the last two axes of a tensor with ``ndim ≥ 2``; leading axes are batch axes.
+A *stack* (``stacked=True``: same-shape tensors stacked on a new leading axis, the CPU path for
+small tensors, ``optimfx/reference/stacking.py``) takes the step of each of its slices: its RMS
+values are per slice (shape ``[B, 1, …]``), everything else is already per leading index.
 On an FSDP2 shard (``ShardSpec`` under ``_distributed.SHARD_KEY`` in ``state``) every mean and RMS
 over a sharded axis is completed across ranks (``optimfx/_distributed.py``), so a sharded run takes
 the single-process step.
@@ -139,15 +142,22 @@ def step_size(lr: Scalar, sc: AdaFactorScalars, hp: AdaFactorHyper) -> Scalar:
 REDUCED_AXES = {"exp_avg_sq_row": -1, "exp_avg_sq_col": -2}
 
 
-def rms(x: Tensor, shard: Optional[Shard] = None) -> Tensor:
+def rms(x: Tensor, shard: Optional[Shard] = None, stacked: bool = False) -> Tensor:
     if shard is not None:
         return _distributed.rms(x, shard)
-    return sum_sq(x).div_(x.numel()).sqrt_()
+    return sum_sq(x, stacked).div_(_numel(x, stacked)).sqrt_()
 
 
-def param_scale(param32: Tensor, hp: AdaFactorHyper, shard: Optional[Shard] = None) -> Scalar:
-    """§1.1 step 6: ``max(ε2, RMS(θ_{t-1}))`` (a 0-d tensor), or 1 without ``scale_parameter``."""
-    return rms(param32, shard).clamp_(min=hp.eps2) if hp.scale_parameter else 1.0
+def _numel(x: Tensor, stacked: bool) -> int:
+    """Elements of one tensor: the whole of ``x``, or one slice of a stack."""
+    return x[0].numel() if stacked else x.numel()
+
+
+def param_scale(param32: Tensor, hp: AdaFactorHyper, shard: Optional[Shard] = None,
+                stacked: bool = False) -> Scalar:
+    """§1.1 step 6: ``max(ε2, RMS(θ_{t-1}))`` (a 0-d tensor, per slice for a stack), or 1 without
+    ``scale_parameter``."""
+    return rms(param32, shard, stacked).clamp_(min=hp.eps2) if hp.scale_parameter else 1.0
 
 
 def _eps1(hp: AdaFactorHyper, param_dtype: torch.dtype) -> float:
@@ -221,14 +231,26 @@ def square(grad32: Tensor) -> Tensor:
     return torch.mul(grad32, grad32, out=_SCRATCH.buffer(grad32))
 
 
-def sum_sq(x: Tensor) -> Tensor:
+def sum_sq(x: Tensor, stacked: bool = False) -> Tensor:
     """``Σ x²`` (a fresh 0-d tensor): for a large contiguous tensor one BLAS dot product with itself,
     about twice as fast on CPU as ``vector_norm`` (which accumulates fp32 in float64); else
-    ``vector_norm²`` (small tensors stay in ATen, below its grain size, single-threaded)."""
+    ``vector_norm²`` (small tensors stay in ATen, below its grain size, single-threaded).
+
+    For a stack, the sum of each slice, shaped ``[B, 1, …]`` to broadcast against ``x`` (a row-wise
+    ``vector_norm``: on CPU ~20x faster than a batched BLAS dot of 16 × 16 K elements).
+    """
+    if stacked:
+        norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+        return norms.square_().view(per_slice_shape(x))
     if x.numel() < _BLAS_MIN_NUMEL or not x.is_contiguous():
         return torch.linalg.vector_norm(x).square_()
     flat = x.view(-1)
     return torch.dot(flat, flat)
+
+
+def per_slice_shape(x: Tensor) -> tuple[int, ...]:
+    """``[B, 1, …]``: one value per slice of the stack ``x``, broadcastable against it."""
+    return (x.shape[0],) + (1,) * (x.dim() - 1)
 
 
 def _mean_plus(g2: Tensor, dim: int, add: float) -> Tensor:
@@ -266,16 +288,24 @@ def _row_mean(row: Tensor, shard: Optional[Shard]) -> Tensor:
     return _distributed.mean(row, -1, row_shard, keepdim=True)
 
 
-def _weighted_total_(g2: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``Σ_i a_i Σ_j G²_ij b_j`` over every leading index (0-d); scales the ``G²`` buffer in place
-    (it is not read again), then one row sum (ATen, for the reason in :func:`_mean_plus`)."""
+def _weighted_total_(g2: Tensor, a: Tensor, b: Tensor, stacked: bool = False) -> Tensor:
+    """``Σ_i a_i Σ_j G²_ij b_j`` over every leading index (0-d; per slice, ``[B, 1, …]``, for a stack);
+    scales the ``G²`` buffer in place (it is not read again), then one row sum (ATen, for the reason
+    in :func:`_mean_plus`)."""
     rows = g2.mul_(b.unsqueeze(-2)).sum(-1)
+    if stacked:
+        return sum_products(rows, a).view(per_slice_shape(g2))
     return torch.dot(rows.view(-1), a.view(-1))
 
 
+def sum_products(x: Tensor, y: Tensor) -> Tensor:
+    """``Σ x ⊙ y`` over all but the leading axis (shape ``[B]``)."""
+    return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+
+
 def paper_factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, pscale: Scalar,
-                          hp: AdaFactorHyper, eps1: float,
-                          shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+                          hp: AdaFactorHyper, eps1: float, shard: Optional[Shard] = None,
+                          stacked: bool = False) -> tuple[Tensor, Tensor]:
     r"""§1.1 steps 8–10, paper form, without forming ``U``: returns ``(G ⊙ a, κ⁻¹·s·b)`` (the first
     written over the ``G²`` buffer once it is read; ``s`` the parameter scale), whose broadcast
     product is ``κ⁻¹·s·U``.
@@ -293,9 +323,10 @@ def paper_factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, 
     # zero row or column (a_i or b_j near the cap) stays a zero update
     a_sq = torch.div(row_mean, row).clamp_(max=1.0 / tiny)
     b_sq = col.reciprocal()
-    scale = clip_scale(_weighted_total_(g2, a_sq, b_sq), g2.numel(), hp, shard).mul_(pscale)
+    total = _weighted_total_(g2, a_sq, b_sq, stacked)
+    scale = clip_scale(total, _numel(g2, stacked), hp, shard).mul_(pscale)
     g_a = torch.mul(grad32, a_sq.sqrt_().unsqueeze(-1), out=g2)
-    return g_a, b_sq.sqrt_().mul_(scale).unsqueeze(-2)
+    return g_a, b_sq.sqrt_().unsqueeze(-2).mul_(scale)
 
 
 def torch_factored_direction(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, eps1: float,
@@ -309,7 +340,7 @@ def torch_factored_direction(grad32: Tensor, g2: Tensor, row: Tensor, col: Tenso
 
 def factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, pscale: Scalar,
                     hp: AdaFactorHyper, sc: AdaFactorScalars, eps1: float,
-                    shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+                    shard: Optional[Shard] = None, stacked: bool = False) -> tuple[Tensor, Tensor]:
     """§1.1 steps 5, 7–10 (factored): ``R ← β̂2t·R + w_t·r``, ``C ← β̂2t·C + w_t·c`` in place (``lerp``
     with ``w_1 = 1`` returns ``r``, ``c`` exactly at step 1); returns ``(u, v)`` with
     ``α_t·Û = ρ_t·(u ⊙ v)`` (broadcasting)."""
@@ -318,9 +349,16 @@ def factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, pscale
     row.lerp_(row_stat, sc.weight)
     col.lerp_(col_stat, sc.weight)
     if paper:
-        return paper_factored_update(grad32, g2, row, col, pscale, hp, eps1, shard)
+        return paper_factored_update(grad32, g2, row, col, pscale, hp, eps1, shard, stacked)
     update = torch_factored_direction(grad32, g2, row, col, eps1, shard)
-    return update, clip_scale(sum_sq(update), update.numel(), hp, shard).mul_(pscale)
+    return update, _update_scale(update, pscale, hp, shard, stacked)
+
+
+def _update_scale(update: Tensor, pscale: Scalar, hp: AdaFactorHyper, shard: Optional[Shard],
+                  stacked: bool) -> Tensor:
+    """``κ⁻¹·s`` for a formed update ``U``."""
+    total = sum_sq(update, stacked)
+    return clip_scale(total, _numel(update, stacked), hp, shard).mul_(pscale)
 
 
 def _floor(value: float, like: Tensor) -> float:
@@ -330,8 +368,8 @@ def _floor(value: float, like: Tensor) -> float:
 
 
 def unfactored_update(grad32: Tensor, g2: Tensor, v: Tensor, pscale: Scalar, hp: AdaFactorHyper,
-                      sc: AdaFactorScalars, eps1: float,
-                      shard: Optional[Shard] = None) -> tuple[Tensor, Tensor]:
+                      sc: AdaFactorScalars, eps1: float, shard: Optional[Shard] = None,
+                      stacked: bool = False) -> tuple[Tensor, Tensor]:
     """§1.1 steps 8–10 (unfactored): ``V ← β̂2t·V + w_t·(G² + ε1)`` (torch form: no ε1), then
     ``U = G / sqrt(V)`` (torch form: ``sqrt(max(V, ε1²))``) written over the ``G²`` buffer; returns
     ``(U, κ⁻¹·s)`` with ``α_t·Û = ρ_t·U·κ⁻¹·s``."""
@@ -344,11 +382,12 @@ def unfactored_update(grad32: Tensor, g2: Tensor, v: Tensor, pscale: Scalar, hp:
     else:
         update = torch.clamp(v, min=_floor(0.0 if paper else eps1 * eps1, v), out=g2).rsqrt_()
     update.mul_(grad32)
-    return update, clip_scale(sum_sq(update), update.numel(), hp, shard).mul_(pscale)
+    return update, _update_scale(update, pscale, hp, shard, stacked)
 
 
 def clip_scale(total: Tensor, numel: int, hp: AdaFactorHyper, shard: Optional[Shard] = None) -> Tensor:
-    """§1.1 step 10: ``κ⁻¹ = 1 / max(1, RMS(U)/d)`` (a fresh 0-d tensor) from ``ΣU² = total``.
+    """§1.1 step 10: ``κ⁻¹ = 1 / max(1, RMS(U)/d)`` (a fresh tensor shaped like ``total``) from
+    ``ΣU² = total`` over ``numel`` elements.
 
     On an FSDP2 shard ``total`` is this rank's part: ``‖√total‖² = total``, so the sharded RMS of
     ``√total`` sums the ranks' parts over the global element count.
@@ -375,11 +414,14 @@ def apply_(param32: Tensor, state: dict[str, Tensor], u: Tensor, v: Tensor, step
 
 
 def step_(param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: AdaFactorHyper,
-          sc: AdaFactorScalars, lr: float) -> None:
+          sc: AdaFactorScalars, lr: float, stacked: bool = False) -> None:
     """One AdaFactor step of one tensor; ``param`` and ``state`` are written, ``grad`` never is.
 
     ``α_t = ρ_t·s`` is kept in two parts: the host float ``ρ_t`` (:func:`step_size`) and the 0-d
     parameter scale ``s`` (:func:`param_scale`); the update is ``ρ_t·(u ⊙ v)``.
+
+    ``stacked=True``: ``param``, ``grad`` and the state are stacks of same-shape tensors (leading
+    axis), and each slice takes its own step (``s`` and ``κ`` per slice).
     """
     shard = state.get(_distributed.SHARD_KEY)
     # an empty shard still takes part in its ranks' all-reduces
@@ -389,12 +431,12 @@ def step_(param: Tensor, grad: Tensor, state: dict[str, Tensor], hp: AdaFactorHy
     grad32 = load_grad(grad, param32, state, hp)
     eps1 = _eps1(hp, param.dtype)
     step = step_size(lr, sc, hp)
-    pscale = param_scale(param32, hp, shard)
+    pscale = param_scale(param32, hp, shard, stacked)
     g2 = square(grad32)
     if "exp_avg_sq_row" in state:
         u, v = factored_update(grad32, g2, state["exp_avg_sq_row"], state["exp_avg_sq_col"], pscale, hp, sc,
-                               eps1, shard)
+                               eps1, shard, stacked)
     else:
-        u, v = unfactored_update(grad32, g2, state["exp_avg_sq"], pscale, hp, sc, eps1, shard)
+        u, v = unfactored_update(grad32, g2, state["exp_avg_sq"], pscale, hp, sc, eps1, shard, stacked)
     apply_(param32, state, u, v, step, pscale, lr, hp)
     write_back_(param, param32)
