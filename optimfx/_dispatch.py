@@ -109,16 +109,24 @@ def _compiled_step(algo: Algorithm) -> Callable[..., None]:
 def all_finite(grads: list[Tensor]) -> bool:
     """Host check that no gradient holds inf/NaN (a device sync on CUDA; the Triton path avoids it).
 
-    A finite 2-norm proves every element finite (inf/NaN propagate into it), and the foreach 2-norm
-    is ~4x cheaper on CPU than the inf-norm. Only when a 2-norm is not finite, a non-finite
-    element or an overflowing sum of squares, the exact inf-norm decides.
+    A finite sum proves every element finite: inf and NaN propagate into it (``inf − inf`` is NaN).
+    On CPU the plain sums are the cheapest full read (about 1.8x cheaper than ``_foreach_norm``, which
+    accumulates fp32 in float64, on 16 × 1024² tensors); on CUDA the foreach 2-norm is one launch for
+    all tensors. Only when a sum is not finite, a non-finite element or an overflow, the exact
+    inf-norm decides.
     """
     grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return True
-    if _norms_finite(torch._foreach_norm(grads, 2), grads[0].device):
+    device = grads[0].device
+    if device.type == "cuda":
+        totals = torch._foreach_norm(grads, 2)
+    else:
+        # half types sum in fp32 (an fp16 total overflows at 65504)
+        totals = [g.sum(dtype=torch.float32) if g.element_size() < 4 else g.sum() for g in grads]
+    if _norms_finite(totals, device):
         return True
-    return _norms_finite(torch._foreach_norm(grads, float("inf")), grads[0].device)
+    return _norms_finite(torch._foreach_norm(grads, float("inf")), device)
 
 
 def _norms_finite(norms: Sequence[Tensor], device: torch.device) -> bool:

@@ -10,11 +10,25 @@ def test_finite_gradients_pass():
     assert all_finite([torch.randn(5, 7), torch.randn(3), torch.zeros(0)])
 
 
-def test_huge_but_finite_values_are_not_mistaken_for_overflow():
-    # the sum of squares overflows fp32 here; the exact check must still call it finite
-    big = torch.full((4,), 3e38)
-    assert not torch.linalg.vector_norm(big).isfinite()
-    assert all_finite([torch.randn(3), big])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_but_finite_values_are_not_mistaken_for_overflow(dtype):
+    # fp32: the sum overflows, so the exact check decides; fp16: summed in fp32, no overflow
+    big = torch.full((4,), torch.finfo(dtype).max * 0.9, dtype=dtype)
+    assert not big.sum().isfinite()
+    assert all_finite([torch.randn(3, dtype=dtype), big])
+
+
+def test_opposite_infinities_in_one_tensor_fail():
+    g = torch.randn(10)
+    g[2], g[7] = float("inf"), float("-inf")  # their sum is NaN, not inf
+    assert not all_finite([g])
+
+
+def test_half_precision_sums_do_not_overflow_into_the_exact_check(monkeypatch):
+    # 70,000 fp16 ones sum past fp16's max (65504): the sum must run in fp32 to stay the cheap check
+    calls = []
+    monkeypatch.setattr(torch, "_foreach_norm", lambda *a: calls.append(a) or [torch.tensor(1.0)])
+    assert all_finite([torch.ones(70_000, dtype=torch.float16)]) and not calls
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
