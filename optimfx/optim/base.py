@@ -7,9 +7,10 @@ state lazily, and hands the group to :func:`optimfx._dispatch.run`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from itertools import chain
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -35,6 +36,8 @@ class FxOptimizer(Optimizer):
     #: ``torch.amp.GradScaler`` hands its ``grad_scale`` and ``found_inf`` to ``step()`` (as attributes)
     #: instead of unscaling and checking the gradients itself; see ``_dispatch.run``
     _step_supports_amp_scaling: ClassVar[bool] = True
+    #: set by :meth:`gradients_known_finite` while a wrapper that checked these gradients steps this one
+    _known_finite: bool = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_lr(defaults["lr"])
@@ -103,6 +106,17 @@ class FxOptimizer(Optimizer):
         state["step"] = torch.zeros((), dtype=torch.int64)
         state.update(_distributed.init_state(self.algorithm.init_state, p, hyper, self.reduced_state_axes))
 
+    @contextlib.contextmanager
+    def gradients_known_finite(self) -> Iterator[None]:
+        """Within it, ``step()`` does not check the gradients for inf/NaN: the caller has just checked
+        these very gradients (:class:`~optimfx.EGStepSize` does, before it runs its base), so a second
+        full read of them would change nothing."""
+        self._known_finite = True
+        try:
+            yield
+        finally:
+            del self._known_finite
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
@@ -126,7 +140,7 @@ class FxOptimizer(Optimizer):
             if not params:
                 continue
             step_counts = group_counters(states, self._step_counters, id(group), _dispatch.settle_skips)
-            skip_nonfinite, finite = group["skip_nonfinite"], True
+            skip_nonfinite, finite = group["skip_nonfinite"] and not self._known_finite, True
             local = _distributed.local_group(params, grads, states, self.reduced_state_axes)
             if local is not None:
                 # FSDP2: step the local shards; skip on every rank when any rank's shard is not finite

@@ -207,7 +207,12 @@ class EGStepSize(Optimizer):
             if bool(handle.flag.ne(0).any()):
                 self._warn_skipped()
                 return
-        self.base.step()
+        if self.skip_nonfinite and not fast and isinstance(self.base, FxOptimizer):
+            # the reference path has just checked every gradient on the host: one check, not two
+            with self.base.gradients_known_finite():
+                self.base.step()
+        else:
+            self.base.step()
         for unit, buffers in zip(slow, saved):
             # d = θ_saved − θ_proposed, in place in the saved buffer
             torch._foreach_sub_(buffers, unit.params)

@@ -36,6 +36,7 @@ import torch
 from .. import _distributed
 from .._precision import compute_dtype, working_copy, write_back_
 from . import child_tuning as ct
+from . import common
 from .common import prepare_grad
 
 Tensor = torch.Tensor
@@ -210,8 +211,6 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
-#: ATen's parallel grain size: smaller tensors are reduced single-threaded (no OpenMP wake-ups)
-_BLAS_MIN_NUMEL = 32768
 
 
 def free_scratch() -> None:
@@ -232,20 +231,13 @@ def square(grad32: Tensor) -> Tensor:
 
 
 def sum_sq(x: Tensor, stacked: bool = False) -> Tensor:
-    """``Σ x²`` (a fresh 0-d tensor): for a large contiguous tensor one BLAS dot product with itself,
-    about twice as fast on CPU as ``vector_norm`` (which accumulates fp32 in float64); else
-    ``vector_norm²`` (small tensors stay in ATen, below its grain size, single-threaded).
-
-    For a stack, the sum of each slice, shaped ``[B, 1, …]`` to broadcast against ``x`` (a row-wise
-    ``vector_norm``: on CPU ~20x faster than a batched BLAS dot of 16 × 16 K elements).
-    """
+    """``Σ x²`` (a fresh 0-d tensor, :func:`~optimfx.reference.common.sum_sq`); for a stack, the sum of
+    each slice, shaped ``[B, 1, …]`` to broadcast against ``x`` (a row-wise ``vector_norm``: on CPU
+    ~20x faster than a batched BLAS dot of 16 × 16 K elements)."""
     if stacked:
         norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
         return norms.square_().view(per_slice_shape(x))
-    if x.numel() < _BLAS_MIN_NUMEL or not x.is_contiguous():
-        return torch.linalg.vector_norm(x).square_()
-    flat = x.view(-1)
-    return torch.dot(flat, flat)
+    return common.sum_sq(x)
 
 
 def per_slice_shape(x: Tensor) -> tuple[int, ...]:

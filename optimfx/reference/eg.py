@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .._precision import compute_dtype
+from . import common
 
 Tensor = torch.Tensor
 SCOPES = ("tensor", "group", "global")
@@ -75,15 +76,17 @@ def scale_exponent_parts(nu_prev: Tensor, grad: Tensor) -> tuple[Tensor, Tensor,
 def alignment_parts(velocities: list[Tensor], grads: list[Tensor], avg_grads: list[Tensor]) -> Tensor:
     """``[T, 4]`` rows ``(⟨ν_{t-1}, g_t⟩, ‖ν_{t-1}‖², ‖g_t‖², ‖m_{t-1}‖²)``, one per tensor of a group.
 
-    Every exponent of step ``t`` is a function of these sums (§3.1 steps 1–2). The norms come from one
-    ``_foreach_norm`` over the three lists (read-only passes, no temporaries); the dot products are
-    one ``dot`` per tensor. A row of an empty tensor is all zeros. On an FSDP2 shard a row holds the
-    shard's partial sums; :func:`optimfx._distributed.sum_rows_` completes them across ranks.
+    Every exponent of step ``t`` is a function of these sums (§3.1 steps 1–2). The sums of squares
+    are BLAS dot products for large tensors and one ``_foreach_norm`` for small ones
+    (:func:`~optimfx.reference.common.sums_of_squares`; read-only passes, no temporaries); the dot
+    products are one ``dot`` per tensor. A row of an empty tensor is all zeros. On an FSDP2 shard a
+    row holds the shard's partial sums; :func:`optimfx._distributed.sum_rows_` completes them across
+    ranks.
     """
     n = len(grads)
-    norms = torch.stack(torch._foreach_norm(velocities + grads + avg_grads)).reshape(3, n)
+    squares = common.sums_of_squares(velocities + grads + avg_grads).reshape(3, n)
     dots = torch.stack([torch.dot(v.reshape(-1), g.reshape(-1)) for v, g in zip(velocities, grads)])
-    return torch.cat([dots.reshape(1, n), norms.square()]).t()
+    return torch.cat([dots.reshape(1, n), squares.to(dots.dtype)]).t()
 
 
 def scale_exponent(dot: Tensor, nu_sq: Tensor, g_sq: Tensor, hp: EGHyper) -> Tensor:

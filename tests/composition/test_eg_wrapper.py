@@ -125,6 +125,34 @@ def test_nonfinite_gradient_skips_base_and_eg(base, backend):
     assert not all(torch.equal(p.detach(), v) for p, v in zip(params, values))
 
 
+@pytest.mark.parametrize("eg_checks", [True, False], ids=["eg-checks", "eg-does-not-check"])
+def test_an_optimfx_base_does_not_check_the_gradients_eg_checked(eg_checks, monkeypatch):
+    """EG's reference path checks the gradients before the base steps; an optimfx base then skips
+    its own full read of them (and checks them itself when EG does not)."""
+    from optimfx import _dispatch
+
+    calls = []
+    original = _dispatch.all_finite
+    monkeypatch.setattr(_dispatch, "all_finite", lambda grads: calls.append(len(grads)) or original(grads))
+    init, grads = _problem(steps=2)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    base = optimfx.AdaXW(params, lr=1e-2)
+    opt = optimfx.EGStepSize(base, backend="reference", skip_nonfinite=eg_checks)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    assert calls == ([] if eg_checks else [3, 3])
+    assert not base._known_finite  # the flag is the wrapper's step only
+    with pytest.raises(KeyError), base.gradients_known_finite():
+        raise KeyError  # and it is reset when the step raises
+    assert not base._known_finite
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    # outside EG the base checks again
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        base.step()
+
+
 def test_state_dict_round_trip_continues_in_lockstep():
     init, grads = _problem(steps=8)
     make = lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1)  # noqa: E731
