@@ -9,7 +9,7 @@ import torch
 
 from .. import _distributed
 from .._algorithm import Algorithm
-from .._validation import check_choice, check_nonnegative, check_positive, check_range
+from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
 from .base import FxOptimizer
 from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
