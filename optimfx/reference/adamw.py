@@ -25,7 +25,7 @@ import torch
 
 from .._precision import state_like, working_copy, write_back_
 from . import child_tuning as ct
-from .common import apply_, prepare_grad
+from .common import apply_, denominator_sqrt, prepare_grad
 
 EPS_PLACEMENTS = ("v_hat", "v")
 DECAY_ORDERS = ("torch", "alicemind")
@@ -79,8 +79,10 @@ def moments_and_denominator_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_av
     ``m / (c2·sqrt(v) + ε)`` (``c1`` is applied with lr)."""
     exp_avg.lerp_(grad32, 1.0 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(grad32, grad32, value=1.0 - hp.beta2)
-    denom = exp_avg_sq.sqrt()
-    if hp.correct_bias and hp.eps_placement == "v_hat":  # c2 = 1 otherwise (host_scalars)
+    # c2 = 1 unless the bias correction acts on v̂ (host_scalars)
+    scaled = hp.correct_bias and hp.eps_placement == "v_hat"
+    denom = denominator_sqrt(exp_avg_sq, hp.eps, sc.c2 if scaled else 1.0, zeros_likely=hp.mask.mode == "D")
+    if scaled:
         denom.mul_(sc.c2)
     return denom.add_(hp.eps)
 

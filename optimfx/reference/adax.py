@@ -31,7 +31,7 @@ import torch
 
 from .._precision import state_like, working_copy, write_back_
 from . import child_tuning as ct
-from .common import apply_, prepare_grad
+from .common import apply_, denominator_sqrt, prepare_grad
 
 EPS_MODES = ("official", "adam", "inside")
 
@@ -101,7 +101,7 @@ def moments_and_denominator_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_av
     exp_avg_sq.mul_(1.0 - sc.weight).addcmul_(grad32, grad32, value=sc.weight)
     if hp.eps_mode == "inside":
         return torch.add(exp_avg_sq, sc.eps_eff, out=scratch).sqrt_()
-    return torch.sqrt(exp_avg_sq, out=scratch).add_(sc.eps_eff)
+    return denominator_sqrt(exp_avg_sq, sc.eps_eff, zeros_likely=hp.mask.mode == "D", out=scratch).add_(sc.eps_eff)
 
 
 def step_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], hp: AdaXHyper,

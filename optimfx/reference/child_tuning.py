@@ -248,10 +248,9 @@ def apply_mask(grad32: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.
     A product, as the official code's ``p.grad *= mask``: an inf/NaN gradient entry stays NaN where
     the mask drops it (the kernels compute ``g·(keep ? scale : 0)`` too).
     """
-    out = keep.to(grad32.dtype)
-    if scale != 1.0:
-        out.mul_(scale)
-    return out.mul_(grad32)
+    # one pass: the 0/1 mask (bool or uint8) promotes to the gradient's dtype inside the product
+    out = torch.mul(grad32, keep)
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int = 0) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,3 +75,20 @@ def sums_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     return torch.stack([next(small_sums).to(device) if s else sum_sq(x).to(device)
                         for x, s in zip(tensors, is_small)])
+
+
+def denominator_sqrt(v: torch.Tensor, eps: float, scale: float = 1.0, *, zeros_likely: bool = False,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sqrt(v)`` for an Adam-type denominator ``scale·sqrt(v) + ε`` (into ``out`` when given).
+
+    ``zeros_likely`` (a ChildTuning-D group, whose unselected entries keep ``v = 0`` exactly): on
+    CPU, ``sqrt`` of zeros and subnormals takes a slow path, 8x and 30x slower than of normal numbers
+    (AVX2, torch 2.13; it made a D-mode AdamW step 2x the unmasked one). ``v`` is then clamped to the
+    smallest normal number first, where that cannot change the denominator: ``scale·sqrt(tiny)``
+    below a quarter of ε's ulp, so ``scale·sqrt(v) + ε`` rounds to ε either way. Otherwise (a tiny
+    or zero ε) the plain ``sqrt``.
+    """
+    finfo = torch.finfo(v.dtype)
+    if zeros_likely and scale * math.sqrt(finfo.tiny) < eps * finfo.eps / 8:
+        return torch.clamp(v, min=finfo.tiny, out=out).sqrt_()
+    return torch.sqrt(v, out=out)
