@@ -3,8 +3,8 @@
 Each eager PyTorch op costs microseconds whatever its size, so an algorithm with many ops per tensor
 (AdaFactor: about 30) spends most of a step on small tensors in per-op cost, not arithmetic. Tensors
 that share a shape, dtype, device, step count and state layout are stacked on a new leading axis in
-chunks of about :data:`CHUNK_BYTES` (the stacked copies stay in the L2 cache while the step reads
-them back), the algorithm's *stacked step* (``Algorithm.stacked_step``: each slice takes its own step)
+chunks of about :data:`CHUNK_BYTES` (the stacked copies stay in the CPU's caches while the step
+reads them back), the algorithm's *stacked step* (``Algorithm.stacked_step``: each slice takes its own step)
 runs once per chunk, and the parameters and state buffers are copied back with one foreach copy
 each. The result equals the per-tensor step up to fp32 rounding (reductions may sum in another
 order); both paths are tested against each other.
