@@ -70,14 +70,23 @@ def test_elementwise_optimizers_commute_with_element_permutations(name, shape, s
 @given(name=st.sampled_from(list(ALL)), layout=st.lists(shapes, min_size=2, max_size=4), seed=seeds,
        data=st.data())
 def test_optimizers_commute_with_parameter_list_permutations(name, layout, seed, data):
-    """Listing the parameters in another order gives every parameter the same result."""
+    """Listing the parameters in another order gives every parameter the same result.
+
+    Bit for bit for the elementwise optimizers. AdaFactor steps same-shape small tensors as one stack
+    (``reference/stacking.py``), whose row sums and RMS values may round differently by the slice's
+    position in memory (vectorised reductions over a differently aligned start): a few float64 ulps
+    (observed ≤ 2) after these steps, so ``rtol=1e-13``.
+    """
     order = data.draw(st.permutations(range(len(layout))))
     init = [tensor(s, seed + i) for i, s in enumerate(layout)]
     grads = list(zip(*[data.draw(gradients(s, STEPS)) for s in layout]))
     plain, _ = run(ALL[name], init, grads)
     moved, _ = run(ALL[name], [init[i] for i in order], [[gs[i] for i in order] for gs in grads])
     for j, i in enumerate(order):
-        assert torch.equal(plain[i], moved[j])
+        if name in ELEMENTWISE:
+            assert torch.equal(plain[i], moved[j])
+        else:
+            torch.testing.assert_close(moved[j], plain[i], rtol=1e-13, atol=1e-15)
 
 
 @FAST
