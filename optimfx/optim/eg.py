@@ -34,7 +34,6 @@ from .base import FxOptimizer
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
-#: prefix of the base optimizer's per-parameter state in the entries of ``state_dict()["state"]``
 
 
 class _Unit(NamedTuple):

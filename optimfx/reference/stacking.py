@@ -24,7 +24,7 @@ import torch
 
 from .. import _distributed
 from .._algorithm import Algorithm
-from .._precision import compute_dtype
+from .._precision import compute_dtype, working_copy
 from . import child_tuning as ct
 
 Tensor = torch.Tensor
@@ -81,10 +81,9 @@ def _stacked(tensors: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
 
 def _loaded_grads(grads: list[Tensor], states: list[dict], mask: ct.MaskHyper) -> Tensor:
     """The chunk's gradients stacked in the compute dtype, each ChildTuning-masked with its own key."""
-    dtype = compute_dtype(grads[0].dtype)
     if mask.mode is None:
-        return _stacked(grads, dtype)
-    return torch.stack([ct.mask_grad(g.to(dtype), state, mask) for g, state in zip(grads, states)])
+        return _stacked(grads, compute_dtype(grads[0].dtype))
+    return torch.stack([ct.mask_grad(working_copy(g), state, mask) for g, state in zip(grads, states)])
 
 
 def step_chunk(step_fn: Callable[..., None], params: list[Tensor], grads: list[Tensor],
