@@ -27,7 +27,7 @@ the same bounds hold for its state. (Large tensors are compared at their own tol
 
 EGStepSize (the rows around AdaX and around SGD) uses ``"pointwise"`` as well. On top of its base's
 step it adds, per tensor, four sums (``⟨ν, g⟩, ‖ν‖², ‖g‖², ‖m‖²``: per tile in fp32 in the kernel,
-``dot`` and ``_foreach_norm`` in the reference), a cosine and two ``exp``; over the suite's tensors a
+``dot`` products, and ``_foreach_norm`` for small tensors, in the reference), a cosine and two ``exp``; over the suite's tensors a
 sum is a few roundings, so the scale and gains differ by a few fp32 ulps, and the elementwise rest
 (``d``, gains, velocity, parameter, average) is fewer roundings per element than AdaX's. Those ulps of
 the scale multiply a step of ``lr = 1e-2``: on unit-scale parameters the bounds above hold with room.
