@@ -7,8 +7,17 @@ here, at collection time; importing torch alone does not import any kernel.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# Tests run against the installed package (``pip install -e .``), never the checkout's top level:
+# ``python -m pytest`` puts the repository root first on ``sys.path``, where the ``kernels/`` source
+# folder (installed as ``optimfx._kernels``) would shadow the PyPI package ``kernels`` (Hugging Face's
+# kernel hub, a dependency of recent ``transformers``, whose model code imports it).
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
