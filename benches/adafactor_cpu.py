@@ -105,11 +105,12 @@ def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: 
     return seconds
 
 
-def report(preset: str, seconds: dict[str, list[float]]) -> str:
+def report(preset: str, seconds: dict[str, list[float]], baseline: str = "optimfx") -> str:
+    """A markdown table of the medians and of each contender's median over ``baseline``'s."""
     shapes = get_preset(preset)
-    ours = statistics.median(seconds["optimfx"])
+    ours = statistics.median(seconds[baseline])
     lines = [f"### {preset} ({len(shapes.shapes)} tensors)", "",
-             "| contender | median ms | p20–p80 ms | time / optimfx time |", "|---|---:|---:|---:|"]
+             f"| contender | median ms | p20–p80 ms | time / {baseline} time |", "|---|---:|---:|---:|"]
     for name, xs in seconds.items():
         m = statistics.median(xs)
         lines.append(f"| {name} | {m * 1e3:.1f} | {quantile(xs, .2) * 1e3:.1f}–{quantile(xs, .8) * 1e3:.1f} "

@@ -19,9 +19,12 @@ class Algorithm:
         scalars: ``(step, hyper) -> host scalars`` in float64, shared by every backend.
         reference_step: ``(param, grad, state, hyper, scalars, lr) -> None``, the specification;
             ``state`` is the parameter's state dict, updated in place.
-        stacked_step: the same step over a stack of same-shape tensors (new leading axis; each
-            slice steps as on its own), or ``None``. Algorithms with many ops per tensor set it: the
-            reference backend then steps small tensors in stacks (``optimfx/reference/stacking.py``).
+        group_step: ``(params, grads, states, steps, hyper, lr, scalars_of, stochastic_bf16) ->
+            indices left``, or ``None``: the reference backend's step of the tensors of a group it
+            can take together, faster than one by one and equal to the reference step to rounding
+            (AdaFactor: stacks of small same-shape tensors, ``optimfx/reference/stacking.py``;
+            AdaX and AdamW: ATen's fused Adam kernel on CPU, ``optimfx/reference/aten_fused.py``).
+            The tensors whose indices it returns take ``reference_step`` one by one.
     """
 
     name: str
@@ -29,4 +32,4 @@ class Algorithm:
     hyper: Callable[[dict], Any]
     scalars: Callable[[int, Any], Any]
     reference_step: Callable[..., None]
-    stacked_step: Optional[Callable[..., None]] = None
+    group_step: Optional[Callable[..., list[int]]] = None

@@ -22,7 +22,6 @@ import torch
 from ._algorithm import Algorithm
 from ._counters import StepCounters
 from ._precision import round_key, rounding, working_copy
-from .reference import stacking
 
 Tensor = torch.Tensor
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,9 +188,9 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
 
     steps = step_counts.values()
     todo: Iterable[int] = range(len(params))
-    if not compiled and algo.stacked_step is not None:
-        todo = stacking.step_stacks(algo, params, grads, states, steps, hyper, lr_f, scalars_of,
-                                    stochastic_bf16=rounding_seed is not None)
+    if not compiled and algo.group_step is not None:
+        todo = algo.group_step(params, grads, states, steps, hyper, lr_f, scalars_of,
+                               stochastic_bf16=rounding_seed is not None)
     for i in todo:
         p, g, state, step = params[i], grads[i], states[i], steps[i]
         sc = scalars_of(step)

@@ -11,6 +11,7 @@ from .. import _distributed
 from .._algorithm import Algorithm
 from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
+from ..reference.stacking import step_stacks
 from .base import FxOptimizer
 from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
 
@@ -20,7 +21,7 @@ ADAFACTOR = Algorithm(
     hyper=ref.AdaFactorHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,
-    stacked_step=functools.partial(ref.step_, stacked=True),
+    group_step=functools.partial(step_stacks, functools.partial(ref.step_, stacked=True)),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .._algorithm import Algorithm
 from .._validation import check_betas, check_choice, check_nonnegative
 from ..reference import adamw as ref
+from ..reference import aten_fused
 from ..reference import child_tuning as ct
 from .base import FxOptimizer
 from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
@@ -19,6 +21,7 @@ ADAMW = Algorithm(
     hyper=ref.AdamWHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,
+    group_step=functools.partial(aten_fused.step_group, ref.fused_adam_arguments),
 )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Optional
 
 import torch
 
 from .._algorithm import Algorithm
 from .._validation import check_betas, check_choice, check_nonnegative, check_positive
+from ..reference import aten_fused
 from ..reference import adax as ref
 from .base import FxOptimizer
 from .gradient_masks import CHILD_TUNING_ARGS, GradientMaskMixin, child_tuning_defaults, precision_defaults
@@ -18,6 +20,7 @@ ADAX = Algorithm(
     hyper=ref.AdaXHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,
+    group_step=functools.partial(aten_fused.step_group, ref.fused_adam_arguments),
 )
 
 _SHARED_ARGS = r"""

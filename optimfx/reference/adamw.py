@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .._precision import state_like, working_copy, write_back_
 from . import child_tuning as ct
+from .aten_fused import FusedAdamArguments
 from .common import apply_, denominator_sqrt, prepare_grad
 
 EPS_PLACEMENTS = ("v_hat", "v")
@@ -71,6 +72,19 @@ def host_scalars(step: int, hp: AdamWHyper) -> AdamWScalars:
     if hp.eps_placement == "v_hat":
         return AdamWScalars(step, 1.0 / bc1, 1.0 / math.sqrt(bc2))
     return AdamWScalars(step, math.sqrt(bc2) / bc1, 1.0)
+
+
+def fused_adam_arguments(hp: AdamWHyper, sc: AdamWScalars, lr: float) -> Optional[FusedAdamArguments]:
+    """This step as ATen's fused AdamW (:mod:`~optimfx.reference.aten_fused`), bias corrections folded
+    into the scalars: ``lr·c1·m / (c2·√v + ε) = lr'·m / (√v + ε/c2)`` with ``lr' = lr·c1/c2``, and
+    ``λ' = λ·c2/c1`` keeps the decay ``lr'·λ' = lr·λ``. ``None`` for weight decay after the step
+    (``"alicemind"`` order, the kernel decays first) and ``β = 1`` (the kernel's switched-off bias
+    correction needs ``β < 1``)."""
+    if hp.decay_order != "torch" and hp.weight_decay != 0.0 or not (hp.beta1 < 1.0 and hp.beta2 < 1.0):
+        return None
+    ratio = sc.c1 / sc.c2
+    return FusedAdamArguments(decoupled=True, lr=lr * ratio, beta1=hp.beta1, beta2=hp.beta2,
+                              weight_decay=hp.weight_decay / ratio, eps=hp.eps / sc.c2, maximize=hp.maximize)
 
 
 def moments_and_denominator_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .._precision import state_like, working_copy, write_back_
 from . import child_tuning as ct
+from .aten_fused import FusedAdamArguments
 from .common import apply_, denominator_sqrt, prepare_grad
 
 EPS_MODES = ("official", "adam", "inside")
@@ -84,6 +85,22 @@ def host_scalars(step: int, hp: AdaXHyper) -> AdaXScalars:
     weight = hp.beta2 * math.exp(-log_c)
     eps_eff = hp.eps * math.exp(-0.5 * log_c) if hp.eps_mode == "official" else hp.eps
     return AdaXScalars(min(weight, 1.0), eps_eff)
+
+
+#: the smallest EMA weight ``w_t`` ATen's fused Adam kernel reproduces: it takes ``β2 = 1 − w_t`` and
+#: recovers the weight as ``1 − β2`` in float64, exact to fp32 precision down to ``2^-26`` (reached
+#: after ~88 K steps at the default ``b2 = 1e-4``; later steps take the per-tensor reference)
+FUSED_MIN_WEIGHT = 2.0 ** -26
+
+
+def fused_adam_arguments(hp: AdaXHyper, sc: AdaXScalars, lr: float) -> Optional[FusedAdamArguments]:
+    """This step as ATen's fused Adam (:mod:`~optimfx.reference.aten_fused`): ``β2 := 1 − w_t``,
+    ``ε := ε_eff``, no bias correction; AdaX's coupled L2 is Adam's, AdaXW's decay AdamW's.
+    ``None`` where that is not exact: ``eps_mode="inside"``, or ``w_t`` below :data:`FUSED_MIN_WEIGHT`."""
+    if hp.eps_mode == "inside" or sc.weight < FUSED_MIN_WEIGHT:
+        return None
+    return FusedAdamArguments(decoupled=hp.decoupled, lr=lr, beta1=hp.beta1, beta2=1.0 - sc.weight,
+                              weight_decay=hp.weight_decay, eps=sc.eps_eff, maximize=hp.maximize)
 
 
 def moments_and_denominator_(grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -4,8 +4,8 @@ Each eager PyTorch op costs microseconds whatever its size, so an algorithm with
 (AdaFactor: about 30) spends most of a step on small tensors in per-op cost, not arithmetic. Tensors
 that share a shape, dtype, device, step count and state layout are stacked on a new leading axis in
 chunks of about :data:`CHUNK_BYTES` (the stacked copies stay in the CPU's caches while the step
-reads them back), the algorithm's *stacked step* (``Algorithm.stacked_step``: each slice takes its own step)
-runs once per chunk, and the parameters and state buffers are copied back with one foreach copy
+reads them back), the algorithm's *stacked step* (each slice takes its own step) runs once per
+chunk, and the parameters and state buffers are copied back with one foreach copy
 each. The result equals the per-tensor step up to fp32 rounding (reductions may sum in another
 order); both paths are tested against each other.
 
@@ -23,7 +23,6 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 import torch
 
 from .. import _distributed
-from .._algorithm import Algorithm
 from .._precision import compute_dtype, working_copy
 from . import child_tuning as ct
 
@@ -108,10 +107,11 @@ def step_chunk(step_fn: Callable[..., None], params: list[Tensor], grads: list[T
         torch._foreach_copy_([s[k] for s in states], list(state_stack[k].unbind(0)))
 
 
-def step_stacks(algo: Algorithm, params: list[Tensor], grads: list[Tensor], states: list[dict],
-                steps: list[int], hyper: Any, lr: float, scalars_of: Callable[[int], Any],
-                stochastic_bf16: bool = False) -> list[int]:
-    """Step every stackable tensor of a group on stacks; returns the indices still to step one by one.
+def step_stacks(stacked_step: Callable[..., None], params: list[Tensor], grads: list[Tensor],
+                states: list[dict], steps: list[int], hyper: Any, lr: float,
+                scalars_of: Callable[[int], Any], stochastic_bf16: bool = False) -> list[int]:
+    """Step every stackable tensor of a group on stacks; returns the indices still to step one by one
+    (an ``Algorithm.group_step`` once ``stacked_step``, the algorithm's step over a stack, is bound).
 
     ``scalars_of(step)`` gives the host scalars of a step count; ``stochastic_bf16`` leaves bf16
     parameters (rounded stochastically, per tensor) to the per-tensor step.
@@ -119,6 +119,6 @@ def step_stacks(algo: Algorithm, params: list[Tensor], grads: list[Tensor], stat
     chunks, alone = stack_groups(params, grads, states, steps, stochastic_bf16)
     for idx in chunks:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        step_chunk(algo.stacked_step, pick(params), pick(grads), pick(states), hyper,
+        step_chunk(stacked_step, pick(params), pick(grads), pick(states), hyper,
                    scalars_of(steps[idx[0]]), lr)
     return alone

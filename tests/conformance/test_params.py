@@ -63,6 +63,14 @@ def _odd_params(device):
     return [t.to(device).requires_grad_() for t in odd]
 
 
+def _has_group_step(opt) -> bool:
+    """Whether the reference backend may step some tensors together (``Algorithm.group_step``): ATen's
+    fused kernel takes the contiguous copy, the per-tensor step the non-contiguous original, so the
+    two agree to rounding, not bit for bit. EG is asked about its base."""
+    algorithm = getattr(getattr(opt, "base", opt), "algorithm", None)
+    return algorithm is not None and algorithm.group_step is not None
+
+
 @pytest.mark.parametrize("row, backend", rows_x_backends())
 def test_odd_shapes_match_the_reference_on_contiguous_copies(row, backend, device):
     require(backend, device)
@@ -76,7 +84,7 @@ def test_odd_shapes_match_the_reference_on_contiguous_copies(row, backend, devic
     run(opt, params, grads)
     run(ref_opt, ref_params, grads)
     assert [(p.data_ptr(), p.stride()) for p in params] == layout  # updated in place
-    if backend == "reference":
+    if backend == "reference" and not _has_group_step(opt):
         assert_runs_equal(opt, params, ref_opt, ref_params)
     else:
         assert_runs_close(opt, params, ref_opt, ref_params, row.tolerance)
