@@ -29,8 +29,10 @@ tested in ``tests/reference/test_aten_fused.py``).
 Tensors the kernel cannot take go to the per-tensor reference step: anything but fp32 parameters
 with fp32 gradients on CPU (the kernel wants one dtype for parameter, gradient and state, and the
 state is fp32), non-contiguous tensors (it walks memory linearly), and the options a map declines
-(it returns ``None``). ChildTuning masks are applied first, into new gradient tensors, as the
-reference applies them (``p.grad`` is never written).
+(it returns ``None``). ChildTuning masks are applied first, as the reference applies them
+(``p.grad`` is never written): a masked group is stepped in batches of about a million elements
+(``batched_masks.py``), each masked into a reused buffer and stepped by one kernel call on the
+matching slices of parameters and moments while the masked gradients are still in cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from . import batched_masks
 from . import child_tuning as ct
 
 Tensor = torch.Tensor
@@ -100,25 +103,37 @@ def step_group(arguments: ArgumentsMap, params: list[Tensor], grads: list[Tensor
             alone.extend(idx)
             continue
         idx = [i for i in idx if params[i].numel()]  # an empty tensor's step changes nothing
-        taken = [states[i] for i in idx]
-        _call([params[i] for i in idx], _masked([grads[i] for i in idx], taken, hyper), taken, args)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        _step_masked(pick(params), pick(grads), pick(states), args, getattr(hyper, "mask", ct.NO_MASK))
     return sorted(alone)
 
 
-def _masked(grads: list[Tensor], states: list[dict], hyper: Any) -> list[Tensor]:
-    """The gradients ChildTuning-masked (new tensors; the kernel then negates them for ``maximize``
-    and adds coupled L2, the reference's order), or as they are without masks."""
-    mask = getattr(hyper, "mask", ct.NO_MASK)
-    if mask.mode is None:
-        return grads
-    return [ct.mask_grad(g, state, mask) for g, state in zip(grads, states)]
+def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], args: FusedAdamArguments,
+                 mask: ct.MaskHyper) -> None:
+    """One kernel call for the whole list, or with ChildTuning masks one per batch of segments
+    (``batched_masks.py``): each batch's gradients are masked into a reused buffer (the gradients are
+    only read), then the kernel steps the matching slices of parameters and moments while the masked
+    rows are in cache. The kernel then negates them for ``maximize`` and adds coupled L2, the
+    reference's order."""
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    if not (mask.bernoulli or mask.mode == "D"):
+        _call(params, grads, exp_avgs, exp_avg_sqs, args)
+        return
+    flat = lambda ts: [t.view(-1) for t in ts]  # noqa: E731
+    params, grads, exp_avgs, exp_avg_sqs = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
+    keys: dict[int, int] = {}
+    for batch in batched_masks.batches(batched_masks.segments([p.numel() for p in params])):
+        masked = batched_masks.masked_batch(grads, states, mask, batch, keys)
+        rows = lambda ts: batched_masks.rows(ts, batch)  # noqa: E731
+        _call(rows(params), masked, rows(exp_avgs), rows(exp_avg_sqs), args)
 
 
-def _call(params: list[Tensor], grads: list[Tensor], states: list[dict], args: FusedAdamArguments) -> None:
+def _call(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+          args: FusedAdamArguments) -> None:
     if not params:
         return
     op = torch._fused_adamw_ if args.decoupled else torch._fused_adam_
     no_correction = torch.tensor(NO_BIAS_CORRECTION)
-    op(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-       [no_correction] * len(params), lr=args.lr, beta1=args.beta1, beta2=args.beta2,
-       weight_decay=args.weight_decay, eps=args.eps, amsgrad=False, maximize=args.maximize)
+    op(params, grads, exp_avgs, exp_avg_sqs, [], [no_correction] * len(params), lr=args.lr,
+       beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay, eps=args.eps, amsgrad=False,
+       maximize=args.maximize)

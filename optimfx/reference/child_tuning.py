@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -109,19 +110,22 @@ def mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=64)
 def seed_words(seed: int) -> tuple[int, int]:
     """``(s0, s1)``: the low and high 32 bits of ``splitmix64(seed)``."""
     s = splitmix64(seed & _M64)
     return s & _M32, s >> 32
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stream_word(seed: int, stream: int) -> int:
-    """``a = mix32(stream ^ s0)``, fixed per tensor."""
+    """``a = mix32(stream ^ s0)``, fixed per tensor (cached: a step asks for every tensor's)."""
     return mix32(stream ^ seed_words(seed)[0])
 
 
+@functools.lru_cache(maxsize=64)
 def step_word(seed: int, step: int) -> int:
-    """``b = mix32(step ^ s1)``, shared by every tensor of a step."""
+    """``b = mix32(step ^ s1)``, shared by every tensor of a step (cached)."""
     return mix32((step & _M32) ^ seed_words(seed)[1])
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .. import _distributed
 from .._precision import compute_dtype, working_copy
+from . import batched_masks
 from . import child_tuning as ct
 
 Tensor = torch.Tensor
@@ -79,10 +80,14 @@ def _stacked(tensors: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def _loaded_grads(grads: list[Tensor], states: list[dict], mask: ct.MaskHyper) -> Tensor:
-    """The chunk's gradients stacked in the compute dtype, each ChildTuning-masked with its own key."""
+    """The chunk's gradients stacked in the compute dtype, each ChildTuning-masked with its own key
+    (all in one batch, ``batched_masks.py``)."""
     if mask.mode is None:
         return _stacked(grads, compute_dtype(grads[0].dtype))
-    return torch.stack([ct.mask_grad(working_copy(g), state, mask) for g, state in zip(grads, states)])
+    flat = [working_copy(g).view(-1) for g in grads]
+    batch = [batched_masks.Segment(i, 0, g.numel()) for i, g in enumerate(flat)]
+    rows = batched_masks.masked_batch(flat, states, mask, batch, {})
+    return torch.stack(rows).view((len(grads),) + grads[0].shape)
 
 
 def step_chunk(step_fn: Callable[..., None], params: list[Tensor], grads: list[Tensor],

@@ -131,8 +131,10 @@ def test_step_counts_that_differ_within_a_group():
         outs[backend] = (a, b, opt)
     (ar, br, optr), (ak, bk, optk) = outs["reference"], outs["triton"]
     assert int(optk.state[ak]["step"]) == 4 and int(optk.state[bk]["step"]) == 2
+    assert int(optr.state[ar]["step"]) == 4 and int(optr.state[br]["step"]) == 2
     torch.testing.assert_close(ak, ar, **TOL[torch.float32])
     torch.testing.assert_close(bk, br, **TOL[torch.float32])
+    torch.testing.assert_close(optk.state[bk]["exp_avg_sq"], optr.state[br]["exp_avg_sq"], **TOL[torch.float32])
 
 
 def test_nonfinite_grad_skips_params_and_moments():

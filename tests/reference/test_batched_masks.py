@@ -1,0 +1,144 @@
+"""ChildTuning masks of whole groups in batches (``optimfx/reference/batched_masks.py``) are bitwise the
+per-tensor masks, and the fused CPU step taken batch by batch is bitwise the step taken in one call.
+
+No tolerances: the batched hash, comparison and product are the per-tensor ops on other layouts, and
+ATen's fused Adam kernel is elementwise, so cutting its tensor list into slices changes no bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import optimfx
+from optimfx._distributed import SHARD_KEY, ShardSpec
+from optimfx.reference import aten_fused, batched_masks
+from optimfx.reference import child_tuning as ct
+
+SHAPES = [(7,), (128, 128), (3, 5), (1,), (64,), (128, 128), (33, 3), (1000,), (2, 64)]
+# (segment length, batch elements): whole tensors in one batch per length; short segments; one
+# element per segment (odd offsets everywhere but 0); rows longer than a batch
+CUTS = [(None, None), (16, 64), (1, 7), (64, 8)]
+
+
+def _grads_and_states(shard_offsets: dict[int, int]) -> tuple[list[torch.Tensor], list[dict]]:
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    states = [{"mask_stream": i, "step": torch.tensor(float(3 + i % 2))} for i in range(len(SHAPES))]
+    for i, offset in shard_offsets.items():
+        states[i][SHARD_KEY] = ShardSpec((10**6,), (), element_offset=offset)
+    return grads, states
+
+
+def _batched(grads, states, hp, cut) -> dict[tuple[int, int], torch.Tensor]:
+    keys: dict[int, int] = {}
+    out = {}
+    flat = [g.view(-1) for g in grads]
+    for batch in batched_masks.batches(batched_masks.segments([g.numel() for g in grads], cut[0]), cut[1]):
+        for seg, row in zip(batch, batched_masks.masked_batch(flat, states, hp, batch, keys)):
+            out[seg.index, seg.start] = row.clone()  # rows are reused buffers
+    return out
+
+
+def _assert_rows_are_per_tensor_masks(grads, states, hp, rows) -> None:
+    covered = [0] * len(grads)
+    for (i, start), row in rows.items():
+        whole = ct.mask_grad(grads[i], states[i], hp).reshape(-1)
+        assert torch.equal(row, whole[start:start + row.numel()]), (i, start)
+        covered[i] += row.numel()
+    assert covered == [g.numel() for g in grads]
+
+
+@pytest.mark.parametrize("cut", CUTS, ids=str)
+@pytest.mark.parametrize("reserve_p", [0.3, 0.9])
+def test_f_masks_equal_the_per_tensor_masks(cut, reserve_p):
+    # shard offsets: even (batched with a shifted first pair), odd (the per-tensor fallback)
+    grads, states = _grads_and_states({2: 35, 4: 64, 8: 2**33 - 40})
+    hp = ct.MaskHyper("F", reserve_p, seed=11)
+    _assert_rows_are_per_tensor_masks(grads, states, hp, _batched(grads, states, hp, cut))
+
+
+@pytest.mark.parametrize("cut", CUTS, ids=str)
+def test_d_masks_equal_the_per_tensor_masks(cut):
+    grads, states = _grads_and_states({})
+    gen = torch.Generator().manual_seed(1)
+    for i, g in enumerate(grads):
+        if i != 3:  # a tensor without a mask keeps its gradient
+            states[i]["child_mask"] = (torch.rand(g.shape, generator=gen) < 0.4).to(torch.uint8)
+    hp = ct.MaskHyper("D")
+    _assert_rows_are_per_tensor_masks(grads, states, hp, _batched(grads, states, hp, cut))
+
+
+def test_segments_and_batches_cover_every_element_once():
+    numels = [0, 5, 16, 17, 40, 16]
+    segs = batched_masks.segments(numels, 16)
+    assert [(s.index, s.start, s.length) for s in segs] == [
+        (1, 0, 5), (2, 0, 16), (3, 0, 16), (3, 16, 1), (4, 0, 16), (4, 16, 16), (4, 32, 8), (5, 0, 16)]
+    batches = batched_masks.batches(segs, 40)
+    assert all(len({s.length for s in b}) == 1 for b in batches)
+    assert all(sum(s.length for s in b) <= 40 or len(b) == 1 for b in batches)
+    assert sorted(s for b in batches for s in b) == sorted(segs)
+    # 16-element segments: two per batch of 40 elements
+    assert [len(b) for b in batches if b[0].length == 16] == [2, 2, 1]
+
+
+CONFIGS = {
+    "AdaXW-F": dict(cls=optimfx.AdaXW, weight_decay=0.1, child_tuning_mode="F", reserve_p=0.4),
+    "ChildTuningAdamW-F": dict(cls=optimfx.ChildTuningAdamW, mode="ChildTuning-F", reserve_p=0.3),
+    "AdaX-D": dict(cls=optimfx.AdaX, weight_decay=0.1, child_tuning_mode="D"),
+    "AdamW-D-maximize": dict(cls=optimfx.AdamW, child_tuning_mode="D", maximize=True),
+}
+GROUP_SHAPES = [(40, 16)] * 6 + [(3,), (129,), (33, 65), ()]
+
+
+def _run(config: dict, steps: int = 4):
+    kwargs = dict(config)
+    cls = kwargs.pop("cls")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in GROUP_SHAPES]
+    opt = cls(params, lr=1e-2, **kwargs)
+    if kwargs.get("child_tuning_mode") == "D":
+        opt.set_gradient_mask({p: torch.rand(p.shape, generator=gen) < 0.5 for p in params[1:]})
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # only read
+    return params, opt
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    for name in ("_fused_adam_", "_fused_adamw_"):
+        op = getattr(torch, name)
+
+        def counted(params, *args, _op=op, **kwargs):
+            calls.append(len(params))
+            return _op(params, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(not aten_fused.available(), reason="this torch has no fused Adam ops")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_step_in_batches_equals_one_batch_per_tensor(name, monkeypatch, kernel_calls):
+    monkeypatch.setattr(batched_masks, "BATCH_NUMEL", 2**40)
+    whole, opt_whole = _run(CONFIGS[name])
+    # every tensor whole; tensors of one size (the six 40 × 16) share a call
+    assert kernel_calls == [6, 1, 1, 1, 1] * 4
+    kernel_calls.clear()
+    monkeypatch.setattr(batched_masks, "BATCH_NUMEL", 2 * 640)
+    cut, opt_cut = _run(CONFIGS[name])
+    # 640-element tensors two per call; (33, 65) in two segments of 1280 and 865 elements
+    assert kernel_calls == [2, 2, 2, 1, 1, 1, 1, 1] * 4
+    for p, q in zip(whole, cut):
+        assert torch.equal(p, q)
+        for key, value in opt_whole.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt_cut.state[q][key]), key
+    assert math.isfinite(float(sum(p.sum() for p in cut)))
