@@ -246,27 +246,46 @@ def bernoulli_keep(shape: torch.Size | tuple[int, ...], reserve_p: float, key: i
     return torch.lt(bits, _signed_threshold(reserve_p)).view(shape)
 
 
+#: elements masked at a time by :func:`apply_mask` and :func:`bernoulli_grad` on a large tensor: a
+#: segment's temporaries (hash words, the cast mask) stay in cache for the pass that reads them and are
+#: small enough for the allocator to reuse (fresh full-size ones cost more in page faults than the maths)
+SEGMENT_NUMEL = 1 << 20
+
+
 def apply_mask(grad32: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """``g ⊙ keep · scale`` as a new tensor (``scale = 1/p`` for F-mode, 1 for D-mode).
 
     A product, as the official code's ``p.grad *= mask``: an inf/NaN gradient entry stays NaN where
     the mask drops it (the kernels compute ``g·(keep ? scale : 0)`` too).
     """
-    # one pass: the 0/1 mask (bool or uint8) promotes to the gradient's dtype inside the product
-    out = torch.mul(grad32, keep)
+    if grad32.numel() <= SEGMENT_NUMEL or keep.shape != grad32.shape or not keep.is_contiguous():
+        # one pass: the 0/1 mask (bool or uint8) promotes to the gradient's dtype inside the product
+        out = torch.mul(grad32, keep)
+        return out.mul_(scale) if scale != 1.0 else out
+    # a large tensor a segment at a time: the product casts the mask through a temporary as large as
+    # its operands, which stays small and cached this way
+    out = torch.empty(grad32.shape, dtype=grad32.dtype, device=grad32.device)
+    flat_out, flat_grad, flat_keep = out.view(-1), grad32.reshape(-1), keep.view(-1)
+    for start in range(0, flat_out.numel(), SEGMENT_NUMEL):
+        seg = flat_out[start:start + SEGMENT_NUMEL]
+        torch.mul(flat_grad[start:start + seg.numel()], flat_keep[start:start + seg.numel()], out=seg)
     return out.mul_(scale) if scale != 1.0 else out
 
 
 def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int = 0) -> torch.Tensor:
-    """``g ⊙ keep / p`` of the F mask with key ``key`` for elements ``offset …``: the comparison writes
-    0/1 floats straight into the result, which then takes ``1/p`` and ``g`` in one more pass (no bool
-    tensor)."""
+    """``g ⊙ keep / p`` of the F mask with key ``key`` for elements ``offset …``, a segment of
+    :data:`SEGMENT_NUMEL` elements at a time: the comparison writes 0/1 floats straight into the
+    result, which then takes ``1/p`` and ``g`` in one more pass (no bool tensor)."""
     out = torch.empty(grad32.shape, dtype=grad32.dtype, device=grad32.device)
-    bits = _keep_bits(grad32.numel(), key, grad32.device, offset)
-    torch.lt(bits, _signed_threshold(reserve_p), out=out.view(-1))
-    # (1/p · keep) · g in one pass: the kernels' g·(keep ? 1/p : 0) rounded once, up to the sign of 0
+    flat_out, flat_grad = out.view(-1), grad32.reshape(-1)
     zero = torch.zeros((), dtype=grad32.dtype, device=grad32.device)
-    return torch.addcmul(zero, out, grad32, value=1.0 / reserve_p, out=out)
+    threshold = _signed_threshold(reserve_p)
+    for start in range(0, flat_out.numel(), SEGMENT_NUMEL):
+        seg = flat_out[start:start + SEGMENT_NUMEL]
+        torch.lt(_keep_bits(seg.numel(), key, grad32.device, offset + start), threshold, out=seg)
+        # (1/p · keep) · g in one pass: the kernels' g·(keep ? 1/p : 0) rounded once, up to the sign of 0
+        torch.addcmul(zero, seg, flat_grad[start:start + seg.numel()], value=1.0 / reserve_p, out=seg)
+    return out
 
 
 def element_offset(state: dict) -> int:

@@ -142,3 +142,22 @@ def test_fused_step_in_batches_equals_one_batch_per_tensor(name, monkeypatch, ke
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, opt_cut.state[q][key]), key
     assert math.isfinite(float(sum(p.sum() for p in cut)))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 6])
+def test_large_tensor_masks_hashed_in_segments_equal_one_segment(offset, monkeypatch):
+    grad = torch.randn(10_001, generator=torch.Generator().manual_seed(3))
+    key = ct.mask_key(5, 2, 9)
+    monkeypatch.setattr(ct, "SEGMENT_NUMEL", 2**40)
+    whole = ct.bernoulli_grad(grad, 0.3, key, offset)
+    monkeypatch.setattr(ct, "SEGMENT_NUMEL", 1024)
+    assert torch.equal(ct.bernoulli_grad(grad, 0.3, key, offset), whole)
+
+
+def test_large_tensor_d_masks_applied_in_segments_equal_one_product(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    grad = torch.randn(33, 301, generator=gen)
+    keep = (torch.rand(grad.shape, generator=gen) < 0.3).to(torch.uint8)
+    monkeypatch.setattr(ct, "SEGMENT_NUMEL", 1000)
+    assert torch.equal(ct.apply_mask(grad, keep, 1.0), grad * keep)
+    assert torch.equal(ct.apply_mask(grad, keep, 2.5), grad * keep * 2.5)
