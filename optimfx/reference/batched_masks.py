@@ -1,18 +1,17 @@
 r"""ChildTuning-masked gradients of a whole group, a cache-sized batch at a time (the CPU fast path).
 
 :func:`~optimfx.reference.child_tuning.mask_grad` masks one tensor with about fifteen ATen ops and a
-fresh full-size result: on 1024 tensors of 128² that is ~15 K ops a step, and a fresh 100 MB result
-for a large embedding costs more in page faults than its arithmetic. Here a group's tensors are cut
-into *segments* (flat element ranges of at most :data:`BATCH_NUMEL` elements), segments of equal
-length are *batched* (rows of one ``[rows, length]`` buffer, at most :data:`BATCH_NUMEL` elements in
-all), and a batch is masked with a fixed number of ops into buffers reused from step to step:
+fresh result: on 1024 tensors of 128² that is ~15 K ops a step. Here a group's tensors are cut into
+*segments* (flat element ranges of at most :data:`BATCH_NUMEL` elements), sorted by length and packed
+into *batches* of at most :data:`BATCH_NUMEL` elements, and a batch is masked into a buffer reused
+from step to step, with a fixed number of ops per run of equal-length segments:
 
-* ChildTuning-F: the pair hash of ``child_tuning`` for every row at once. A row of segment
+* ChildTuning-F: the pair hash of ``child_tuning`` for every row of a run at once. A row of segment
   ``[o, o + n)`` of a tensor with keys ``(k0, k1)`` hashes pairs ``q = o/2 + i``, so
   ``(q + k0)·A = A·i + A·(o/2 + k0)`` is the shared ramp ``A·i`` plus a per-row constant, and
   ``(x + k1)·B = B·x + B·k1`` one broadcast ``add``; then ``g ⊙ keep / p`` as the per-tensor step
-  computes it (``addcmul`` of the 0/1 comparison and the gradient);
-* ChildTuning-D: ``g ⊙ M`` of the stacked rows and their stored masks.
+  computes it (``addcmul`` of the 0/1 comparison and the gradient, one call per row);
+* ChildTuning-D: ``g ⊙ M`` of each row and its stored mask, written into the buffer.
 
 The result is bitwise the per-tensor transform's (same hash, comparison and product; tested). Segments
 need an even first element (pairs are hashed whole) and pair indices below 2^32; others, and the rows of
@@ -24,8 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections import defaultdict
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -56,16 +54,21 @@ def segments(numels: list[int], max_length: Optional[int] = None) -> list[Segmen
 
 
 def batches(segs: list[Segment], max_numel: Optional[int] = None) -> list[list[Segment]]:
-    """Segments grouped by length, each group cut into batches of at most ``max_numel`` (default
-    :data:`BATCH_NUMEL`) elements, at least one segment each."""
+    """Segments sorted by length (stably) and packed in that order into batches of at most
+    ``max_numel`` (default :data:`BATCH_NUMEL`) elements, at least one segment each: equal lengths
+    are neighbours, so a batch holds runs of them."""
     max_numel = max_numel or BATCH_NUMEL
-    by_length: dict[int, list[Segment]] = defaultdict(list)
-    for seg in segs:
-        by_length[seg.length].append(seg)
     out: list[list[Segment]] = []
-    for length, members in by_length.items():
-        rows = max(1, max_numel // length)
-        out.extend(members[s:s + rows] for s in range(0, len(members), rows))
+    current: list[Segment] = []
+    total = 0
+    for seg in sorted(segs, key=lambda s: s.length):
+        if current and total + seg.length > max_numel:
+            out.append(current)
+            current, total = [], 0
+        current.append(seg)
+        total += seg.length
+    if current:
+        out.append(current)
     return out
 
 
@@ -123,21 +126,36 @@ def _key(i: int, states: list[dict], hp: ct.MaskHyper, keys: dict[int, int]) -> 
     return key
 
 
+def _runs(batch: list[Segment]) -> Iterator[list[int]]:
+    """Positions in ``batch`` of each run of equal-length segments."""
+    start = 0
+    for j in range(1, len(batch) + 1):
+        if j == len(batch) or batch[j].length != batch[start].length:
+            yield list(range(start, j))
+            start = j
+
+
 def _bernoulli_batch(flat: list[Tensor], states: list[dict], hp: ct.MaskHyper, batch: list[Segment],
                      keys: dict[int, int]) -> list[Tensor]:
-    length = batch[0].length
-    n_pairs = (length + 1) >> 1
+    """F masks: each run of equal-length rows hashed at once into a ``[rows, length]`` block of the
+    reused buffer; rows that cannot be hashed in a run take :func:`child_tuning.bernoulli_grad`."""
+    device, dtype = flat[batch[0].index].device, flat[batch[0].index].dtype
     offsets = [ct.element_offset(states[s.index]) + s.start for s in batch]
-    hashed = [j for j, o in enumerate(offsets) if _hashable(o, n_pairs)]
+    buffer = _SCRATCH.take("masked", sum(s.length for s in batch), dtype, device)
+    zero = torch.zeros((), dtype=dtype, device=device)
     out: list[Optional[Tensor]] = [None] * len(batch)
-    if hashed:
-        device, dtype = flat[batch[0].index].device, flat[batch[0].index].dtype
-        n_rows = len(hashed)
+    used = 0
+    for run in _runs(batch):
+        length = batch[run[0]].length
+        n_pairs = (length + 1) >> 1
+        hashed = [j for j in run if _hashable(offsets[j], n_pairs)]
+        if not hashed:
+            continue
         bits = _pair_bits(n_pairs, [(_key(batch[j].index, states, hp, keys), offsets[j] >> 1) for j in hashed],
                           device)
-        keep = _SCRATCH.take("masked", n_rows * length, dtype, device).view(n_rows, length)
+        keep = buffer[used:used + len(hashed) * length].view(len(hashed), length)
+        used += keep.numel()
         torch.lt(bits.view(torch.int16)[:, :length], ct._signed_threshold(hp.reserve_p), out=keep)
-        zero = torch.zeros((), dtype=dtype, device=device)
         # one product per row (stacking the gradients first costs more than the calls)
         for j, grad, row in zip(hashed, rows(flat, [batch[j] for j in hashed]), keep.unbind(0)):
             out[j] = torch.addcmul(zero, row, grad, value=1.0 / hp.reserve_p, out=row)
@@ -176,17 +194,20 @@ def _pair_bits(n_pairs: int, keys_and_first_pairs: list[tuple[int, int]], device
 
 
 def _fisher_batch(flat: list[Tensor], states: list[dict], batch: list[Segment]) -> list[Tensor]:
-    """``g ⊙ M`` of the rows whose tensor has a stored mask, each written into a row of the reused
+    """``g ⊙ M`` of the rows whose tensor has a stored mask, each written into its slice of the reused
     buffer (one product per row: stacking the rows first costs more than the calls); the other rows
     are the gradient itself."""
     out = rows(flat, batch)
     masked = [j for j, s in enumerate(batch) if "child_mask" in states[s.index]]
     if masked:
-        length = batch[0].length
-        result = _SCRATCH.take("masked", len(masked) * length, out[masked[0]].dtype, out[masked[0]].device)
-        for j, row in zip(masked, result.view(len(masked), length).unbind(0)):
+        buffer = _SCRATCH.take("masked", sum(batch[j].length for j in masked), out[masked[0]].dtype,
+                               out[masked[0]].device)
+        used = 0
+        for j in masked:
             seg = batch[j]
             mask = states[seg.index]["child_mask"].view(-1)
+            row = buffer[used:used + seg.length]
+            used += seg.length
             out[j] = torch.mul(out[j], mask if seg.length == mask.numel() else
                                mask[seg.start:seg.start + seg.length], out=row)
     return out

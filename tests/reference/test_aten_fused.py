@@ -102,10 +102,8 @@ def _assert_close_runs(fused, reference) -> None:
 def test_fused_step_equals_the_per_tensor_reference(name, monkeypatch, kernel_calls):
     config = {**ADAX_CONFIGS, **ADAMW_CONFIGS}[name]
     fused = _run(config)
-    # one call per step for the whole group, the empty tensor left out; with ChildTuning masks one per
-    # batch of equal-length segments (``batched_masks.py``), here one per tensor (all lengths differ)
-    masked = config.get("child_tuning_mode") or config.get("mode")
-    assert kernel_calls == ([1] * (len(SHAPES) - 1) if masked else [len(SHAPES) - 1]) * STEPS
+    # one call per step for the whole group (masked ones too: it fits one batch), the empty tensor left out
+    assert kernel_calls == [len(SHAPES) - 1] * STEPS
     kernel_calls.clear()
     with monkeypatch.context() as m:
         _per_tensor(m)

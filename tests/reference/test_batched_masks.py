@@ -77,11 +77,12 @@ def test_segments_and_batches_cover_every_element_once():
     assert [(s.index, s.start, s.length) for s in segs] == [
         (1, 0, 5), (2, 0, 16), (3, 0, 16), (3, 16, 1), (4, 0, 16), (4, 16, 16), (4, 32, 8), (5, 0, 16)]
     batches = batched_masks.batches(segs, 40)
-    assert all(len({s.length for s in b}) == 1 for b in batches)
-    assert all(sum(s.length for s in b) <= 40 or len(b) == 1 for b in batches)
+    # sorted by length (stably), packed up to 40 elements
+    assert [[(s.index, s.start) for s in b] for b in batches] == [
+        [(3, 16), (1, 0), (4, 32), (2, 0)], [(3, 0), (4, 0)], [(4, 16), (5, 0)]]
     assert sorted(s for b in batches for s in b) == sorted(segs)
-    # 16-element segments: two per batch of 40 elements
-    assert [len(b) for b in batches if b[0].length == 16] == [2, 2, 1]
+    # a segment longer than a batch is a batch of its own
+    assert batched_masks.batches(segs, 10)[-1] == [segs[-1]]
 
 
 CONFIGS = {
@@ -129,13 +130,13 @@ def kernel_calls(monkeypatch) -> list[int]:
 def test_fused_step_in_batches_equals_one_batch_per_tensor(name, monkeypatch, kernel_calls):
     monkeypatch.setattr(batched_masks, "BATCH_NUMEL", 2**40)
     whole, opt_whole = _run(CONFIGS[name])
-    # every tensor whole; tensors of one size (the six 40 × 16) share a call
-    assert kernel_calls == [6, 1, 1, 1, 1] * 4
+    # every tensor whole, all in one call
+    assert kernel_calls == [10] * 4
     kernel_calls.clear()
     monkeypatch.setattr(batched_masks, "BATCH_NUMEL", 2 * 640)
     cut, opt_cut = _run(CONFIGS[name])
-    # 640-element tensors two per call; (33, 65) in two segments of 1280 and 865 elements
-    assert kernel_calls == [2, 2, 2, 1, 1, 1, 1, 1] * 4
+    # by length (1, 3, 129, 640 × 6, then 865 + 1280 of the (33, 65)) packed up to 1280 elements
+    assert kernel_calls == [4, 2, 2, 1, 1, 1] * 4
     for p, q in zip(whole, cut):
         assert torch.equal(p, q)
         for key, value in opt_whole.state[p].items():

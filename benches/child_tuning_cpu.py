@@ -1,0 +1,137 @@
+"""ChildTuning-F/D on the default CPU path: batched masks against per-tensor masks, interleaved in one process.
+
+The default CPU path of ``AdamW`` and ``AdaXW`` masks a group's gradients a batch of equal-length
+segments at a time (``optimfx/reference/batched_masks.py``) and steps each batch through ATen's fused
+Adam kernel. Contenders, each on its own copy of the preset's parameters and gradients, timed
+round-robin (medians; ratios to the unmasked step of the same optimizer):
+
+* ``<opt> off``: no masks;
+* ``<opt> F``, ``<opt> D``: ChildTuning-F (``reserve_p=0.3``) and D (30 % masks on every tensor with
+  ``ndim ≥ 2``) at their defaults;
+* ``<opt> F per-tensor masks``, ``<opt> D per-tensor masks``: the same with each tensor masked on its
+  own (:func:`optimfx.reference.child_tuning.mask_grad`, a fresh result per tensor) and one kernel
+  call for the group, the path before batching.
+
+Every contender takes :data:`WARMUP_STEPS` untimed steps first (F-masked second moments start at
+zero, and torch's CPU ``sqrt`` is several times slower on zeros).
+
+Usage::
+
+    python -m benches.child_tuning_cpu --rounds 12 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+import optimfx
+from optimfx.bench.presets import get_preset, make_params
+from optimfx.reference import aten_fused
+from optimfx.reference import child_tuning as ct
+
+from .adafactor_cpu import PRESETS, report
+
+RESERVE_P = 0.3
+WARMUP_STEPS = 20
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def _per_tensor_masked_step(params, grads, states, args, mask) -> None:
+    """One kernel call for the group after masking every tensor on its own."""
+    masked = [ct.mask_grad(g, s, mask) for g, s in zip(grads, states)]
+    aten_fused._call(params, masked, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], args)
+
+
+@contextlib.contextmanager
+def _per_tensor_masks() -> Iterator[None]:
+    batched = aten_fused._step_masked
+    aten_fused._step_masked = _per_tensor_masked_step
+    try:
+        yield
+    finally:
+        aten_fused._step_masked = batched
+
+
+def per_tensor_masks(cls: type) -> type:
+    """``cls`` whose steps mask tensor by tensor."""
+    def step(self: Any, closure: Any = None) -> Any:
+        with _per_tensor_masks():
+            return cls.step(self, closure)
+
+    return type(f"{cls.__name__}PerTensorMasks", (cls,), {"step": step})
+
+
+def _factory(cls: type, mode: str) -> Factory:
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        kwargs = {} if mode == "off" else dict(child_tuning_mode=mode, reserve_p=RESERVE_P)
+        opt = cls(params, **kwargs)
+        if mode == "D":
+            gen = torch.Generator().manual_seed(0)
+            opt.set_gradient_mask({p: torch.rand(p.shape, generator=gen) < RESERVE_P for p in params if p.ndim >= 2})
+        return opt
+
+    return make
+
+
+def contenders() -> dict[str, Factory]:
+    out: dict[str, Factory] = {}
+    for cls in (optimfx.AdamW, optimfx.AdaXW):
+        name, slow = cls.__name__, per_tensor_masks(cls)
+        out[f"{name} off"] = _factory(cls, "off")
+        for mode in ("F", "D"):
+            out[f"{name} {mode}"] = _factory(cls, mode)
+            out[f"{name} {mode} per-tensor masks"] = _factory(slow, mode)
+    return out
+
+
+def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: float) -> dict[str, list[float]]:
+    shapes = get_preset(preset, scale)
+    optimizers = {}
+    for name, make in factories.items():
+        opt = optimizers[name] = make(make_params(shapes))
+        for _ in range(WARMUP_STEPS):
+            opt.step()
+    names = list(optimizers)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            optimizers[name].step()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the presets (smoke runs)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"torch": torch.__version__, "optimfx": optimfx.__version__,
+                               "machine": platform.processor() or platform.machine(),
+                               "threads": torch.get_num_threads(), "rounds": args.rounds, "presets": {}}
+    for preset in args.presets.split(","):
+        seconds = time_preset(preset, contenders(), args.rounds, args.scale)
+        results["presets"][preset] = seconds
+        for opt in ("AdamW", "AdaXW"):
+            print(report(preset, {k: v for k, v in seconds.items() if k.startswith(opt + " ")}, f"{opt} off"))
+            print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
