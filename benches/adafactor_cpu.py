@@ -83,13 +83,16 @@ def contenders(base: str | None) -> dict[str, Factory]:
     return out
 
 
-def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: float) -> dict[str, list[float]]:
-    """Seconds per step of every contender over ``rounds`` interleaved rounds (one warm-up step each)."""
+def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: float,
+                warmup_steps: int = 1) -> dict[str, list[float]]:
+    """Seconds per step of every contender over ``rounds`` interleaved rounds, after ``warmup_steps``
+    untimed steps each (the first makes the lazy state)."""
     shapes = get_preset(preset, scale)
     optimizers = {}
     for name, make in factories.items():
         opt = make(make_params(shapes))
-        opt.step()  # lazy state
+        for _ in range(warmup_steps):
+            opt.step()
         optimizers[name] = opt
     names = list(optimizers)
     seconds: dict[str, list[float]] = {n: [] for n in names}

@@ -26,17 +26,15 @@ import argparse
 import contextlib
 import json
 import platform
-import time
 from typing import Any, Callable, Iterator
 
 import torch
 
 import optimfx
-from optimfx.bench.presets import get_preset, make_params
 from optimfx.reference import aten_fused
 from optimfx.reference import child_tuning as ct
 
-from .adafactor_cpu import PRESETS, report
+from .adafactor_cpu import PRESETS, report, time_preset
 
 RESERVE_P = 0.3
 WARMUP_STEPS = 20
@@ -91,24 +89,6 @@ def contenders() -> dict[str, Factory]:
     return out
 
 
-def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: float) -> dict[str, list[float]]:
-    shapes = get_preset(preset, scale)
-    optimizers = {}
-    for name, make in factories.items():
-        opt = optimizers[name] = make(make_params(shapes))
-        for _ in range(WARMUP_STEPS):
-            opt.step()
-    names = list(optimizers)
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            optimizers[name].step()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
@@ -123,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                                "machine": platform.processor() or platform.machine(),
                                "threads": torch.get_num_threads(), "rounds": args.rounds, "presets": {}}
     for preset in args.presets.split(","):
-        seconds = time_preset(preset, contenders(), args.rounds, args.scale)
+        seconds = time_preset(preset, contenders(), args.rounds, args.scale, WARMUP_STEPS)
         results["presets"][preset] = seconds
         for opt in ("AdamW", "AdaXW"):
             print(report(preset, {k: v for k, v in seconds.items() if k.startswith(opt + " ")}, f"{opt} off"))

@@ -55,20 +55,6 @@ def _params(shapes=SHAPES, dtype=torch.float32) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[int]:
-    """The number of tensors of every fused-kernel call, in order."""
-    calls: list[int] = []
-    for name in ("_fused_adam_", "_fused_adamw_"):
-        op = getattr(torch, name)
-
-        def counted(params, *args, _op=op, **kwargs):
-            calls.append(len(params))
-            return _op(params, *args, **kwargs)
-
-        monkeypatch.setattr(torch, name, counted)
-    return calls
-
 
 def _per_tensor(monkeypatch) -> None:
     """Switch the fused path off, as on a torch without the fused ops."""

@@ -111,19 +111,6 @@ def _run(config: dict, steps: int = 4):
     return params, opt
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    for name in ("_fused_adam_", "_fused_adamw_"):
-        op = getattr(torch, name)
-
-        def counted(params, *args, _op=op, **kwargs):
-            calls.append(len(params))
-            return _op(params, *args, **kwargs)
-
-        monkeypatch.setattr(torch, name, counted)
-    return calls
-
 
 @pytest.mark.skipif(not aten_fused.available(), reason="this torch has no fused Adam ops")
 @pytest.mark.parametrize("name", list(CONFIGS))
