@@ -35,6 +35,7 @@ import torch
 
 from .. import _distributed
 from .._precision import compute_dtype, working_copy, write_back_
+from . import batched_masks
 from . import child_tuning as ct
 from . import common
 from .common import prepare_grad
@@ -214,8 +215,10 @@ _SCRATCH = _Scratch()
 
 
 def free_scratch() -> None:
-    """Release this thread's reusable buffers (the next step allocates them again)."""
+    """Release this thread's reusable buffers, the ChildTuning batch buffers included (the next step
+    allocates them again)."""
     _SCRATCH.__init__()
+    batched_masks.free_scratch()
 
 
 def load_grad(grad: Tensor, param32: Tensor, state: dict[str, Tensor], hp: AdaFactorHyper) -> Tensor:

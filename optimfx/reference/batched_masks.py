@@ -13,7 +13,10 @@ from step to step, with a fixed number of ops per run of equal-length segments:
   computes it (``addcmul`` of the 0/1 comparison and the gradient, one call per row);
 * ChildTuning-D: ``g ⊙ M`` of each row and its stored mask, written into the buffer.
 
-The result is bitwise the per-tensor transform's (same hash, comparison and product; tested). Segments
+The result is bitwise the per-tensor transform's (same hash, comparison and product; tested). Tensors
+are cut at multiples of :data:`BATCH_NUMEL`, a power of two: ATen's fused Adam kernel rounds its
+vectorised body and its scalar tail differently, and cuts at multiples of every SIMD width keep each
+element in the part it falls in uncut, so stepping the slices is bitwise stepping the whole tensor. Segments
 need an even first element (pairs are hashed whole) and pair indices below 2^32; others, and the rows of
 a big-endian machine, take the per-tensor functions. The consumer (ATen's fused Adam step,
 ``aten_fused.py``) reads each batch while it is still in cache.
@@ -91,7 +94,7 @@ _SCRATCH = _Scratch()
 
 
 def free_scratch() -> None:
-    """Release this thread's batch buffers (the next masked step allocates them again)."""
+    """Release this thread's batch buffers, about 8 MiB (the next masked step allocates them again)."""
     _SCRATCH.__init__()
 
 

@@ -84,7 +84,7 @@ def _loaded_grads(grads: list[Tensor], states: list[dict], mask: ct.MaskHyper) -
     (all in one batch, ``batched_masks.py``)."""
     if mask.mode is None:
         return _stacked(grads, compute_dtype(grads[0].dtype))
-    flat = [working_copy(g).view(-1) for g in grads]
+    flat = [working_copy(g).reshape(-1) for g in grads]  # gradients may be non-contiguous (channels_last)
     batch = [batched_masks.Segment(i, 0, g.numel()) for i, g in enumerate(flat)]
     rows = batched_masks.masked_batch(flat, states, mask, batch, {})
     return torch.stack(rows).view((len(grads),) + grads[0].shape)
