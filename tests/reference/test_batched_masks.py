@@ -9,7 +9,6 @@ every element in the part of the loop it takes uncut.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
