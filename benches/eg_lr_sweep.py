@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
+import multiprocessing
 import json
 import math
 import statistics
@@ -49,7 +51,11 @@ EG_CONFIGS: dict[str, dict[str, Any]] = {
     "gamma_scale=0.01": {"gamma_scale": 0.01},
     "gamma_scale=0.1": {"gamma_scale": 0.1},
     "gamma_scale=0.3": {"gamma_scale": 0.3},
+    "gamma_scale=1": {"gamma_scale": 1.0},
+    "gamma_scale=0.3/global": {"gamma_scale": 0.3, "scope": "global"},
 }
+#: the configurations a plain run compares (the others are there to be named with --eg-configs)
+DEFAULT_CONFIGS = ("gamma_scale=0.01", "gamma_scale=0.1", "gamma_scale=0.3", "gamma_scale=1")
 BASES = ("sgdm", "adam")
 TASKS = ("digits", "diabetes")
 GOAL = 1.10  # EG's worst final loss may exceed the base's best by at most 10 %
@@ -76,6 +82,7 @@ class Task:
         return nn.functional.mse_loss(out.squeeze(-1), y)
 
 
+@functools.lru_cache(maxsize=None)
 def load_task(name: str) -> Task:
     """A fixed 75/25 split (seed 0); digits pixels scaled to [0, 1], diabetes target standardised."""
     from sklearn import datasets
@@ -165,24 +172,57 @@ def _methods(configs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, An
     return [("base", None)] + [(f"eg:{name}", kw) for name, kw in configs.items()]
 
 
+def _train_job(job: tuple[str, str, float, int, int, int, dict[str, Any] | None]) -> dict[str, Any]:
+    """One sweep run, from picklable arguments (a worker process loads the task itself)."""
+    task, base, lr, seed, steps, batch, eg = job
+    torch.set_num_threads(1)
+    return train(load_task(task), base, lr, seed, steps, batch, eg)
+
+
 def sweep(tasks: list[Task], bases: list[str], configs: dict[str, dict[str, Any]], lrs: list[float],
-          seeds: list[int], steps: dict[str, int], batch: dict[str, int], log: Callable[[str], None]) -> list[dict]:
-    """Every (task, base, method, lr) point, with the per-seed runs and their mean ± std."""
+          seeds: list[int], steps: dict[str, int], batch: dict[str, int], log: Callable[[str], None],
+          jobs: int = 1) -> list[dict]:
+    """Every (task, base, method, lr) point, with the per-seed runs and their mean ± std.
+
+    With ``jobs > 1`` the runs are spread over that many worker processes; every run seeds itself and
+    uses one thread, so the numbers do not depend on ``jobs``.
+    """
+    keys = [(task, base, method, eg, lr) for task in tasks for base in bases for method, eg in _methods(configs)
+            for lr in lrs]
+    work = [(task.name, base, lr, s, steps[task.name], batch[task.name], eg)
+            for task, base, _, eg, lr in keys for s in seeds]
+    start = time.perf_counter()
+    results = _map(_train_job, work, jobs)
+    log(f"{len(work)} runs in {time.perf_counter() - start:.1f} s ({jobs} process{'es' if jobs > 1 else ''})")
     points = []
-    methods = _methods(configs)
-    for task in tasks:
-        for base in bases:
-            for method, eg in methods:
-                start = time.perf_counter()
-                for lr in lrs:
-                    runs = [train(task, base, lr, s, steps[task.name], batch[task.name], eg) for s in seeds]
-                    points.append({"task": task.name, "base": base, "method": method, "lr": lr,
-                                   "loss": _stats([r["loss"] for r in runs]),
-                                   "acc": _stats([r["acc"] for r in runs]) if task.classes else None,
-                                   "runs": [{"seed": s, "loss": r["loss"], "acc": r["acc"]}
-                                            for s, r in zip(seeds, runs)]})
-                log(f"{task.name:8s} {base:4s} {method:16s} {time.perf_counter() - start:6.1f} s")
+    for i, (task, base, method, _, lr) in enumerate(keys):
+        runs = results[i * len(seeds):(i + 1) * len(seeds)]
+        points.append({"task": task.name, "base": base, "method": method, "lr": lr,
+                       "loss": _stats([r["loss"] for r in runs]),
+                       "acc": _stats([r["acc"] for r in runs]) if task.classes else None,
+                       "runs": [{"seed": s, "loss": r["loss"], "acc": r["acc"]} for s, r in zip(seeds, runs)]})
     return points
+
+
+def widest_window(points: list[dict], bound: float) -> tuple[float, float] | None:
+    """The widest run of consecutive swept learning rates whose mean loss is ≤ ``bound``, as
+    ``(lr_low, lr_high)``; ``None`` when no point is. ``points`` are one method's, any order."""
+    ordered = sorted(points, key=lambda p: p["lr"])
+    best, run_start = None, None
+    for i, p in enumerate(ordered):
+        if p["loss"]["mean"] <= bound:
+            run_start = i if run_start is None else run_start
+            window = (ordered[run_start]["lr"], p["lr"])
+            if best is None or window[1] / window[0] > best[1] / best[0]:
+                best = window
+        else:
+            run_start = None
+    return best
+
+
+def _decades(window: tuple[float, float] | None) -> float:
+    """Width of a learning-rate window in decades (``-1`` for none, ``0`` for a single point)."""
+    return -1.0 if window is None else math.log10(window[1] / window[0])
 
 
 def goal(points: list[dict]) -> list[dict]:
@@ -193,7 +233,9 @@ def goal(points: list[dict]) -> list[dict]:
         rows = [p for p in points if p["task"] == task and p["base"] == base]
         ref = [p for p in rows if p["method"] == "base"]
         best = min(ref, key=lambda p: p["loss"]["mean"])
-        within_base = sum(p["loss"]["mean"] <= GOAL * best["loss"]["mean"] for p in ref)
+        bound = GOAL * best["loss"]["mean"]
+        within_base = sum(p["loss"]["mean"] <= bound for p in ref)
+        base_window = widest_window(ref, bound)
         for method in dict.fromkeys(p["method"] for p in rows if p["method"] != "base"):
             eg = [p for p in rows if p["method"] == method]
             worst = max(eg, key=lambda p: p["loss"]["mean"])
@@ -202,36 +244,56 @@ def goal(points: list[dict]) -> list[dict]:
                         "eg_worst_loss": worst["loss"]["mean"],
                         "ratio": worst["loss"]["mean"] / best["loss"]["mean"],
                         "met": worst["loss"]["mean"] <= GOAL * best["loss"]["mean"],
-                        "lrs_within_10pct": {"base": within_base, "eg": sum(
-                            p["loss"]["mean"] <= GOAL * best["loss"]["mean"] for p in eg)}})
+                        "lrs_within_10pct": {"base": within_base, "eg": sum(p["loss"]["mean"] <= bound for p in eg)},
+                        "window": {"base": base_window, "eg": widest_window(eg, bound)}})
     return out
 
 
-def shift_stream(task: Task, bases: list[str], configs: dict[str, dict[str, Any]], lr: dict[str, float],
-                 seeds: list[int], shifts: int, every: int, batch: int, eval_every: int, threshold: float) -> dict:
-    """Digits with the labels re-permuted every ``every`` steps: loss curves and recovery per shift."""
+def _relabelled(task: Task, shifts: int) -> list[Tensor]:
+    """The training labels of each stream segment: the original ones, then ``shifts`` fixed permutations."""
     perms = [torch.arange(task.classes)] + [
         torch.randperm(task.classes, generator=torch.Generator().manual_seed(100 + k)) for k in range(shifts)]
-    relabelled = [perm[task.y_train] for perm in perms]
+    return [perm[task.y_train] for perm in perms]
 
-    def labels(step: int) -> Tensor:
-        return relabelled[min(step // every, shifts)]
 
+def _stream_job(job: tuple[str, str, float, int, int, int, int, int, dict[str, Any] | None]) -> list[float]:
+    """One stream run's loss curve, from picklable arguments."""
+    task_name, base, lr, seed, shifts, every, batch, eval_every, eg = job
+    torch.set_num_threads(1)
+    task = load_task(task_name)
+    relabelled = _relabelled(task, shifts)
     steps = every * (shifts + 1)
-    methods = _methods(configs)
+    curve = train(task, base, lr, seed, steps, batch, eg, lambda step: relabelled[min(step // every, shifts)],
+                  eval_every)["curve"]
+    return curve + [math.inf] * (steps // eval_every - len(curve))  # a diverged run stops early
+
+
+def _map(fn: Callable[[Any], Any], work: list[Any], jobs: int) -> list[Any]:
+    """``[fn(w) for w in work]``, over ``jobs`` worker processes when ``jobs > 1`` (order kept)."""
+    if jobs <= 1:
+        return [fn(w) for w in work]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(fn, work, chunksize=1)
+
+
+def shift_stream(task: Task, bases: list[str], configs: dict[str, dict[str, Any]], lr: dict[str, float],
+                 seeds: list[int], shifts: int, every: int, batch: int, eval_every: int, threshold: float,
+                 jobs: int = 1) -> dict:
+    """Digits with the labels re-permuted every ``every`` steps: loss curves and recovery per shift."""
+    keys = [(base, method, eg) for base in bases for method, eg in _methods(configs)]
+    work = [(task.name, base, lr[base], s, shifts, every, batch, eval_every, eg) for base, _, eg in keys for s in seeds]
+    results = _map(_stream_job, work, jobs)
     curves = []
-    for base in bases:
-        for method, eg in methods:
-            runs = [train(task, base, lr[base], s, steps, batch, eg, labels, eval_every)["curve"] for s in seeds]
-            runs = [r + [math.inf] * (steps // eval_every - len(r)) for r in runs]  # a diverged run stops early
-            mean = [statistics.fmean(v) for v in zip(*runs)]
-            per_shift = []
-            for k in range(1, shifts + 1):
-                seg = mean[k * every // eval_every:(k + 1) * every // eval_every]
-                under = next((i for i, v in enumerate(seg) if v <= threshold), None)
-                per_shift.append({"shift": k, "loss_after": seg[0], "loss_end": seg[-1],
-                                  "steps_to_recover": None if under is None else under * eval_every})
-            curves.append({"base": base, "method": method, "lr": lr[base], "curve": mean, "per_shift": per_shift})
+    for i, (base, method, _) in enumerate(keys):
+        runs = results[i * len(seeds):(i + 1) * len(seeds)]
+        mean = [statistics.fmean(v) for v in zip(*runs)]
+        per_shift = []
+        for k in range(1, shifts + 1):
+            seg = mean[k * every // eval_every:(k + 1) * every // eval_every]
+            under = next((i for i, v in enumerate(seg) if v <= threshold), None)
+            per_shift.append({"shift": k, "loss_after": seg[0], "loss_end": seg[-1],
+                              "steps_to_recover": None if under is None else under * eval_every})
+        curves.append({"base": base, "method": method, "lr": lr[base], "curve": mean, "per_shift": per_shift})
     return {"task": task.name, "every": every, "shifts": shifts, "eval_every": eval_every,
             "threshold": threshold, "seeds": seeds, "runs": curves}
 
@@ -242,6 +304,13 @@ def _fmt(stat: dict | None, digits: int = 4) -> str:
     if not math.isfinite(stat["mean"]):
         return "diverged"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _window_cell(window: list[float] | None) -> str:
+    if window is None:
+        return "–"
+    low, high = window
+    return f"{low:.3g} ({_decades(window):.1f} dec.)" if low == high else f"{low:.3g}–{high:.3g} ({_decades(window):.1f} dec.)"
 
 
 def markdown(report: dict) -> str:
@@ -263,13 +332,16 @@ def markdown(report: dict) -> str:
            + " |", f"| wall time | {report['seconds']:.0f} s |", "",
            "## Goal: EG's worst final loss within 10 % of the base's best", "",
            "Means over seeds of the final full training-set loss; *lrs within 10 %* counts the swept learning "
-           "rates whose mean loss is at most 1.1 × the base's best.", "",
-           "| task | base | EG config | base best (lr) | EG worst (lr) | ratio | met | lrs within 10 %: base / EG |",
-           "|---|---|---|---|---|---:|---|---|"]
+           "rates whose mean loss is at most 1.1 × the base's best, and *widest window* is the widest run of "
+           "consecutive swept learning rates that all are (its width in decades; – none).", "",
+           "| task | base | EG config | base best (lr) | EG worst (lr) | ratio | met | lrs within 10 %: base / EG "
+           "| widest window: base | widest window: EG |",
+           "|---|---|---|---|---|---:|---|---|---|---|"]
     for g in report["goal"]:
         out.append(f"| {g['task']} | {g['base']} | {g['method']} | {g['base_best_loss']:.4f} ({g['base_best_lr']:.3g}) "
                    f"| {g['eg_worst_loss']:.4g} ({g['eg_worst_lr']:.3g}) | {g['ratio']:.3g} | "
-                   f"{'yes' if g['met'] else 'no'} | {g['lrs_within_10pct']['base']} / {g['lrs_within_10pct']['eg']} |")
+                   f"{'yes' if g['met'] else 'no'} | {g['lrs_within_10pct']['base']} / {g['lrs_within_10pct']['eg']} | "
+                   f"{_window_cell(g.get('window', {}).get('base'))} | {_window_cell(g.get('window', {}).get('eg'))} |")
     for task in cfg["tasks"]:
         for base in cfg["bases"]:
             rows = [p for p in report["sweep"] if p["task"] == task and p["base"] == base]
@@ -386,7 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="date in the file names (default: today, UTC)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--bases", default=",".join(BASES))
-    ap.add_argument("--eg-configs", default=",".join(EG_CONFIGS), help=f"subset of {list(EG_CONFIGS)}")
+    ap.add_argument("--eg-configs", default=",".join(DEFAULT_CONFIGS), help=f"subset of {list(EG_CONFIGS)}")
     ap.add_argument("--lr-min", type=float, default=1e-4)
     ap.add_argument("--lr-max", type=float, default=1.0)
     ap.add_argument("--lr-points", type=int, default=9)
@@ -395,6 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shift-every", type=int, default=200, help="steps between label permutations (0: no stream)")
     ap.add_argument("--shifts", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.3, help="recovery threshold of the stream's loss")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each); numbers do not change")
     return ap.parse_args(argv)
 
 
@@ -416,6 +489,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     start = time.perf_counter()
     tasks = [load_task(t) for t in args.tasks.split(",")]
     bases = args.bases.split(",")
+    unknown = [name for name in args.eg_configs.split(",") if name not in EG_CONFIGS]
+    if unknown:
+        raise SystemExit(f"--eg-configs: unknown {unknown}; choose from {list(EG_CONFIGS)}")
     configs = {name: EG_CONFIGS[name] for name in args.eg_configs.split(",")}
     ratio = (args.lr_max / args.lr_min) ** (1 / max(args.lr_points - 1, 1))
     lrs = [args.lr_min * ratio ** i for i in range(args.lr_points)]
@@ -423,7 +499,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     steps = {t.name: args.steps for t in tasks}
     batch = {"digits": 64, "diabetes": 32}
     log = lambda msg: print(msg, flush=True)
-    points = sweep(tasks, bases, configs, lrs, seeds, steps, batch, log)
+    points = sweep(tasks, bases, configs, lrs, seeds, steps, batch, log, args.jobs)
     stream = None
     digits = next((t for t in tasks if t.name == "digits"), None)
     if args.shift_every and digits is not None:
@@ -431,7 +507,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
         best = {b: min((p for p in points if p["task"] == "digits" and p["base"] == b and p["method"] == "base"),
                        key=lambda p: p["loss"]["mean"])["lr"] for b in bases}
         stream = shift_stream(digits, bases, configs, best, seeds, args.shifts, args.shift_every, batch["digits"],
-                              eval_every=10, threshold=args.threshold)
+                              eval_every=10, threshold=args.threshold, jobs=args.jobs)
     stem = f"eg-lr-sweep-{args.date}"
     report = {"stem": stem, "date": args.date, "environment": environment("cpu"),
               "config": {"argv": argv, "tasks": [t.name for t in tasks], "bases": bases, "eg_configs": configs,

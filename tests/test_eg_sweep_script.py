@@ -109,3 +109,36 @@ def test_unknown_names_are_rejected(sweep):
         sweep.load_task("mnist")
     with pytest.raises(ValueError, match="base"):
         sweep.make_optimizer([], "lbfgs", 0.1, None)
+
+
+def test_worker_processes_give_the_same_numbers(sweep, outputs, tmp_path):
+    sweep.main([*TINY, "--out", str(tmp_path), "--jobs", "2"])
+    serial = _strict((outputs / "eg-lr-sweep-2000-01-01.json").read_text())
+    parallel = _strict((tmp_path / "eg-lr-sweep-2000-01-01.json").read_text())
+    for key in ("sweep", "goal", "stream"):
+        assert parallel[key] == serial[key], key
+
+
+def _points(losses: dict[float, float]) -> list[dict]:
+    return [{"lr": lr, "loss": {"mean": loss}} for lr, loss in losses.items()]
+
+
+def test_widest_window_is_the_widest_run_of_consecutive_learning_rates_under_the_bound(sweep):
+    # unsorted input; two runs under 1.0: [1e-4, 1e-3] and [1e-1, 10] (wider), broken by 1e-2
+    pts = _points({1e-1: 0.5, 1e-4: 0.9, 1e-2: 1.5, 1e-3: 1.0, 1.0: 0.7, 10.0: 0.2, 100.0: math.inf})
+    assert sweep.widest_window(pts, 1.0) == (1e-1, 10.0)
+    assert sweep._decades(sweep.widest_window(pts, 1.0)) == pytest.approx(2.0)
+    assert sweep.widest_window(pts, 0.6) == (1e-1, 1e-1)
+    assert sweep.widest_window(pts, 0.1) is None and sweep._decades(None) == -1.0
+    # every finite point under the bound; the diverged one (inf) ends the run
+    assert sweep.widest_window(pts, 2.0) == (1e-4, 10.0)
+
+
+def test_goal_rows_report_both_windows(outputs):
+    report = _strict((outputs / "eg-lr-sweep-2000-01-01.json").read_text())
+    lrs = report["config"]["lrs"]
+    for g in report["goal"]:
+        base = g["window"]["base"]
+        assert base is not None and base[0] <= g["base_best_lr"] <= base[1]  # the best lr is within its own bound
+        eg = g["window"]["eg"]
+        assert eg is None or (eg[0] in lrs and eg[1] in lrs and eg[0] <= eg[1])
