@@ -1,4 +1,4 @@
-"""FSDP2 + DCP and ZeRO-1 with optimfx. Run by tests/docs/test_docs.py.
+"""FSDP2 + DCP and ZeRO-1 (ChildTuning-F included) with optimfx. Run by tests/docs/test_docs.py.
 
 Launch with ``torchrun --nproc_per_node 2 distributed_fsdp2.py`` (any backend); started without
 torchrun, the script runs itself on 2 CPU processes with gloo.
@@ -95,11 +95,36 @@ def zero_redundancy():
     assert all(torch.equal(a, b) for a, b in zip(gathered[0], gathered[-1]))
 
 
+def zero_redundancy_child_tuning():
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)))
+    # F-mode masks are keyed by a parameter's number: number them as one optimizer over the model would
+    optimfx.set_mask_streams(model.parameters())
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimfx.ChildTuningAdamW,
+                                  lr=1e-2, mode="ChildTuning-F", reserve_p=0.3)
+    train(model, opt, range(3))
+    # the masks a single process draws: one ChildTuningAdamW over a copy of the model, full batches
+    torch.manual_seed(0)
+    single = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    reference = optimfx.ChildTuningAdamW(single.parameters(), lr=1e-2, mode="ChildTuning-F", reserve_p=0.3)
+    world = dist.get_world_size()
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8 * world, 16, generator=gen), torch.randn(8 * world, 4, generator=gen)
+        reference.zero_grad()
+        torch.nn.functional.mse_loss(single(x), y).backward()
+        reference.step()
+    for p, q in zip(model.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # DDP averages half-batch means
+
+
 def main(path):
     dist.init_process_group()  # rank and world size from torchrun's environment
     try:
         fsdp2_and_dcp(path)
         zero_redundancy()
+        zero_redundancy_child_tuning()
     finally:
         dist.destroy_process_group()
 

@@ -21,10 +21,11 @@ from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
 from ._wrapped_state import load_with_base_state, state_dict_with_base
+from .mask_streams import stream_of
 
 Tensor = torch.Tensor
 #: the adapter's own per-parameter state (the base's is stored beside it as ``"base/<key>"``)
-STATE_KEYS = ("step", "child_mask")
+STATE_KEYS = ("step", "child_mask", "mask_stream")
 
 
 class ChildTuning(Optimizer):
@@ -77,11 +78,14 @@ class ChildTuning(Optimizer):
         params = [p for _, p, _ in entries]
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
-        for state in states:
+        for (index, p, group), state in zip(entries, states):
             step = state.get("step")
             step = torch.zeros((), dtype=torch.int64) if step is None else step
             step += 1
             state["step"] = step
+            if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state:
+                # fixed at the first F step and checkpointed, as the fused optimizers do
+                state["mask_stream"] = torch.tensor(stream_of(p, index), dtype=torch.int64)
         # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec
         local = _distributed.local_group(params, grads, states, {})
         local_grads, views = (grads, states) if local is None else local[1:]
@@ -92,7 +96,8 @@ class ChildTuning(Optimizer):
             g32 = working_copy(real_view(g))
             if g.is_complex() and "child_mask" in view:
                 view = {**view, "child_mask": view["child_mask"].unsqueeze(-1).expand(g32.shape)}
-            masked = ct.mask_grad(g32, {**view, "mask_stream": index}, ct.MaskHyper.from_group(group))
+            masked = ct.mask_grad(g32, {**view, "mask_stream": self.state[p].get("mask_stream", index)},
+                                  ct.MaskHyper.from_group(group))
             if masked is g32:
                 out.append(grad)
                 continue
@@ -137,9 +142,9 @@ class ChildTuning(Optimizer):
                 p.grad = grad
 
     def state_dict(self) -> dict[str, Any]:
-        """The adapter's state (``step``, ``child_mask``) in the standard layout; each parameter's entry
-        also holds the base's state for it, as ``"base/<key>"`` (:mod:`optimfx.optim._wrapped_state`:
-        the layout ``torch.distributed.checkpoint`` saves whole)."""
+        """The adapter's state (``step``, ``child_mask``, ``mask_stream``) in the standard layout; each
+        parameter's entry also holds the base's state for it, as ``"base/<key>"``
+        (:mod:`optimfx.optim._wrapped_state`: the layout ``torch.distributed.checkpoint`` saves whole)."""
         return state_dict_with_base(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -148,3 +153,5 @@ class ChildTuning(Optimizer):
         for state in self.state.values():  # torch casts every state tensor to the param dtype on load
             if "child_mask" in state:
                 state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8)
+            if isinstance(state.get("mask_stream"), Tensor):  # a host integer, wherever the parameter is
+                state["mask_stream"] = state["mask_stream"].to("cpu", torch.int64)

@@ -16,6 +16,7 @@ import torch
 from .._precision import BF16_ROUNDINGS
 from .._validation import check_range
 from ..reference import child_tuning as ct
+from .mask_streams import stream_of
 
 Tensor = torch.Tensor
 
@@ -111,12 +112,13 @@ class GradientMaskMixin:
                 if id(p) in pending and self.state.get(p):
                     self.state[p]["child_mask"] = pending.pop(id(p))[1]
         if ct.MaskHyper.from_group(group).bernoulli and any("mask_stream" not in s for s in states):
-            # a stable per-tensor stream id: the parameter's position in the optimizer
+            # a stable per-tensor stream id: the number set_mask_streams gave the parameter, else its
+            # position in the optimizer
             position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "mask_stream" not in state:
-                    state["mask_stream"] = torch.tensor(position[id(p)], dtype=torch.int64)
+                    state["mask_stream"] = torch.tensor(stream_of(p, position[id(p)]), dtype=torch.int64)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         super().load_state_dict(state_dict)  # type: ignore[misc]

@@ -101,18 +101,23 @@ def _adamw_f(ps):
     return optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2), "F", 0.5, seed=4)
 
 
-@pytest.mark.parametrize("layout", ["per-parameter", "base-key"])
+@pytest.mark.parametrize("layout", ["per-parameter", "base-key", "without-mask-stream"])
 def test_checkpoint_resumes_in_lockstep(layout):
     """The state dict holds one entry per parameter with the adapter's state and the base's as
     ``base/<key>`` (what distributed checkpoints keep); the earlier layout with the base's state dict
-    under ``"base"`` still loads. Either way a resumed run continues bit for bit."""
+    under ``"base"`` still loads, and so does an earlier checkpoint without the F-mode stream numbers
+    (they default to the position). Either way a resumed run continues bit for bit."""
     init, grads = _problem(steps=6)
     ref_params, ref_opt = _run(_adamw_f, init, grads[:3])
     saved = copy.deepcopy(ref_opt.state_dict())
     assert set(saved) == {"state", "param_groups"}
     base = ref_opt.base.state_dict()["state"]
     for i, entry in saved["state"].items():
-        assert set(entry) == {"step"} | {f"base/{k}" for k in base[i]}
+        assert set(entry) == {"step", "mask_stream"} | {f"base/{k}" for k in base[i]}
+        assert int(entry["mask_stream"]) == i
+    if layout == "without-mask-stream":
+        for entry in saved["state"].values():
+            del entry["mask_stream"]
     if layout == "base-key":
         saved = {"state": {i: {k: v for k, v in e.items() if not k.startswith("base/")}
                            for i, e in saved["state"].items()},

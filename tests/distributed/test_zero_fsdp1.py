@@ -2,8 +2,9 @@
 
 ZeRO-1 (``torch.distributed.optim.ZeroRedundancyOptimizer``) gives each rank whole parameters, so any
 optimfx optimizer works unchanged: parameters must equal a single-process run on the full batch and
-be identical on both ranks. FSDP1 (``FullyShardedDataParallel``) gives 1-D flat shards, which AdaFactor
-cannot factor: it must say so.
+be identical on both ranks (ChildTuning-F once the model's parameters are numbered for its masks).
+FSDP1 (``FullyShardedDataParallel``) gives 1-D flat shards, which AdaFactor cannot factor: it must
+say so.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ ZERO = {
     "adafactor": (optimfx.AdaFactor, {"beta1": 0.9}),
     "adax": (optimfx.AdaX, {"lr": 1e-2}),
     "childtuning-adamw-f": (optimfx.ChildTuningAdamW, {"lr": 1e-2, "mode": "ChildTuning-F", "reserve_p": 0.5}),
+    "adafactor-f": (optimfx.AdaFactor, {"child_tuning_mode": "F", "reserve_p": 0.5, "seed": 3}),
 }
+# F-mode masks are keyed by a parameter's number; each rank's partition optimizer holds only some of
+# the parameters, so the model's numbering is set first (optimfx.set_mask_streams)
+NUMBERED = ("childtuning-adamw-f", "adafactor-f")
 
 
 def _model() -> torch.nn.Module:
@@ -64,6 +69,8 @@ def _worker(rank: int, out_dir: str) -> None:
     results = {}
     for name, (cls, kwargs) in ZERO.items():
         model = torch.nn.parallel.DistributedDataParallel(_model())
+        if name in NUMBERED:
+            optimfx.set_mask_streams(model.parameters())
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
         _train(model, opt, rank)
         results[name] = [p.detach().clone() for p in model.parameters()]
@@ -84,14 +91,6 @@ def results():
 RTOL, ATOL = 2**7 * torch.finfo(torch.float32).eps, 1e-6
 
 
-ZERO_XFAIL = {
-    "childtuning-adamw-f": "F-mode masks are keyed by the parameter's position in its optimizer "
-    "(AdamW._init_group's mask_stream); each rank's ZeRO partition optimizer numbers only the "
-    "parameters it owns, so the draws differ from a single-process run (they stay valid, deterministic "
-    "Bernoulli masks, and the replicas stay identical)",
-}
-
-
 @pytest.mark.parametrize("name", list(ZERO))
 def test_zero_redundancy_replicas_identical(results, name):
     assert results[0][f"{name}-owned"] > 0 and results[1][f"{name}-owned"] > 0  # both ranks own params
@@ -101,8 +100,7 @@ def test_zero_redundancy_replicas_identical(results, name):
         assert not torch.equal(a, p0.detach())  # it trained
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ZERO_XFAIL[n]))
-                                  if n in ZERO_XFAIL else n for n in ZERO])
+@pytest.mark.parametrize("name", list(ZERO))
 def test_zero_redundancy_matches_single_process(results, name):
     cls, kwargs = ZERO[name]
     model = _model()
