@@ -310,7 +310,8 @@ def _window_cell(window: list[float] | None) -> str:
     if window is None:
         return "–"
     low, high = window
-    return f"{low:.3g} ({_decades(window):.1f} dec.)" if low == high else f"{low:.3g}–{high:.3g} ({_decades(window):.1f} dec.)"
+    span = f"{low:.3g}" if low == high else f"{low:.3g}–{high:.3g}"
+    return f"{span} ({_decades(window):.1f} dec.)"
 
 
 def markdown(report: dict) -> str:
