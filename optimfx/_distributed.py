@@ -31,9 +31,10 @@ plain tensors, and:
 * **the non-finite check is global**: a step is skipped on every rank when any rank's shard holds
   inf/NaN (one flag all-reduce and one host read per parameter group and step).
 
-FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO-1/2 hand the optimizer flat 1-D partitions
-instead; :func:`warn_flat_parameters` detects FSDP1's ``FlatParameter`` (shape-dependent optimizers
-call it).
+FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO hand the optimizer flat 1-D partitions
+instead; :func:`warn_flat_parameters` detects FSDP1's ``FlatParameter`` and
+:func:`warn_replaced_parameter` the flat fp32 partitions DeepSpeed writes into the optimizer's param
+groups (shape-dependent optimizers call both).
 
 References:
     Zhao et al, `PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel
@@ -376,6 +377,24 @@ def is_flat_parameter(p: Tensor) -> bool:
     return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
 
 
+def warn_replaced_parameter(p: Tensor, name: str) -> None:
+    """Warn (once per call site and process) about a 1-D tensor that a param group holds although the
+    optimizer was never given it: DeepSpeed's ZeRO stages 1–3 (and its bf16 optimizer) build the
+    optimizer on the model's parameters, then overwrite each group's ``"params"`` with flat fp32
+    partitions of their concatenation (``param_group["params"] = [partition]``), so a shape-dependent
+    optimizer first meets them at its first step. The caller decides that ``p`` was not given."""
+    warnings.warn(
+        f"{name}: a parameter group holds a 1-D tensor of {p.numel()} elements that was not among the "
+        "parameters given to the optimizer: its param groups were rewritten in place, as DeepSpeed ZeRO "
+        "(stages 1, 2 and 3) does when it replaces each group's parameters with a flat partition of their "
+        f"concatenation. {name} cannot factor such a partition: it keeps a full-size, unfactored "
+        "statistic, and its RMS-based parameter scale and update clipping see this rank's slice of the "
+        "concatenation instead of each weight matrix. For factored statistics shard with FSDP2 "
+        "(torch.distributed.fsdp.fully_shard) or use DDP or torch.distributed.optim.ZeroRedundancyOptimizer, "
+        "which keep whole parameters.",
+        UserWarning, stacklevel=5)
+
+
 def warn_flat_parameters(params: Sequence[Tensor], name: str) -> bool:
     """Warn (once per call site and process) when a shape-dependent optimizer gets FSDP1 flat parameters."""
     if not any(is_flat_parameter(p) for p in params):
@@ -389,6 +408,6 @@ def warn_flat_parameters(params: Sequence[Tensor], name: str) -> bool:
         "optimizer then sees 1-D slices as well). For factored statistics shard with FSDP2 "
         "(torch.distributed.fsdp.fully_shard, whose DTensor parameters keep their shapes), or use DDP "
         "or torch.distributed.optim.ZeroRedundancyOptimizer, which keep whole parameters. "
-        "DeepSpeed ZeRO-1/2 partitions have the same limitation.",
+        "DeepSpeed ZeRO partitions have the same limitation.",
         UserWarning, stacklevel=3)
     return True

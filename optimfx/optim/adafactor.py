@@ -6,6 +6,7 @@ import functools
 from typing import Any, Iterable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _distributed
 from .._algorithm import Algorithm
@@ -14,6 +15,8 @@ from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
 from .base import FxOptimizer
 from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
+
+Tensor = torch.Tensor
 
 ADAFACTOR = Algorithm(
     name="adafactor",
@@ -148,6 +151,30 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         )
         super().__init__(params, defaults)
         _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        super().add_param_group(param_group)
+        given = self._given_parameters()
+        for p in self.param_groups[-1]["params"]:
+            given[p] = True
+
+    def _given_parameters(self) -> WeakIdKeyDictionary:
+        """The tensors handed to the constructor and ``add_param_group`` (weakly held). Rebuilt from the
+        param groups after unpickling or ``deepcopy``, which keep only torch.optim's own fields."""
+        given = self.__dict__.get("_given")
+        if given is None:
+            given = self.__dict__["_given"] = WeakIdKeyDictionary()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    given[p] = True
+        return given
+
+    def _init_state(self, state: dict[str, Tensor], p: Tensor, hyper: Any) -> None:
+        super()._init_state(state, p, hyper)
+        # only a 1-D tensor matters: one that keeps its shape is factored as usual
+        if p.dim() == 1 and not self.__dict__.get("_warned_replaced", False) and p not in self._given_parameters():
+            self._warned_replaced = True
+            _distributed.warn_replaced_parameter(p, "AdaFactor")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -9,7 +9,9 @@ say so.
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import tempfile
 import warnings
 
@@ -153,3 +155,49 @@ def test_no_warning_for_ordinary_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimfx.AdaFactor(_model().parameters())
+
+
+def _replaced_by_a_flat_partition(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """What DeepSpeed ZeRO does to an optimizer it wraps (``tests/distributed/test_deepspeed_zero.py``
+    runs the real thing): each group's parameters become one flat fp32 tensor, a plain tensor."""
+    group = opt.param_groups[0]
+    flat = torch.cat([p.detach().reshape(-1) for p in group["params"]]).requires_grad_()
+    group["params"] = [flat]
+    flat.grad = torch.randn_like(flat)
+    return flat
+
+
+def test_adafactor_warns_once_on_param_groups_rewritten_with_a_flat_partition():
+    opt = optimfx.AdaFactor(_model().parameters())
+    _replaced_by_a_flat_partition(opt)
+    with pytest.warns(UserWarning, match="not among the parameters given") as caught:
+        opt.step()
+        opt.step()
+    assert len([w for w in caught if "AdaFactor" in str(w.message)]) == 1
+    assert "DeepSpeed ZeRO" in str(caught[0].message) and "cannot factor such a partition" in str(caught[0].message)
+
+
+def test_no_warning_for_parameters_given_by_any_route():
+    """The constructor, ``add_param_group``, a deep copy, a pickle round trip and a tensor of two or
+    more dimensions swapped in (it keeps its shape, so it is factored) never warn."""
+    model = _model()
+    params = list(model.parameters())
+    opt = optimfx.AdaFactor(params[:2])
+    opt.add_param_group({"params": params[2:]})
+    for p in params:
+        p.grad = torch.randn_like(p)
+    copied = copy.deepcopy(opt)
+    unpickled = pickle.loads(pickle.dumps(opt))
+    swapped = optimfx.AdaFactor(_model().parameters())
+    matrix = torch.randn(3, 4, requires_grad=True)
+    matrix.grad = torch.randn_like(matrix)
+    swapped.param_groups[0]["params"] = [matrix]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for o in (opt, copied, unpickled, swapped):
+            for group in o.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        p.grad = torch.randn_like(p)
+            o.step()
+    assert "exp_avg_sq_row" in swapped.state[matrix]
