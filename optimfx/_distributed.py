@@ -392,7 +392,7 @@ def warn_replaced_parameter(p: Tensor, name: str) -> None:
         "concatenation instead of each weight matrix. For factored statistics shard with FSDP2 "
         "(torch.distributed.fsdp.fully_shard) or use DDP or torch.distributed.optim.ZeroRedundancyOptimizer, "
         "which keep whole parameters.",
-        UserWarning, stacklevel=5)
+        UserWarning, stacklevel=6)
 
 
 def warn_flat_parameters(params: Sequence[Tensor], name: str) -> bool:

@@ -154,27 +154,37 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
         super().add_param_group(param_group)
-        given = self._given_parameters()
-        for p in self.param_groups[-1]["params"]:
-            given[p] = True
+        self._record_given(self.param_groups[-1]["params"])
 
-    def _given_parameters(self) -> WeakIdKeyDictionary:
-        """The tensors handed to the constructor and ``add_param_group`` (weakly held). Rebuilt from the
-        param groups after unpickling or ``deepcopy``, which keep only torch.optim's own fields."""
+    def _record_given(self, params: Iterable[Tensor]) -> WeakIdKeyDictionary:
+        """Remember the tensors handed to the constructor and ``add_param_group`` (weakly) and whether
+        any had two or more dimensions, the ones AdaFactor factors (kept as a flag: DeepSpeed's stage 3
+        empties the model's parameters). Rebuilt from the param groups after unpickling or
+        ``deepcopy``, which keep only torch.optim's own fields."""
         given = self.__dict__.get("_given")
-        if given is None:
+        if given is None:  # first use, also after a copy: everything the groups hold now
             given = self.__dict__["_given"] = WeakIdKeyDictionary()
-            for group in self.param_groups:
-                for p in group["params"]:
-                    given[p] = True
+            self._given_matrix = False
+            params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            given[p] = True
+            self._given_matrix = self._given_matrix or p.dim() >= 2
         return given
 
     def _init_state(self, state: dict[str, Tensor], p: Tensor, hyper: Any) -> None:
         super()._init_state(state, p, hyper)
-        # only a 1-D tensor matters: one that keeps its shape is factored as usual
-        if p.dim() == 1 and not self.__dict__.get("_warned_replaced", False) and p not in self._given_parameters():
-            self._warned_replaced = True
-            _distributed.warn_replaced_parameter(p, "AdaFactor")
+        if p.dim() == 1 and p not in self._record_given(()):
+            self._fresh_unknown_1d = True  # judged in _init_group, which sees the whole group
+
+    def _init_group(self, group, params, grads, states, hyper):  # noqa: D102
+        super()._init_group(group, params, grads, states, hyper)
+        if self.__dict__.pop("_fresh_unknown_1d", False) and not self.__dict__.get("_warned_replaced", False):
+            # a flat partition replaced the group's matrices (DeepSpeed ZeRO), not per-parameter
+            # copies that keep their shapes (DeepSpeed's bf16 master weights at stage 0): the group
+            # holds no tensor of two or more dimensions although the optimizer was given some
+            if self._given_matrix and not any(t.dim() >= 2 for t in group["params"]):
+                self._warned_replaced = True
+                _distributed.warn_replaced_parameter(max(group["params"], key=Tensor.numel), "AdaFactor")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

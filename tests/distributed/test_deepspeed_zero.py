@@ -27,12 +27,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 STEPS = 4
 BATCH = 8  # per rank
-CASES = {  # name: (ZeRO stage, optimizer class, keyword arguments)
-    "adax-zero2": (2, optimfx.AdaX, {"lr": 1e-2}),
-    "adafactor-zero1": (1, optimfx.AdaFactor, {}),
-    "adafactor-zero2": (2, optimfx.AdaFactor, {}),
-    "adafactor-zero3": (3, optimfx.AdaFactor, {}),
+CASES = {  # name: (ZeRO stage, bf16, optimizer class, keyword arguments)
+    "adax-zero2": (2, False, optimfx.AdaX, {"lr": 1e-2}),
+    "adafactor-zero1": (1, False, optimfx.AdaFactor, {}),
+    "adafactor-zero2": (2, False, optimfx.AdaFactor, {}),
+    "adafactor-zero3": (3, False, optimfx.AdaFactor, {}),
+    # stage 0 in bf16: DeepSpeed's fp32 master copy of each parameter, shapes kept
+    "adafactor-bf16-zero0": (0, True, optimfx.AdaFactor, {}),
 }
+FLAT = ("adafactor-zero1", "adafactor-zero2", "adafactor-zero3")
 
 
 def _model() -> torch.nn.Module:
@@ -54,27 +57,30 @@ def _worker(rank: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the harness's process group
     results = {}
-    for name, (stage, cls, kwargs) in CASES.items():
+    for name, (stage, bf16, cls, kwargs) in CASES.items():
         model = _model()
         opt = cls(model.parameters(), **kwargs)
         config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
-                  "zero_allow_untested_optimizer": True}
+                  "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
             for t in range(STEPS):
                 x, y = _batch(t, rank)
+                if bf16:
+                    x, y = x.bfloat16(), y.bfloat16()
                 engine.backward(torch.nn.functional.mse_loss(engine(x), y))
                 engine.step()
         if stage == 3:  # parameters are partitioned between steps: gather them to read them
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
                 params = [p.detach().clone() for p in model.parameters()]
         else:
-            params = [p.detach().clone() for p in model.parameters()]
+            params = [p.detach().float().clone() for p in model.parameters()]
         results[name] = {
             "params": params,
             "warnings": [str(w.message) for w in caught if "not among the parameters given" in str(w.message)],
             "state_keys": sorted({k for s in opt.state.values() for k in s}),
+            "state_shapes": [(tuple(p.shape), sorted(s)) for p, s in opt.state.items()],
         }
         engine.destroy()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -117,10 +123,21 @@ def test_pointwise_optimizer_matches_single_process(results):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["adafactor-zero1", "adafactor-zero2", "adafactor-zero3"])
+@pytest.mark.parametrize("name", FLAT)
 def test_adafactor_warns_that_a_flat_partition_is_not_factored(results, name):
     for rank in (0, 1):
         got = results[rank][name]
         assert len(got["warnings"]) == 1, got["warnings"]
         assert "cannot factor such a partition" in got["warnings"][0]
         assert "exp_avg_sq" in got["state_keys"] and "exp_avg_sq_row" not in got["state_keys"]
+
+
+def test_adafactor_on_per_parameter_master_copies_factors_and_does_not_warn(results):
+    """bf16 at stage 0: the optimizer steps fp32 copies of each parameter (new tensors, shapes kept):
+    the matrices are factored and nothing is said, though the biases are 1-D tensors it was not given."""
+    for rank in (0, 1):
+        got = results[rank]["adafactor-bf16-zero0"]
+        assert got["warnings"] == []
+        shapes = dict(got["state_shapes"])
+        assert "exp_avg_sq_row" in shapes[(7, 6)] and "exp_avg_sq_row" in shapes[(1, 7)]
+        assert "exp_avg_sq" in shapes[(7,)]
