@@ -80,9 +80,8 @@ class ChildTuning(Optimizer):
         states = [self.state[p] for p in params]
         for (index, p, group), state in zip(entries, states):
             step = state.get("step")
-            step = torch.zeros((), dtype=torch.int64) if step is None else step
-            step += 1
-            state["step"] = step
+            # a new tensor, never an increment in place: a loaded counter may be the saved one itself
+            state["step"] = torch.ones((), dtype=torch.int64) if step is None else step + 1
             if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state:
                 # fixed at the first F step and checkpointed, as the fused optimizers do
                 state["mask_stream"] = torch.tensor(stream_of(p, index), dtype=torch.int64)
@@ -149,9 +148,14 @@ class ChildTuning(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the adapter's and the base's state (also a checkpoint holding the base's under ``"base"``)."""
-        load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
+        saved = load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
         for state in self.state.values():  # torch casts every state tensor to the param dtype on load
             if "child_mask" in state:
                 state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8)
-            if isinstance(state.get("mask_stream"), Tensor):  # a host integer, wherever the parameter is
-                state["mask_stream"] = state["mask_stream"].to("cpu", torch.int64)
+        # stream numbers from the saved integers: the cast above passes them through a bf16/fp16
+        # parameter's dtype, which holds whole numbers exactly only up to 256/2048
+        saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
+        for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
+            stream = saved["state"].get(saved_id, {}).get("mask_stream")
+            if stream is not None:
+                self.state[p]["mask_stream"] = torch.tensor(int(stream), dtype=torch.int64)

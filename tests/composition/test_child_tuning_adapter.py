@@ -131,3 +131,35 @@ def test_errors():
         optimfx.ChildTuning(torch.optim.SGD([p], lr=0.1), "G")
     with pytest.raises(ValueError, match="reserve_p"):
         optimfx.ChildTuning(torch.optim.SGD([p], lr=0.1), "F", reserve_p=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stream_numbers_survive_a_checkpoint_of_low_precision_parameters(dtype):
+    """Loading casts state to the parameter dtype, where bf16 (fp16) holds whole numbers exactly only
+    up to 256 (2048): the stream numbers come back from the saved integers, all 3000 of them."""
+    params = [torch.nn.Parameter(torch.randn(2, dtype=dtype)) for _ in range(3000)]
+    opt = optimfx.ChildTuning(torch.optim.SGD(params, lr=0.1), "F", 0.5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loaded = optimfx.ChildTuning(torch.optim.SGD(copies, lr=0.1), "F", 0.5)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    streams = [loaded.state[p]["mask_stream"] for p in copies]
+    assert [int(s) for s in streams] == list(range(3000))
+    assert all(s.dtype == torch.int64 and s.device.type == "cpu" for s in streams)
+
+
+def test_a_loaded_step_counter_is_not_shared_with_the_source():
+    """torch hands ``step`` over without a copy; stepping the loaded optimizer must not advance the
+    source's counter (an increment in place would)."""
+    init, grads = _problem(steps=2)
+    params, source = _run(_adamw_f, init, grads[:1])
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loaded = _adamw_f(copies)
+    loaded.load_state_dict(source.state_dict())
+    for p, g in zip(copies, grads[1]):
+        p.grad = g.clone()
+    loaded.step()
+    assert [int(source.state[p]["step"]) for p in params] == [1, 1]
+    assert [int(loaded.state[p]["step"]) for p in copies] == [2, 2]
