@@ -21,7 +21,7 @@ from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
 from ._wrapped_state import load_with_base_state, state_dict_with_base
-from .mask_streams import stream_of
+from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
 #: the adapter's own per-parameter state (the base's is stored beside it as ``"base/<key>"``)
@@ -82,9 +82,12 @@ class ChildTuning(Optimizer):
             step = state.get("step")
             # a new tensor, never an increment in place: a loaded counter may be the saved one itself
             state["step"] = torch.ones((), dtype=torch.int64) if step is None else step + 1
-            if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state:
-                # fixed at the first F step and checkpointed, as the fused optimizers do
-                state["mask_stream"] = torch.tensor(stream_of(p, index), dtype=torch.int64)
+        fresh = [p for (_, p, group), state in zip(entries, states)
+                 if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state]
+        if fresh:
+            # fixed at the first F step and checkpointed, as the fused optimizers do
+            everything = list(chain.from_iterable(g["params"] for g in self.param_groups))
+            fix_streams(everything, [self.state.get(p) for p in everything], fresh)
         # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec
         local = _distributed.local_group(params, grads, states, {})
         local_grads, views = (grads, states) if local is None else local[1:]

@@ -16,7 +16,7 @@ import torch
 from .._precision import BF16_ROUNDINGS
 from .._validation import check_range
 from ..reference import child_tuning as ct
-from .mask_streams import stream_of
+from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
 
@@ -113,12 +113,9 @@ class GradientMaskMixin:
                     self.state[p]["child_mask"] = pending.pop(id(p))[1]
         if ct.MaskHyper.from_group(group).bernoulli and any("mask_stream" not in s for s in states):
             # a stable per-tensor stream id: the number set_mask_streams gave the parameter, else its
-            # position in the optimizer
-            position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "mask_stream" not in state:
-                    state["mask_stream"] = torch.tensor(stream_of(p, position[id(p)]), dtype=torch.int64)
+            # position in the optimizer (mask_streams.assign_streams)
+            everything = list(chain.from_iterable(g["params"] for g in self.param_groups))
+            fix_streams(everything, [self.state.get(p) for p in everything], group["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         super().load_state_dict(state_dict)  # type: ignore[misc]

@@ -78,11 +78,58 @@ def test_the_stream_is_fixed_at_the_first_step_and_checkpointed(name):
     assert streams == {0: 0, 1: 1}
 
 
-def test_param_groups_are_numbered_in_order():
-    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
-    optimfx.set_mask_streams([{"params": [a, b]}, {"params": [c]}])
-    assert [mask_streams.stream_of(p, 99) for p in (a, b, c)] == [0, 1, 2]
-    assert mask_streams.stream_of(torch.nn.Parameter(torch.zeros(2)), 99) == 99  # not numbered: position
+def _numbers(params: list[torch.Tensor]) -> list[int]:
+    return mask_streams.assign_streams(params, [None] * len(params))
+
+
+def _fresh(n: int) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(2)) for _ in range(n)]
+
+
+def test_every_form_an_optimizer_accepts_is_numbered_in_order():
+    a, b, c, d = _fresh(4)
+    optimfx.set_mask_streams([{"params": [a, b]}, {"params": c}, {"params": [("head.bias", d)]}])
+    assert _numbers([a, b, c, d]) == [0, 1, 2, 3]
+    model = torch.nn.Linear(3, 2)
+    optimfx.set_mask_streams(model.named_parameters())
+    assert _numbers([model.bias, model.weight]) == [1, 0]  # numbers follow the model, not the optimizer
+    e = torch.nn.Parameter(torch.zeros(2))
+    optimfx.set_mask_streams(e)  # a lone tensor, as torch.optim.SGD(tensor) accepts
+    assert _numbers([b, e]) == [1, 0]
+
+
+def test_unnumbered_parameters_come_after_the_largest_number_in_a_mixed_optimizer():
+    numbered, extra = _fresh(3), _fresh(2)
+    optimfx.set_mask_streams(numbered)
+    assert _numbers(extra) == [0, 1]  # none numbered: positions, as by default
+    assert _numbers([extra[0], numbered[2], extra[1], numbered[0]]) == [3, 2, 5, 0]
+
+
+def test_a_stream_taken_twice_in_one_optimizer_is_renumbered_with_a_warning():
+    first, second = _fresh(2), _fresh(2)
+    optimfx.set_mask_streams(first)
+    optimfx.set_mask_streams(second)  # two separate numberings, both from 0
+    with pytest.warns(UserWarning, match="would draw the same masks") as caught:
+        streams = _numbers(first + second)
+    assert streams == [0, 1, 2, 3] and len(caught) == 2
+    # a stream fixed at an earlier step is kept, and a new one avoids it
+    with pytest.warns(UserWarning, match="stream 1"):
+        assert mask_streams.assign_streams(second, [1, None]) == [1, 2]
+
+
+def test_mixed_numbering_draws_distinct_masks_in_the_optimizers():
+    """An extra head that set_mask_streams did not number must not share the masks of the numbered
+    parameter at its position (both would draw stream 0)."""
+    head, body = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64))
+    optimfx.set_mask_streams([body])
+    for make in (MAKERS["childtuning-adamw"], MAKERS["adapter-sgd"]):
+        opt = make([head, body])
+        head.grad, body.grad = torch.ones(64), torch.ones(64)
+        before = [head.detach().clone(), body.detach().clone()]
+        opt.step()
+        moved = [(p.detach() != b) for p, b in zip((head, body), before)]
+        assert not torch.equal(moved[0], moved[1])
+        assert [int(opt.state[p]["mask_stream"]) for p in (head, body)] == [1, 0]
 
 
 def test_bad_input_is_refused():
@@ -91,7 +138,7 @@ def test_bad_input_is_refused():
         optimfx.set_mask_streams([p, 3])
     with pytest.raises(ValueError, match="appears more than once"):
         optimfx.set_mask_streams([p, p])
-    assert mask_streams.stream_of(p, 7) == 7  # a refused call numbers nothing
+    assert _numbers([torch.nn.Parameter(torch.zeros(1)), p]) == [0, 1]  # a refused call numbers nothing
 
 
 def test_numbers_do_not_keep_parameters_alive():
