@@ -159,10 +159,10 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
     def _record_given(self, params: Iterable[Tensor]) -> WeakIdKeyDictionary:
         """Remember the tensors handed to the constructor and ``add_param_group`` (weakly) and whether
         any had two or more dimensions, the ones AdaFactor factors (kept as a flag: DeepSpeed's stage 3
-        empties the model's parameters). Rebuilt from the param groups after unpickling or
-        ``deepcopy``, which keep only torch.optim's own fields."""
+        empties the model's parameters). Unpickling and ``deepcopy`` keep only torch.optim's own
+        fields: ``__setstate__`` records the copy's groups as they arrive."""
         given = self.__dict__.get("_given")
-        if given is None:  # first use, also after a copy: everything the groups hold now
+        if given is None:  # first use, or a copy arriving: everything the groups hold now
             given = self.__dict__["_given"] = WeakIdKeyDictionary()
             self._given_matrix = False
             params = [p for group in self.param_groups for p in group["params"]]
@@ -188,6 +188,7 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._record_given(())  # the tensors the copy holds now, before anything rewrites its groups
         # a transformers Adafactor checkpoint stores lr=None for the relative step: here the group's
         # lr is the multiplier that schedulers scale, 1.0 by default
         for group in self.param_groups:

@@ -178,26 +178,37 @@ def test_adafactor_warns_once_on_param_groups_rewritten_with_a_flat_partition():
 
 
 def test_no_warning_for_parameters_given_by_any_route():
-    """The constructor, ``add_param_group``, a deep copy, a pickle round trip and a tensor of two or
-    more dimensions swapped in (it keeps its shape, so it is factored) never warn."""
+    """The constructor, ``add_param_group``, a deep copy and a pickle round trip never warn, also for
+    a group of 1-D tensors only (the shape of a flat partition); nor do per-parameter copies that keep
+    their shapes (DeepSpeed's bf16 master weights, ``test_deepspeed_zero.py``), 1-D ones included."""
     model = _model()
-    params = list(model.parameters())
-    opt = optimfx.AdaFactor(params[:2])
-    opt.add_param_group({"params": params[2:]})
-    for p in params:
-        p.grad = torch.randn_like(p)
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    opt = optimfx.AdaFactor(weights)
+    opt.add_param_group({"params": biases})  # a group with no matrix, given the proper way
     copied = copy.deepcopy(opt)
     unpickled = pickle.loads(pickle.dumps(opt))
-    swapped = optimfx.AdaFactor(_model().parameters())
-    matrix = torch.randn(3, 4, requires_grad=True)
-    matrix.grad = torch.randn_like(matrix)
-    swapped.param_groups[0]["params"] = [matrix]
+    copies = optimfx.AdaFactor(_model().parameters())
+    copies.param_groups[0]["params"] = [p.detach().clone().requires_grad_() for p in model.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for o in (opt, copied, unpickled, swapped):
+        for o in (opt, copied, unpickled, copies):
             for group in o.param_groups:
                 for p in group["params"]:
-                    if p.grad is None:
-                        p.grad = torch.randn_like(p)
+                    p.grad = torch.randn_like(p)
             o.step()
-    assert "exp_avg_sq_row" in swapped.state[matrix]
+    assert all("exp_avg_sq_row" in copies.state[p] for p in copies.param_groups[0]["params"] if p.dim() == 2)
+
+
+def test_the_given_record_survives_a_copy_taken_before_the_first_step():
+    """A deep copy rebuilds the record from its groups: rewriting the copy's groups afterwards still
+    warns, and the 1-D-only group it was given does not."""
+    model = _model()
+    opt = optimfx.AdaFactor([p for p in model.parameters() if p.dim() == 2])
+    opt.add_param_group({"params": [p for p in model.parameters() if p.dim() == 1]})
+    copied = copy.deepcopy(opt)
+    _replaced_by_a_flat_partition(copied)
+    for p in copied.param_groups[1]["params"]:
+        p.grad = torch.randn_like(p)
+    with pytest.warns(UserWarning, match="not among the parameters given"):
+        copied.step()
