@@ -378,11 +378,11 @@ def is_flat_parameter(p: Tensor) -> bool:
 
 
 def warn_replaced_parameter(p: Tensor, name: str) -> None:
-    """Warn (once per call site and process) about a 1-D tensor that a param group holds although the
-    optimizer was never given it: DeepSpeed's ZeRO stages 1–3 (and its bf16 optimizer) build the
-    optimizer on the model's parameters, then overwrite each group's ``"params"`` with flat fp32
-    partitions of their concatenation (``param_group["params"] = [partition]``), so a shape-dependent
-    optimizer first meets them at its first step. The caller decides that ``p`` was not given."""
+    """Warn about a group of 1-D tensors the optimizer was never given, where it was given matrices:
+    DeepSpeed's ZeRO stages 1–3 build the optimizer on the model's parameters, then overwrite each
+    group's ``"params"`` with a flat fp32 partition of their concatenation
+    (``param_group["params"] = [partition]``), so a shape-dependent optimizer first meets it at its
+    first step. The caller decides (and warns once per optimizer); ``p`` is the group's largest tensor."""
     warnings.warn(
         f"{name}: a parameter group holds a 1-D tensor of {p.numel()} elements that was not among the "
         "parameters given to the optimizer: its param groups were rewritten in place, as DeepSpeed ZeRO "

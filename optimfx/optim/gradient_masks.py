@@ -67,8 +67,9 @@ def precision_defaults(bf16_rounding: str, rounding_seed: int) -> dict[str, Any]
 class GradientMaskMixin:
     """ChildTuning masks for an :class:`~optimfx.optim.base.FxOptimizer` (listed before it in the bases).
 
-    State it adds: ``mask_stream`` (int64 CPU scalar, the parameter's position in the optimizer) once
-    F mode masks the tensor, and ``child_mask`` (uint8, shaped like the parameter's real view) for
+    State it adds: ``mask_stream`` (int64 CPU scalar: the number :func:`~optimfx.set_mask_streams` gave
+    the parameter, else its position in the optimizer; :mod:`~optimfx.optim.mask_streams`) once F
+    mode masks the tensor, and ``child_mask`` (uint8, shaped like the parameter's real view) for
     ChildTuning-D.
     """
 

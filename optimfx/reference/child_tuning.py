@@ -11,7 +11,8 @@ counter-based hash, computed bit-identically here (int32 torch ops) and in the T
 data-parallel rank and after a resume, with no stored mask and no extra pass. The keying:
 
 * ``stream`` is the parameter's position in the optimizer (``state["mask_stream"]``: groups in order,
-  parameters in group order), ``step`` its step count (masks repeat after 2^32 steps);
+  parameters in group order) or the number ``optimfx.set_mask_streams`` gave it
+  (``optim/mask_streams.py``), ``step`` its step count (masks repeat after 2^32 steps);
 * per tensor and step, two 32-bit keys (:func:`tensor_keys`, lowbias32 ``mix32``)::
 
       s0, s1 = lo32, hi32 of splitmix64(seed)
