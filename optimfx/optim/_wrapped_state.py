@@ -1,4 +1,4 @@
-"""State dicts of optimizers that wrap a base optimizer (:class:`~optimfx.EGStepSize`,
+"""State dicts and param groups of optimizers that wrap a base optimizer (:class:`~optimfx.EGStepSize`,
 :class:`~optimfx.ChildTuning`).
 
 A wrapper and its base number the parameters of the same param groups, so each parameter's entry of
@@ -9,11 +9,29 @@ separate top-level ``"base"`` state dict would be dropped by its optimizer state
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 from torch.optim import Optimizer
 
 BASE_PREFIX = "base/"
+
+
+def add_param_group_via_base(wrapper: Any, param_group: dict[str, Any],
+                             own_add: Callable[[dict[str, Any]], None]) -> None:
+    """``wrapper.add_param_group``: the base adds the group (its defaults, its checks), then the
+    wrapper's defaults fill the keys the group does not set; wrapper and base share the group.
+
+    While ``torch.optim.Optimizer.__init__`` of the wrapper registers the base's existing groups (the
+    wrapper does not share the base's list yet), ``own_add`` (``Optimizer.add_param_group``) fills in
+    the wrapper's defaults on them.
+    """
+    if wrapper.__dict__.get("param_groups") is not wrapper.base.param_groups:
+        own_add(param_group)
+        return
+    wrapper.base.add_param_group(param_group)
+    added = wrapper.base.param_groups[-1]
+    for key, value in wrapper.defaults.items():
+        added.setdefault(key, value)
 
 
 def state_dict_with_base(wrapper: Any) -> dict[str, Any]:

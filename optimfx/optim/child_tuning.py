@@ -20,7 +20,7 @@ from .. import _distributed
 from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
-from ._wrapped_state import load_with_base_state, state_dict_with_base
+from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
@@ -63,6 +63,11 @@ class ChildTuning(Optimizer):
                                                                       low_open=True), seed=seed)
         super().__init__(base.param_groups, defaults)
         self.param_groups = base.param_groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,
+        which shares it; keys the group leaves out take both optimizers' defaults."""
+        add_param_group_via_base(self, param_group, super().add_param_group)
 
     def set_gradient_mask(self, gradient_mask: Mapping[Tensor, Tensor]) -> None:
         """D-mode masks ``{parameter: mask}``, stored as uint8 in the state (checkpointed)."""

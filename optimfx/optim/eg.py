@@ -29,7 +29,7 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
 from .._validation import check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
-from ._wrapped_state import load_with_base_state, state_dict_with_base
+from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
@@ -125,6 +125,11 @@ class EGStepSize(Optimizer):
         self.param_groups = base.param_groups
         self._warned_skip = False
         self._scratch: dict[Any, Any] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,
+        which shares it; keys the group leaves out take both optimizers' defaults."""
+        add_param_group_via_base(self, param_group, super().add_param_group)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; the base and the flag belong to a copy too
