@@ -66,10 +66,10 @@ def per_tensor_masks(cls: type) -> type:
     return type(f"{cls.__name__}PerTensorMasks", (cls,), {"step": step})
 
 
-def _factory(cls: type, mode: str) -> Factory:
+def _factory(cls: type, mode: str, backend: str = "auto") -> Factory:
     def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         kwargs = {} if mode == "off" else dict(child_tuning_mode=mode, reserve_p=RESERVE_P)
-        opt = cls(params, **kwargs)
+        opt = cls(params, backend=backend, **kwargs)
         if mode == "D":
             gen = torch.Generator().manual_seed(0)
             opt.set_gradient_mask({p: torch.rand(p.shape, generator=gen) < RESERVE_P for p in params if p.ndim >= 2})
@@ -78,7 +78,9 @@ def _factory(cls: type, mode: str) -> Factory:
     return make
 
 
-def contenders() -> dict[str, Factory]:
+def contenders(compiled: bool = False) -> dict[str, Factory]:
+    """Each optimizer unmasked, F and D (batched and per-tensor masks); with ``compiled``, AdamW's three
+    on ``backend="compiled"`` too (its first steps compile, before the timed rounds)."""
     out: dict[str, Factory] = {}
     for cls in (optimfx.AdamW, optimfx.AdaXW):
         name, slow = cls.__name__, per_tensor_masks(cls)
@@ -86,6 +88,9 @@ def contenders() -> dict[str, Factory]:
         for mode in ("F", "D"):
             out[f"{name} {mode}"] = _factory(cls, mode)
             out[f"{name} {mode} per-tensor masks"] = _factory(slow, mode)
+        if compiled and cls is optimfx.AdamW:
+            for mode in ("off", "F", "D"):
+                out[f"{name} {mode} compiled"] = _factory(cls, mode, "compiled")
     return out
 
 
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the presets (smoke runs)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compiled", action="store_true", help="also AdamW on backend='compiled'")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                                "machine": platform.processor() or platform.machine(),
                                "threads": torch.get_num_threads(), "rounds": args.rounds, "presets": {}}
     for preset in args.presets.split(","):
-        seconds = time_preset(preset, contenders(), args.rounds, args.scale, WARMUP_STEPS)
+        seconds = time_preset(preset, contenders(args.compiled), args.rounds, args.scale, WARMUP_STEPS)
         results["presets"][preset] = seconds
         for opt in ("AdamW", "AdaXW"):
             print(report(preset, {k: v for k, v in seconds.items() if k.startswith(opt + " ")}, f"{opt} off"))
