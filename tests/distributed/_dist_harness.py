@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -36,3 +37,14 @@ def _entry(rank: int, fn: Callable[..., None], port: int, args: tuple) -> None:
 def run_ranks(fn: Callable[..., None], *args: Any) -> None:
     """``fn(rank, *args)`` on ``WORLD`` gloo ranks; an exception in any rank fails the caller."""
     mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, join=True, start_method="fork")
+
+
+def _save_result(rank: int, fn: Callable[[int], Any], out_dir: str) -> None:
+    torch.save(fn(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def collect_ranks(fn: Callable[[int], Any]) -> list[Any]:
+    """``fn(rank)`` on ``WORLD`` gloo ranks; what each returned (tensors, lists, dicts), in rank order."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        run_ranks(_save_result, fn, out_dir)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 import warnings
 
 import pytest
 import torch
-from _dist_harness import run_ranks
+from _dist_harness import collect_ranks
 
 import optimfx
 
@@ -51,7 +50,7 @@ def _batch(t: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _worker(rank: int) -> dict:
     import deepspeed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
@@ -83,14 +82,12 @@ def _worker(rank: int, out_dir: str) -> None:
             "state_shapes": [(tuple(p.shape), sorted(s)) for p, s in opt.state.items()],
         }
         engine.destroy()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        run_ranks(_worker, out_dir)
-        yield [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in (0, 1)]
+    return collect_ranks(_worker)
 
 
 def _single_process(cls, kwargs) -> list[torch.Tensor]:

@@ -10,15 +10,13 @@ say so.
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from _dist_harness import run_ranks
+from _dist_harness import collect_ranks
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -67,7 +65,7 @@ def _fsdp1_run() -> str | None:
     return None
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _worker(rank: int) -> dict:
     results = {}
     for name, (cls, kwargs) in ZERO.items():
         model = torch.nn.parallel.DistributedDataParallel(_model())
@@ -78,14 +76,12 @@ def _worker(rank: int, out_dir: str) -> None:
         results[name] = [p.detach().clone() for p in model.parameters()]
         results[f"{name}-owned"] = len(opt.optim.param_groups[0]["params"])
     results["fsdp1-error"] = _fsdp1_run()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        run_ranks(_worker, out_dir)
-        yield [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in (0, 1)]
+    return collect_ranks(_worker)
 
 
 # DDP averages two half-batch gradients where the replay takes one full-batch mean: a few fp32
