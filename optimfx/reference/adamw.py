@@ -78,9 +78,12 @@ def fused_adam_arguments(hp: AdamWHyper, sc: AdamWScalars, lr: float) -> Optiona
     """This step as ATen's fused AdamW (:mod:`~optimfx.reference.aten_fused`), bias corrections folded
     into the scalars: ``lr·c1·m / (c2·√v + ε) = lr'·m / (√v + ε/c2)`` with ``lr' = lr·c1/c2``, and
     ``λ' = λ·c2/c1`` keeps the decay ``lr'·λ' = lr·λ``. ``None`` for weight decay after the step
-    (``"alicemind"`` order, the kernel decays first) and ``β = 1`` (the kernel's switched-off bias
-    correction needs ``β < 1``)."""
+    (``"alicemind"`` order, the kernel decays first), ``β = 1`` (the kernel's switched-off bias
+    correction needs ``β < 1``) and an ``ε/c2`` below fp32's smallest normal (the kernel rounds it to
+    fp32, where the reference adds ``ε`` itself: a subnormal ``ε`` would become 0 and ``0/0``)."""
     if hp.decay_order != "torch" and hp.weight_decay != 0.0 or not (hp.beta1 < 1.0 and hp.beta2 < 1.0):
+        return None
+    if 0.0 < hp.eps / sc.c2 < torch.finfo(torch.float32).tiny:
         return None
     ratio = sc.c1 / sc.c2
     return FusedAdamArguments(decoupled=True, lr=lr * ratio, beta1=hp.beta1, beta2=hp.beta2,

@@ -96,8 +96,9 @@ FUSED_MIN_WEIGHT = 2.0 ** -26
 def fused_adam_arguments(hp: AdaXHyper, sc: AdaXScalars, lr: float) -> Optional[FusedAdamArguments]:
     """This step as ATen's fused Adam (:mod:`~optimfx.reference.aten_fused`): ``β2 := 1 − w_t``,
     ``ε := ε_eff``, no bias correction; AdaX's coupled L2 is Adam's, AdaXW's decay AdamW's.
-    ``None`` where that is not exact: ``eps_mode="inside"``, or ``w_t`` below :data:`FUSED_MIN_WEIGHT`."""
-    if hp.eps_mode == "inside" or sc.weight < FUSED_MIN_WEIGHT:
+    ``None`` where that is not exact: ``eps_mode="inside"``, ``w_t`` below :data:`FUSED_MIN_WEIGHT`,
+    or ``b1 = 1`` (a param group may set it; the kernel's bias correction ``1 − b1^t`` would be 0)."""
+    if hp.eps_mode == "inside" or sc.weight < FUSED_MIN_WEIGHT or not hp.beta1 < 1.0:
         return None
     return FusedAdamArguments(decoupled=hp.decoupled, lr=lr, beta1=hp.beta1, beta2=1.0 - sc.weight,
                               weight_decay=hp.weight_decay, eps=sc.eps_eff, maximize=hp.maximize)

@@ -109,6 +109,33 @@ def test_options_the_kernel_does_not_compute_take_the_per_tensor_step(config, ke
     assert all(p.isfinite().all() for p in params)
 
 
+@pytest.mark.parametrize("cls", [optimfx.AdaX, optimfx.AdaXW])
+def test_a_group_with_beta1_one_takes_the_per_tensor_step(cls, kernel_calls):
+    """The constructor refuses ``b1 = 1`` but a param group may set it (torch.optim checks only the
+    defaults): the kernel would divide by its bias correction ``1 − 1^t = 0``; the reference keeps
+    ``m = 0`` and the parameters where they are."""
+    p = torch.nn.Parameter(torch.randn(8))
+    before = p.detach().clone()
+    opt = cls([{"params": [p], "betas": (1.0, 1e-4)}], lr=1e-2, weight_decay=0.0)
+    for _ in range(2):
+        p.grad = torch.randn(8)
+        opt.step()
+    assert kernel_calls == []
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("eps, fused", [(1e-44, False), (1e-30, True)])
+def test_an_eps_the_kernel_would_flush_to_zero_takes_the_per_tensor_step(eps, fused, kernel_calls):
+    """AdamW hands the kernel ``ε/c2`` (smaller than ``ε``), rounded to fp32: below the smallest
+    normal it may become 0, and a coordinate with ``m = v = 0`` would compute ``0/0``."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = optimfx.AdamW([p], lr=1e-2, eps=eps, weight_decay=0.0)
+    p.grad = torch.tensor([0.0] * 4 + [1.0] * 4)
+    opt.step()
+    assert (kernel_calls == [1]) == fused
+    assert torch.equal(p.detach()[:4], torch.ones(4)) and p.isfinite().all()
+
+
 def test_non_contiguous_and_bf16_tensors_fall_back(kernel_calls):
     fast = torch.nn.Parameter(torch.randn(6, 5))
     transposed = torch.nn.Parameter(torch.randn(5, 6).t())
