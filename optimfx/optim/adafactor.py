@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -13,7 +13,7 @@ from .._algorithm import Algorithm
 from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
-from .base import FxOptimizer
+from .base import FxOptimizer, _checked_lr
 from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
 
 Tensor = torch.Tensor
@@ -26,6 +26,11 @@ ADAFACTOR = Algorithm(
     reference_step=ref.step_,
     group_step=functools.partial(step_stacks, functools.partial(ref.step_, stacked=True)),
 )
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check`` for a hyperparameter that may also be ``None``."""
+    return lambda value: None if value is None else check(value)
 
 
 @documented
@@ -98,6 +103,14 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
 
     algorithm = ADAFACTOR
     supports_complex = False
+    group_checks = {
+        "lr": _checked_lr,  # a group's lr=None is read as the constructor's (add_param_group)
+        "clip_threshold": functools.partial(check_range, "clip_threshold", low=1.0, high=float("inf")),
+        "decay_rate": functools.partial(check_range, "decay_rate", low=float("-inf"), high=0.0, high_open=True),
+        "beta1": _optional(functools.partial(check_range, "beta1", low=0.0, high=1.0, high_open=True)),
+        "beta2_cap": _optional(functools.partial(check_range, "beta2_cap", low=0.0, high=1.0, high_open=True)),
+        "decay_mode": functools.partial(check_choice, "decay_mode", choices=ref.DECAY_MODES),
+    }
     reduced_state_axes = ref.REDUCED_AXES
 
     def __init__(self, params: Iterable[Any], lr: Optional[float | torch.Tensor] = None,
@@ -153,6 +166,11 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        if "lr" in param_group and param_group["lr"] is None:
+            # transformers' spelling of "the relative step alone", as the constructor's lr=None
+            if not param_group.get("relative_step", self.defaults["relative_step"]):
+                raise ValueError("Invalid lr: None (an lr is required when relative_step=False)")
+            param_group["lr"] = 1.0
         super().add_param_group(param_group)
         self._record_given(self.param_groups[-1]["params"])
 

@@ -25,6 +25,10 @@ ADAMW = Algorithm(
 )
 
 
+#: ``β1`` and ``β2`` in [0, 1)
+ADAMW_BETAS = ((0.0, 1.0, False, True), (0.0, 1.0, False, True))
+
+
 @documented
 class AdamW(GradientMaskMixin, FxOptimizer):
     r"""AdamW with optional ChildTuning gradient masks fused into the update.
@@ -58,6 +62,10 @@ class AdamW(GradientMaskMixin, FxOptimizer):
     """
 
     algorithm = ADAMW
+    group_checks = {"betas": functools.partial(check_betas, ranges=ADAMW_BETAS),
+                    "eps": functools.partial(check_nonnegative, "eps"),
+                    "eps_placement": functools.partial(check_choice, "eps_placement", choices=ref.EPS_PLACEMENTS),
+                    "decay_order": functools.partial(check_choice, "decay_order", choices=ref.DECAY_ORDERS)}
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -66,7 +74,7 @@ class AdamW(GradientMaskMixin, FxOptimizer):
                  maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
                  bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         defaults = dict(
-            lr=lr, betas=check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, False, True))),
+            lr=lr, betas=check_betas(betas, ADAMW_BETAS),
             eps=check_nonnegative("eps", eps), weight_decay=check_nonnegative("weight_decay", weight_decay),
             correct_bias=bool(correct_bias),
             eps_placement=check_choice("eps_placement", eps_placement, ref.EPS_PLACEMENTS),

@@ -58,15 +58,22 @@ _EQUATIONS = r"""
 """
 
 
+#: ``b1`` in [0, 1), ``b2`` in (0, 1)
+ADAX_BETAS = ((0.0, 1.0, False, True), (0.0, 1.0, True, True))
+
+
 class _AdaXBase(GradientMaskMixin, FxOptimizer):
     algorithm = ADAX
     _decoupled: bool
+    group_checks = {"betas": functools.partial(check_betas, ranges=ADAX_BETAS),
+                    "eps": functools.partial(check_positive, "eps"),
+                    "eps_mode": functools.partial(check_choice, "eps_mode", choices=ref.EPS_MODES)}
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor, betas: tuple[float, float],
                  eps: float, weight_decay: float, *, eps_mode: str, child_tuning_mode: Optional[str],
                  reserve_p: float, seed: int, maximize: bool, skip_nonfinite: bool, backend: str,
                  bf16_rounding: str, rounding_seed: int) -> None:
-        betas = check_betas(betas, ((0.0, 1.0, False, True), (0.0, 1.0, True, True)))
+        betas = check_betas(betas, ADAX_BETAS)
         defaults = dict(
             lr=lr, betas=betas, eps=check_positive("eps", eps),
             weight_decay=check_nonnegative("weight_decay", weight_decay),

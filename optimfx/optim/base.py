@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from functools import partial
 from itertools import chain
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -19,10 +20,24 @@ from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
 from .._counters import StepCounters, group_counters, standalone_steps
 from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
-from .._validation import check_backend, check_choice, check_lr
+from .._validation import check_backend, check_choice, check_lr, check_nonnegative
 
 Tensor = torch.Tensor
 
+
+
+def _checked_lr(value: Any) -> Any:
+    check_lr(value)
+    return value
+
+
+#: the group checks every optimfx optimizer applies (:attr:`FxOptimizer.group_checks` adds to them)
+GROUP_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "lr": _checked_lr,
+    "weight_decay": partial(check_nonnegative, "weight_decay"),
+    "backend": check_backend,
+    "bf16_rounding": partial(check_choice, "bf16_rounding", choices=BF16_ROUNDINGS),
+}
 
 class FxOptimizer(Optimizer):
     """Base class of the optimfx optimizers (not instantiated directly)."""
@@ -39,6 +54,12 @@ class FxOptimizer(Optimizer):
     #: set by :meth:`gradients_known_finite` while a wrapper that checked these gradients steps this one
     _known_finite: bool = False
 
+    #: checks of the hyperparameters a param group may set for itself, ``key → check`` (the check
+    #: returns the value to store, or raises ``ValueError`` naming the argument): applied to every
+    #: group given to the constructor or to :meth:`add_param_group`, as to the constructor's own
+    #: arguments (``torch.optim`` checks only those). Classes add their own to :data:`GROUP_CHECKS`.
+    group_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         check_lr(defaults["lr"])
         check_backend(defaults["backend"])
@@ -50,11 +71,16 @@ class FxOptimizer(Optimizer):
         defaults.setdefault("bf16_rounding", "nearest")
         defaults.setdefault("rounding_seed", 0)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_choice("bf16_rounding", group["bf16_rounding"], BF16_ROUNDINGS)
         self._warned_skip = False
         self._step_counters: dict[int, StepCounters] = {}
         self._register_state_dict_hooks()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, checking the hyperparameters it sets as the constructor checks its own."""
+        for key, check in {**GROUP_CHECKS, **self.group_checks}.items():
+            if key in param_group:
+                param_group[key] = check(param_group[key])
+        super().add_param_group(param_group)
 
     def _register_state_dict_hooks(self) -> None:
         """A Triton step's skip flag is read back lazily; a checkpoint must see the settled counters,

@@ -111,12 +111,13 @@ def test_options_the_kernel_does_not_compute_take_the_per_tensor_step(config, ke
 
 @pytest.mark.parametrize("cls", [optimfx.AdaX, optimfx.AdaXW])
 def test_a_group_with_beta1_one_takes_the_per_tensor_step(cls, kernel_calls):
-    """The constructor refuses ``b1 = 1`` but a param group may set it (torch.optim checks only the
-    defaults): the kernel would divide by its bias correction ``1 − 1^t = 0``; the reference keeps
-    ``m = 0`` and the parameters where they are."""
+    """Groups are checked when added, but a group's values can be rewritten later (a momentum
+    schedule writes ``group["betas"]``): with ``b1 = 1`` the kernel would divide by its bias
+    correction ``1 − 1^t = 0``; the reference keeps ``m = 0`` and the parameters where they are."""
     p = torch.nn.Parameter(torch.randn(8))
     before = p.detach().clone()
-    opt = cls([{"params": [p], "betas": (1.0, 1e-4)}], lr=1e-2, weight_decay=0.0)
+    opt = cls([p], lr=1e-2, weight_decay=0.0)
+    opt.param_groups[0]["betas"] = (1.0, 1e-4)
     for _ in range(2):
         p.grad = torch.randn(8)
         opt.step()
