@@ -18,20 +18,26 @@ BASE_PREFIX = "base/"
 
 def add_param_group_via_base(wrapper: Any, param_group: dict[str, Any],
                              own_add: Callable[[dict[str, Any]], None]) -> None:
-    """``wrapper.add_param_group``: the base adds the group (its defaults, its checks), then the
-    wrapper's defaults fill the keys the group does not set; wrapper and base share the group.
+    """``wrapper.add_param_group``: the wrapper checks the keys of its own the group sets
+    (``wrapper.group_checks``, ``key → check`` returning the value to store) and fills in its defaults
+    for the others, then the base adds the group (its defaults, its checks); wrapper and base share
+    the group.
 
     While ``torch.optim.Optimizer.__init__`` of the wrapper registers the base's existing groups (the
     wrapper does not share the base's list yet), ``own_add`` (``Optimizer.add_param_group``) fills in
     the wrapper's defaults on them.
     """
+    for key, check in wrapper.group_checks.items():
+        if key in param_group:
+            param_group[key] = check(param_group[key])
     if wrapper.__dict__.get("param_groups") is not wrapper.base.param_groups:
         own_add(param_group)
         return
-    wrapper.base.add_param_group(param_group)
-    added = wrapper.base.param_groups[-1]
+    # the wrapper's defaults first: where the base has a key of the same name (the ChildTuning
+    # adapter's mask options on an optimfx optimizer that masks itself) the wrapper's value counts
     for key, value in wrapper.defaults.items():
-        added.setdefault(key, value)
+        param_group.setdefault(key, value)
+    wrapper.base.add_param_group(param_group)
 
 
 def state_dict_with_base(wrapper: Any) -> dict[str, Any]:

@@ -21,11 +21,26 @@ from .._precision import real_view, working_copy
 from .._validation import check_range
 from ..reference import child_tuning as ct
 from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
+from .gradient_masks import GradientMaskMixin
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
 #: the adapter's own per-parameter state (the base's is stored beside it as ``"base/<key>"``)
 STATE_KEYS = ("step", "child_mask", "mask_stream")
+
+
+def _checked_mode(mode: Any) -> str:
+    """``"F"`` or ``"D"`` from either spelling."""
+    normalised = ct.normalise_mode(mode)
+    if normalised not in ("F", "D"):
+        raise ValueError(f"Invalid mode: {mode!r} (must be 'F', 'D', 'ChildTuning-F' or 'ChildTuning-D')")
+    return normalised
+
+
+def _checked_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
+    return seed
 
 
 class ChildTuning(Optimizer):
@@ -35,6 +50,11 @@ class ChildTuning(Optimizer):
 
         \tilde g_t = g_t \odot M_t / p_F \ \text{(F: fresh Bernoulli mask each step)}, \qquad
         \tilde g_t = g_t \odot M \ \text{(D: fixed Fisher mask)}
+
+    Around an optimfx optimizer that masks gradients itself (:class:`~optimfx.AdamW`,
+    :class:`~optimfx.AdaX`, :class:`~optimfx.AdaXW`, :class:`~optimfx.AdaFactor`), the adapter sets
+    that optimizer's ``child_tuning_mode``, ``reserve_p`` and ``seed`` and hands it the D masks: the
+    masks are the same, applied inside its fused update without a gradient copy.
 
     Args:
         base: the optimizer to feed masked gradients (param groups and schedulers are shared).
@@ -50,17 +70,30 @@ class ChildTuning(Optimizer):
         >>> opt.step()
     """
 
+    #: checks of the ChildTuning options a param group may set for itself
+    group_checks = {
+        "child_tuning_mode": lambda mode: _checked_mode(mode),
+        "reserve_p": lambda p: check_range("reserve_p", p, 0.0, 1.0, low_open=True),
+        "seed": lambda seed: _checked_seed(seed),
+    }
+
     def __init__(self, base: Optimizer, mode: str, reserve_p: float = 1.0, seed: int = 0) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"ChildTuning wraps a torch.optim.Optimizer, got {type(base).__name__}")
-        mode = ct.normalise_mode(mode)
-        if mode not in ("F", "D"):
-            raise ValueError(f"Invalid mode: {mode!r} (must be 'F', 'D', 'ChildTuning-F' or 'ChildTuning-D')")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
         self.base = base
-        defaults = dict(child_tuning_mode=mode, reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0,
-                                                                      low_open=True), seed=seed)
+        defaults = dict(child_tuning_mode=_checked_mode(mode), reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0,
+                                                                                      low_open=True),
+                        seed=_checked_seed(seed))
+        # an optimfx optimizer with masks of its own takes the adapter's settings (its groups hold the
+        # same keys, with its own defaults: they are overwritten, not filled in)
+        self._delegates = isinstance(base, GradientMaskMixin)
+        if self._delegates:
+            for group in base.param_groups:
+                if group.get("child_tuning_mode") is not None:
+                    raise ValueError(f"ChildTuning: the {type(base).__name__} already masks its gradients "
+                                     f"(child_tuning_mode={group['child_tuning_mode']!r}); masking them twice "
+                                     "would drop and rescale twice")
+                group.update(defaults)
         super().__init__(base.param_groups, defaults)
         self.param_groups = base.param_groups
 
@@ -70,7 +103,11 @@ class ChildTuning(Optimizer):
         add_param_group_via_base(self, param_group, super().add_param_group)
 
     def set_gradient_mask(self, gradient_mask: Mapping[Tensor, Tensor]) -> None:
-        """D-mode masks ``{parameter: mask}``, stored as uint8 in the state (checkpointed)."""
+        """D-mode masks ``{parameter: mask}``, stored as uint8 in the state (checkpointed); the base's
+        state when it masks gradients itself."""
+        if self._delegates:
+            self.base.set_gradient_mask(gradient_mask)  # type: ignore[attr-defined]
+            return
         for p, mask in gradient_mask.items():
             if mask.shape != p.shape:
                 raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
@@ -126,7 +163,10 @@ class ChildTuning(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._masked_base_step()
+        if self._delegates:
+            self.base.step()
+        else:
+            self._masked_base_step()
         return loss
 
     @torch.compiler.disable

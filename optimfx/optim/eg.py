@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from functools import partial
 from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -98,6 +99,20 @@ class EGStepSize(Optimizer):
         matches a single-process one, and its state is DTensors that ``torch.distributed.checkpoint``
         saves and reshards, with the base's state in the same per-parameter entries.
     """
+
+    #: checks of the EG options a param group may set for itself (the group keys of the defaults)
+    group_checks = {
+        "eg_lr": partial(check_nonnegative, "lr"),
+        "eg_momentum": partial(check_range, "momentum", low=0.0, high=1.0, high_open=True),
+        "eg_beta": partial(check_range, "beta", low=0.0, high=1.0, high_open=True),
+        "gamma_scale": partial(check_nonnegative, "gamma_scale"),
+        "gamma_gain": partial(check_nonnegative, "gamma_gain"),
+        "scope": partial(check_choice, "scope", choices=ref.SCOPES),
+        "exp_clip": lambda v: None if v is None else check_nonnegative("exp_clip", v),
+        "gain_min": lambda v: None if v is None else check_nonnegative("gain_clamp[0]", v),
+        "gain_max": lambda v: None if v is None else check_positive("gain_clamp[1]", v),
+        "eg_backend": partial(check_choice, "backend", choices=BACKENDS),
+    }
 
     def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float = 0.0, beta: float = 0.9,
                  gamma_scale: float = 1e-2, gamma_gain: float = 1e-2, *, normalize: bool = True,

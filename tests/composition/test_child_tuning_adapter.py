@@ -163,3 +163,59 @@ def test_a_loaded_step_counter_is_not_shared_with_the_source():
     loaded.step()
     assert [int(source.state[p]["step"]) for p in params] == [1, 1]
     assert [int(loaded.state[p]["step"]) for p in copies] == [2, 2]
+
+
+FUSED_BASES = {
+    "adamw": lambda ps, **kw: optimfx.AdamW(ps, lr=1e-2, **kw),
+    "adax": lambda ps, **kw: optimfx.AdaX(ps, lr=1e-2, **kw),
+    "adaxw": lambda ps, **kw: optimfx.AdaXW(ps, lr=1e-2, **kw),
+    "adafactor": lambda ps, **kw: optimfx.AdaFactor(ps, **kw),
+}
+
+
+@pytest.mark.parametrize("mode", ["F", "D"])
+@pytest.mark.parametrize("base", list(FUSED_BASES))
+def test_around_an_optimfx_optimizer_the_masks_are_its_own(base, mode):
+    """The adapter around an optimizer that masks gradients itself sets its mask options (a group's
+    keys of the same name held the base's default, no mask, which the adapter once left in place):
+    the run equals the optimizer given the same options."""
+    make = FUSED_BASES[base]
+    init, grads = _problem()
+    masks = {1: torch.tensor([True, False, True, False, False])}
+
+    def with_masks(opt, params):
+        if mode == "D":
+            opt.set_gradient_mask({params[i]: m for i, m in masks.items()})
+        return opt
+
+    direct, _ = _run(lambda ps: with_masks(make(ps, child_tuning_mode=mode, reserve_p=0.4, seed=9), ps), init, grads)
+    adapted, opt = _run(lambda ps: with_masks(optimfx.ChildTuning(make(ps), mode, 0.4, seed=9), ps), init, grads)
+    for a, b in zip(direct, adapted):
+        assert torch.equal(a, b)
+    assert all(g["child_tuning_mode"] == mode for g in opt.base.param_groups)
+
+
+def test_a_zero_d_mask_freezes_a_tensor_through_the_adapter():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = optimfx.ChildTuning(optimfx.AdaX([p], lr=0.1, weight_decay=0.0), "D")
+    opt.set_gradient_mask({p: torch.zeros(4, dtype=torch.bool)})
+    p.grad = torch.ones(4)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4))
+
+
+def test_a_group_added_to_a_delegating_adapter_is_masked_too():
+    p, q = torch.nn.Parameter(torch.ones(64)), torch.nn.Parameter(torch.ones(64))
+    opt = optimfx.ChildTuning(optimfx.AdamW([p], lr=0.1, weight_decay=0.0), "F", 0.25, seed=1)
+    opt.add_param_group({"params": [q]})
+    assert opt.param_groups[1]["child_tuning_mode"] == "F" and opt.param_groups[1]["reserve_p"] == 0.25
+    q.grad = torch.ones(64)
+    opt.step()
+    moved = int((q.detach() != 1).sum())
+    assert 0 < moved < 40  # about a quarter of 64 kept (binomial: P(moved ≥ 40) < 1e-9)
+
+
+def test_masking_twice_is_refused():
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="already masks its gradients"):
+        optimfx.ChildTuning(optimfx.AdamW([p], child_tuning_mode="F", reserve_p=0.5), "F", 0.5)
