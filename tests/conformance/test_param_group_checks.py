@@ -76,3 +76,21 @@ def test_adafactor_group_lr_none_means_the_relative_step_alone():
     fixed = optimfx.AdaFactor([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, relative_step=False)
     with pytest.raises(ValueError, match=r"^Invalid lr: None \(an lr is required when relative_step=False\)"):
         fixed.add_param_group({"params": [q], "lr": None})
+
+
+@pytest.mark.parametrize("wrap, key, bad, message", [
+    (lambda b: optimfx.EGStepSize(b), "gamma_scale", -0.1, r"^Invalid gamma_scale: -0.1"),
+    (lambda b: optimfx.EGStepSize(b), "scope", "layer", r"^Invalid scope: 'layer'"),
+    (lambda b: optimfx.EGStepSize(b), "exp_clip", -1.0, r"^Invalid exp_clip: -1.0"),
+    (lambda b: optimfx.ChildTuning(b, "F", 0.5), "reserve_p", 0.0, r"^Invalid reserve_p: 0.0"),
+    (lambda b: optimfx.ChildTuning(b, "F", 0.5), "child_tuning_mode", "E", r"^Invalid mode: 'E'"),
+], ids=["eg-gamma_scale", "eg-scope", "eg-exp_clip", "childtuning-reserve_p", "childtuning-mode"])
+def test_wrapper_options_set_by_a_group_are_checked(wrap, key, bad, message):
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = wrap(torch.optim.SGD([p], lr=0.1))
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [q], key: bad})
+    assert len(opt.param_groups) == 1
+    # a base built with the bad value in a group: refused when the wrapper takes the groups over
+    with pytest.raises(ValueError, match=message):
+        wrap(torch.optim.SGD([{"params": [q], key: bad}], lr=0.1))
