@@ -87,6 +87,12 @@ class ChildTuning(Optimizer):
         # an optimfx optimizer with masks of its own takes the adapter's settings (its groups hold the
         # same keys, with its own defaults: they are overwritten, not filled in)
         self._delegates = isinstance(base, GradientMaskMixin)
+        if not self._delegates and any("child_tuning_mode" in g for g in base.param_groups):
+            # a wrapper around an optimfx optimizer (EGStepSize(AdaX(...))): the shared groups' mask
+            # options are that optimizer's, and setting them would mask inside it as well
+            raise ValueError(f"ChildTuning: the param groups of this {type(base).__name__} hold the ChildTuning "
+                             "options of an optimfx optimizer inside it; wrap that optimizer instead "
+                             "(e.g. EGStepSize(ChildTuning(AdaX(...), ...))) or pass child_tuning_mode= to it")
         if self._delegates:
             for group in base.param_groups:
                 if group.get("child_tuning_mode") is not None:

@@ -219,3 +219,16 @@ def test_masking_twice_is_refused():
     p = torch.nn.Parameter(torch.ones(4))
     with pytest.raises(ValueError, match="already masks its gradients"):
         optimfx.ChildTuning(optimfx.AdamW([p], child_tuning_mode="F", reserve_p=0.5), "F", 0.5)
+
+
+def test_around_a_wrapper_of_an_optimfx_optimizer_it_says_where_to_put_the_masks():
+    """EGStepSize(AdaX) shares AdaX's groups, whose mask options are AdaX's: the adapter can neither
+    leave them (no mask: what it once did silently) nor set them (AdaX would mask a second time)."""
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match=r"wrap that optimizer instead"):
+        optimfx.ChildTuning(optimfx.EGStepSize(optimfx.AdaX([p])), "D")
+    inner = optimfx.EGStepSize(optimfx.ChildTuning(optimfx.AdaX([p], lr=0.1, weight_decay=0.0), "D"))
+    inner.base.set_gradient_mask({p: torch.zeros(4, dtype=torch.bool)})
+    p.grad = torch.ones(4)
+    inner.step()
+    assert torch.equal(p.detach(), torch.ones(4))
