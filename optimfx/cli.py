@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--optimizers", default=None, metavar="LIST",
                        help="comma-separated names (see --list): an implementation (AdaX:compiled), "
                             "an optimizer (AdaX: its auto backend, and its race), a torch baseline "
-                            "(torch.Adam: every variant) or a race-only wrapper (Funnel). Default: "
+                            "(torch.Adam: every variant) or a wrapper (EGStepSize, Funnel, ChildTuning). Default: "
                             "everything marked default. torch.optim.Adam's default path is always "
                             "added as the baseline.")
     bench.add_argument("--device", type=_device, default=None,

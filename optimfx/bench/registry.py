@@ -4,7 +4,7 @@
   ``torch.optim.Adam`` and ``torch.optim.Adafactor`` baselines and every optimfx optimizer, once
   per backend. optimfx optimizers are discovered from ``optimfx.__all__`` (every exported
   :class:`~optimfx.optim.base.FxOptimizer` subclass), so a new optimizer joins the timing by being
-  exported.
+  exported; the wrappers (:data:`WRAPPER_FACTORIES`) are timed around the optimizer they race with.
 * A :class:`Contender` is an optimizer of the convergence race with the hyperparameters it races
   with (:data:`RACE_RECIPES`): the torch baselines and every optimizer-like name optimfx exports,
   adapters included. A recipe whose name optimfx does not export is not offered.
@@ -26,9 +26,20 @@ OPTIMFX_BACKENDS = ("auto", "reference", "compiled", "triton")
 #: Steps before timing: the first allocates state (and compiles). The compiled backend gets a few
 #: more, so that its first timed step is not the one that finishes compiling.
 _WARMUP = {"compiled": 3}
-#: Constructor arguments besides ``lr`` and ``backend``, for optimizers whose defaults reject a
-#: manual ``lr`` (AdaFactor's relative step).
-BENCH_KWARGS: dict[str, dict[str, Any]] = {"AdaFactor": {"relative_step": False}}
+#: Constructor arguments besides ``lr`` and ``backend``: for optimizers whose defaults reject a
+#: manual ``lr`` (AdaFactor's relative step), and ChildTuningAdamW timed as it races (F mode,
+#: ``reserve_p=0.3``), so its row shows the cost of the masks beside AdamW's.
+BENCH_KWARGS: dict[str, dict[str, Any]] = {
+    "AdaFactor": {"relative_step": False},
+    "ChildTuningAdamW": {"mode": "ChildTuning-F", "reserve_p": 0.3},
+}
+#: Wrappers and adapters (no backend of their own: one implementation, ``"<name>:auto"``), timed
+#: around the optimizer they race with: ``factory(optimfx, params)``.
+WRAPPER_FACTORIES: dict[str, Callable[[Any, list[torch.Tensor]], Optimizer]] = {
+    "ChildTuning": lambda fx, p: fx.ChildTuning(torch.optim.Adam(p, lr=BENCH_LR), mode="F", reserve_p=0.3),
+    "EGStepSize": lambda fx, p: fx.EGStepSize(torch.optim.Adam(p, lr=BENCH_LR)),
+    "Funnel": lambda fx, p: fx.Funnel(p, lr=BENCH_LR),
+}
 
 Factory = Callable[[list[torch.Tensor]], Optimizer]
 
@@ -183,12 +194,24 @@ def _optimfx_impl(name: str, cls: type, backend: str) -> Impl:
                 warmup_steps=_WARMUP.get(backend, 1), default=backend == "auto")
 
 
+def _wrapper_impl(name: str, make: Callable[[Any, list[torch.Tensor]], Optimizer]) -> Impl:
+    import optimfx
+
+    # byte model: one pass over the parameter and every state buffer, the base's included (the
+    # generic wrappers move more: they are not fused with their base)
+    return Impl(f"{name}:auto", "optimfx", lambda params: make(optimfx, params), one_pass_bytes,
+                lambda device, dtype: None)
+
+
 def all_impls() -> dict[str, Impl]:
     """Every registered implementation by name: torch baselines first, then optimfx."""
+    import optimfx
+
     impls = [_torch_impl(opt, v) for opt, variants in TORCH_VARIANTS.items() if hasattr(torch.optim, opt)
              for v in variants]
     for name, cls in optimfx_optimizers().items():
         impls += [_optimfx_impl(name, cls, b) for b in OPTIMFX_BACKENDS]
+    impls += [_wrapper_impl(name, make) for name, make in WRAPPER_FACTORIES.items() if name in optimfx.__all__]
     return {i.name: i for i in impls}
 
 
@@ -264,8 +287,9 @@ class Contender:
             return "torch.Adafactor:single"  # its foreach=None means the for-loop on every device
         if self.family == "torch":
             return f"{self.name}:{torch_default_variant(device)}"
-        # adapters and wrappers (ChildTuning, EGStepSize, Funnel) have no backend of their own
-        return f"{self.name}:auto" if self.name in optimfx_optimizers() else self.name
+        # adapters and wrappers (ChildTuning, EGStepSize, Funnel) have one implementation, ":auto"
+        timed = self.name in optimfx_optimizers() or self.name in WRAPPER_FACTORIES
+        return f"{self.name}:auto" if timed else self.name
 
 
 def all_contenders() -> dict[str, Contender]:
@@ -297,8 +321,8 @@ def resolve(names: Iterable[str] | None) -> tuple[list[Impl], list[Contender]]:
     """What to time and what to race for the names of ``optimfx bench --optimizers``.
 
     A name may be an implementation (``"AdaX:compiled"``), an optimizer (``"AdaX"``: its auto
-    backend, and its race), a torch baseline (``"torch.Adam"``: every variant) or a race-only
-    contender (``"Funnel"``). ``None`` selects the defaults of both. Raises ``KeyError`` naming
+    backend, and its race), a torch baseline (``"torch.Adam"``: every variant) or a wrapper
+    (``"Funnel"``: its one implementation, and its race). ``None`` selects the defaults of both. Raises ``KeyError`` naming
     the first name that is neither timed nor raced.
     """
     if names is None:

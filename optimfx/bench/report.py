@@ -108,8 +108,8 @@ def format_table(table: Sequence[dict[str, Any]], baseline: str, roof: Roof | No
     """A fixed-width text table, with a legend under it.
 
     With ``race`` (:meth:`RaceResult.to_dict` rows), the final training loss and test accuracy are
-    shown on the row of the implementation each contender ran as; contenders that were not timed
-    (wrappers) get rows of their own.
+    shown on the row of the implementation each contender ran as; a contender that was not timed
+    (one left out of ``--optimizers``' timing, or whose timing failed) gets a row of its own.
     """
     header = ["implementation", "backend", "ms/step", "p20-p80 ms", "speedup", "GB/s", "of roof",
               "state B/param"]

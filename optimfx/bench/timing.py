@@ -47,13 +47,17 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def resolved_backend(impl: Impl, optimizer: Optimizer) -> str:
-    """What actually runs: the torch variant, or the backend optimfx's ``auto`` resolves to."""
+    """What actually runs: the torch variant, or the backend optimfx's ``auto`` resolves to (for a
+    wrapper, that of its own passes: EG's ``eg_backend``; ``"wrapper"`` for one that has none)."""
     if impl.family != "optimfx":
         return impl.variant
     from .._dispatch import resolve_backend
 
     group = optimizer.param_groups[0]
-    return resolve_backend(group["backend"], [p for p in group["params"] if p.grad is not None])
+    backend = group.get("backend", group.get("eg_backend"))
+    if backend is None:
+        return "wrapper"
+    return resolve_backend(backend, [p for p in group["params"] if p.grad is not None])
 
 
 @dataclass
