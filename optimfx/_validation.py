@@ -7,6 +7,7 @@ mistypes ``betas=(0.9, 1.1)`` reads ``Invalid betas[1]: 1.1 (must be in [0, 1))`
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ def _as_float(name: str, value: Any) -> float:
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         return float(value.detach().cpu().reshape(()))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python and numpy scalars alike (np.float32, np.int64), as torch.optim takes them
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
     return float(value)
 

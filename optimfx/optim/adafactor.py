@@ -14,7 +14,8 @@ from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
 from .base import FxOptimizer, _checked_lr
-from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
+from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults, documented,
+                             precision_defaults)
 
 Tensor = torch.Tensor
 
@@ -104,12 +105,15 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
     algorithm = ADAFACTOR
     supports_complex = False
     group_checks = {
+        **MASK_GROUP_CHECKS,
         "lr": _checked_lr,  # a group's lr=None is read as the constructor's (add_param_group)
         "clip_threshold": functools.partial(check_range, "clip_threshold", low=1.0, high=float("inf")),
         "decay_rate": functools.partial(check_range, "decay_rate", low=float("-inf"), high=0.0, high_open=True),
         "beta1": _optional(functools.partial(check_range, "beta1", low=0.0, high=1.0, high_open=True)),
         "beta2_cap": _optional(functools.partial(check_range, "beta2_cap", low=0.0, high=1.0, high_open=True)),
         "decay_mode": functools.partial(check_choice, "decay_mode", choices=ref.DECAY_MODES),
+        "eps_mode": functools.partial(check_choice, "eps_mode", choices=ref.EPS_MODES),
+        "lr_mode": functools.partial(check_choice, "lr_mode", choices=ref.LR_MODES),
     }
     reduced_state_axes = ref.REDUCED_AXES
 

@@ -13,7 +13,8 @@ from ..reference import adamw as ref
 from ..reference import aten_fused
 from ..reference import child_tuning as ct
 from .base import FxOptimizer
-from .gradient_masks import GradientMaskMixin, child_tuning_defaults, precision_defaults, documented
+from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults, documented,
+                             precision_defaults)
 
 ADAMW = Algorithm(
     name="adamw",
@@ -62,7 +63,7 @@ class AdamW(GradientMaskMixin, FxOptimizer):
     """
 
     algorithm = ADAMW
-    group_checks = {"betas": functools.partial(check_betas, ranges=ADAMW_BETAS),
+    group_checks = {**MASK_GROUP_CHECKS, "betas": functools.partial(check_betas, ranges=ADAMW_BETAS),
                     "eps": functools.partial(check_nonnegative, "eps"),
                     "eps_placement": functools.partial(check_choice, "eps_placement", choices=ref.EPS_PLACEMENTS),
                     "decay_order": functools.partial(check_choice, "decay_order", choices=ref.DECAY_ORDERS)}

@@ -12,7 +12,8 @@ from .._validation import check_betas, check_choice, check_nonnegative, check_po
 from ..reference import aten_fused
 from ..reference import adax as ref
 from .base import FxOptimizer
-from .gradient_masks import CHILD_TUNING_ARGS, GradientMaskMixin, child_tuning_defaults, precision_defaults
+from .gradient_masks import (CHILD_TUNING_ARGS, MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults,
+                             precision_defaults)
 
 ADAX = Algorithm(
     name="adax",
@@ -65,7 +66,7 @@ ADAX_BETAS = ((0.0, 1.0, False, True), (0.0, 1.0, True, True))
 class _AdaXBase(GradientMaskMixin, FxOptimizer):
     algorithm = ADAX
     _decoupled: bool
-    group_checks = {"betas": functools.partial(check_betas, ranges=ADAX_BETAS),
+    group_checks = {**MASK_GROUP_CHECKS, "betas": functools.partial(check_betas, ranges=ADAX_BETAS),
                     "eps": functools.partial(check_positive, "eps"),
                     "eps_mode": functools.partial(check_choice, "eps_mode", choices=ref.EPS_MODES)}
 

@@ -11,7 +11,7 @@ and D masks sliced like the parameter, so a sharded run masks as a single-proces
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -35,6 +35,18 @@ def _checked_mode(mode: Any) -> str:
     if normalised not in ("F", "D"):
         raise ValueError(f"Invalid mode: {mode!r} (must be 'F', 'D', 'ChildTuning-F' or 'ChildTuning-D')")
     return normalised
+
+
+def _checked_group_mode(mode: Any) -> Optional[str]:
+    """A param group's mode: as the adapter's, or ``None`` for a group it leaves unmasked."""
+    return None if mode is None else _checked_mode(mode)
+
+
+def _inner_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The optimizer at the bottom of a chain of wrappers (``EGStepSize(ChildTuning(AdaX))`` → AdaX)."""
+    while isinstance(getattr(optimizer, "base", None), Optimizer):
+        optimizer = optimizer.base
+    return optimizer
 
 
 def _checked_seed(seed: Any) -> int:
@@ -72,7 +84,7 @@ class ChildTuning(Optimizer):
 
     #: checks of the ChildTuning options a param group may set for itself
     group_checks = {
-        "child_tuning_mode": lambda mode: _checked_mode(mode),
+        "child_tuning_mode": _checked_group_mode,
         "reserve_p": lambda p: check_range("reserve_p", p, 0.0, 1.0, low_open=True),
         "seed": lambda seed: _checked_seed(seed),
     }
@@ -87,21 +99,27 @@ class ChildTuning(Optimizer):
         # an optimfx optimizer with masks of its own takes the adapter's settings (its groups hold the
         # same keys, with its own defaults: they are overwritten, not filled in)
         self._delegates = isinstance(base, GradientMaskMixin)
-        if not self._delegates and any("child_tuning_mode" in g for g in base.param_groups):
+        inner = _inner_optimizer(base)
+        if not self._delegates and isinstance(inner, GradientMaskMixin):
             # a wrapper around an optimfx optimizer (EGStepSize(AdaX(...))): the shared groups' mask
             # options are that optimizer's, and setting them would mask inside it as well
-            raise ValueError(f"ChildTuning: the param groups of this {type(base).__name__} hold the ChildTuning "
-                             "options of an optimfx optimizer inside it; wrap that optimizer instead "
+            raise ValueError(f"ChildTuning: this {type(base).__name__} wraps a {type(inner).__name__}, whose "
+                             "ChildTuning options its param groups hold; wrap that optimizer instead "
                              "(e.g. EGStepSize(ChildTuning(AdaX(...), ...))) or pass child_tuning_mode= to it")
         if self._delegates:
+            masked = [g["child_tuning_mode"] for g in base.param_groups if g.get("child_tuning_mode") is not None]
+            if masked:
+                raise ValueError(f"ChildTuning: the {type(base).__name__} already masks its gradients "
+                                 f"(child_tuning_mode={masked[0]!r}); masking them twice would drop and "
+                                 "rescale twice")
             for group in base.param_groups:
-                if group.get("child_tuning_mode") is not None:
-                    raise ValueError(f"ChildTuning: the {type(base).__name__} already masks its gradients "
-                                     f"(child_tuning_mode={group['child_tuning_mode']!r}); masking them twice "
-                                     "would drop and rescale twice")
                 group.update(defaults)
         super().__init__(base.param_groups, defaults)
         self.param_groups = base.param_groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and groups; a copy needs its base too
+        return {**super().__getstate__(), "base": self.base, "_delegates": self._delegates}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,

@@ -144,6 +144,9 @@ class EGStepSize(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,
         which shares it; keys the group leaves out take both optimizers' defaults."""
+        # the gain bounds as a pair, as the constructor's gain_clamp (each alone: group_checks)
+        _check_gain_clamp((param_group.get("gain_min", self.defaults["gain_min"]),
+                           param_group.get("gain_max", self.defaults["gain_max"])))
         add_param_group_via_base(self, param_group, super().add_param_group)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -8,8 +8,9 @@ what the optimizer classes share: the ``child_tuning_mode``/``reserve_p``/``seed
 
 from __future__ import annotations
 
+import numbers
 from itertools import chain
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -62,6 +63,26 @@ def precision_defaults(bf16_rounding: str, rounding_seed: int) -> dict[str, Any]
     if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
         raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (must be an int)")
     return dict(bf16_rounding=bf16_rounding, rounding_seed=rounding_seed)
+
+
+def _checked_mode(mode: Any) -> Optional[str]:
+    return child_tuning_defaults(mode, 1.0, 0)["child_tuning_mode"]
+
+
+def _checked_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int)")
+    return int(value)
+
+
+#: checks of the ChildTuning and bf16-rounding options a param group may set (the constructor's
+#: spellings are accepted and normalised: ``"ChildTuning-F"`` is stored as ``"F"``)
+MASK_GROUP_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "child_tuning_mode": _checked_mode,
+    "reserve_p": lambda p: check_range("reserve_p", p, 0.0, 1.0, low_open=True),
+    "seed": lambda seed: _checked_int("seed", seed),
+    "rounding_seed": lambda seed: _checked_int("rounding_seed", seed),
+}
 
 
 class GradientMaskMixin:

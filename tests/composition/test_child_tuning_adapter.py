@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -232,3 +233,18 @@ def test_around_a_wrapper_of_an_optimfx_optimizer_it_says_where_to_put_the_masks
     p.grad = torch.ones(4)
     inner.step()
     assert torch.equal(p.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("copy_fn", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))], ids=["deepcopy", "pickle"])
+def test_a_copy_steps_like_the_original(copy_fn):
+    init, grads = _problem(steps=4)
+    params, opt = _run(_adamw_f, init, grads[:2])
+    twin = copy_fn(opt)
+    twin_params = twin.param_groups[0]["params"]
+    for gs in grads[2:]:
+        for p, q, g in zip(params, twin_params, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)

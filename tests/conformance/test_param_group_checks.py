@@ -26,6 +26,11 @@ CASES = [  # optimizer, key, bad value, message
     (optimfx.AdaFactor, "lr", -1e-3, r"^Invalid lr: -0.001"),
     (optimfx.AdaFactor, "backend", "cuda", r"^Invalid backend: 'cuda'"),
     (optimfx.AdaFactor, "bf16_rounding", "up", r"^Invalid bf16_rounding: 'up'"),
+    (optimfx.AdaFactor, "eps_mode", "bogus", r"^Invalid eps_mode: 'bogus'"),
+    (optimfx.AdaX, "child_tuning_mode", "X", r"^Invalid child_tuning_mode: 'X'"),
+    (optimfx.AdamW, "reserve_p", 0.0, r"^Invalid reserve_p: 0.0"),
+    (optimfx.AdaFactor, "seed", 1.5, r"^Invalid seed: 1.5"),
+    (optimfx.AdaXW, "rounding_seed", "x", r"^Invalid rounding_seed: 'x'"),
 ]
 
 
@@ -82,9 +87,10 @@ def test_adafactor_group_lr_none_means_the_relative_step_alone():
     (lambda b: optimfx.EGStepSize(b), "gamma_scale", -0.1, r"^Invalid gamma_scale: -0.1"),
     (lambda b: optimfx.EGStepSize(b), "scope", "layer", r"^Invalid scope: 'layer'"),
     (lambda b: optimfx.EGStepSize(b), "exp_clip", -1.0, r"^Invalid exp_clip: -1.0"),
+    (lambda b: optimfx.EGStepSize(b), "gain_min", 1e4, r"^Invalid gain_clamp: \(10000.0, 1000.0\)"),
     (lambda b: optimfx.ChildTuning(b, "F", 0.5), "reserve_p", 0.0, r"^Invalid reserve_p: 0.0"),
     (lambda b: optimfx.ChildTuning(b, "F", 0.5), "child_tuning_mode", "E", r"^Invalid mode: 'E'"),
-], ids=["eg-gamma_scale", "eg-scope", "eg-exp_clip", "childtuning-reserve_p", "childtuning-mode"])
+], ids=["eg-gamma_scale", "eg-scope", "eg-exp_clip", "eg-gain-pair", "childtuning-reserve_p", "childtuning-mode"])
 def test_wrapper_options_set_by_a_group_are_checked(wrap, key, bad, message):
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = wrap(torch.optim.SGD([p], lr=0.1))
@@ -94,3 +100,19 @@ def test_wrapper_options_set_by_a_group_are_checked(wrap, key, bad, message):
     # a base built with the bad value in a group: refused when the wrapper takes the groups over
     with pytest.raises(ValueError, match=message):
         wrap(torch.optim.SGD([{"params": [q], key: bad}], lr=0.1))
+
+
+def test_group_spellings_and_scalars_users_pass_are_accepted():
+    """The constructor's spellings of the mask mode (normalised as the constructor does), numpy
+    scalars (layer-wise lr recipes built with numpy), and a group the adapter leaves unmasked."""
+    np = pytest.importorskip("numpy")
+    p, q = torch.nn.Parameter(torch.ones(64)), torch.nn.Parameter(torch.ones(64))
+    opt = optimfx.AdamW([{"params": [p], "lr": np.float32(0.1), "weight_decay": np.int64(0),
+                          "child_tuning_mode": "ChildTuning-F", "reserve_p": 0.25}])
+    assert opt.param_groups[0]["child_tuning_mode"] == "F"
+    p.grad = torch.ones(64)
+    opt.step()
+    assert 0 < int((p.detach() != 1).sum()) < 40  # masked: about a quarter moved
+    adapter = optimfx.ChildTuning(torch.optim.SGD([q], lr=0.1), "F", 0.5)
+    adapter.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "child_tuning_mode": None})
+    assert adapter.param_groups[1]["child_tuning_mode"] is None
