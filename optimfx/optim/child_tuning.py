@@ -10,6 +10,7 @@ and D masks sliced like the parameter, so a sharded run masks as a single-proces
 
 from __future__ import annotations
 
+import warnings
 from itertools import chain
 from typing import Any, Callable, Mapping, Optional
 
@@ -117,6 +118,22 @@ class ChildTuning(Optimizer):
         super().__init__(base.param_groups, defaults)
         self.param_groups = base.param_groups
 
+    def _adopt_earlier_layout(self) -> None:
+        """A checkpoint of this adapter around an optimfx optimizer written before the adapter handed
+        it the masks: its D masks are in the adapter's state and its groups say "no mask" (the base's
+        default, which that adapter left in place, masking nothing). The masks move to the base and
+        the adapter's options apply again, with a warning."""
+        masks = {p: state.pop("child_mask") for p, state in self.state.items() if "child_mask" in state}
+        if masks:
+            self.base.set_gradient_mask(masks)  # type: ignore[attr-defined]
+        if all(group.get("child_tuning_mode") is None for group in self.param_groups):
+            for group in self.param_groups:
+                group.update({k: self.defaults[k] for k in ("child_tuning_mode", "reserve_p", "seed")})
+            warnings.warn("ChildTuning: this checkpoint's param groups apply no mask (written by an earlier "
+                          "version, whose adapter left an optimfx optimizer's masks off); the adapter's "
+                          f"mode {self.defaults['child_tuning_mode']!r} applies from now on.", UserWarning,
+                          stacklevel=3)
+
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; a copy needs its base too
         return {**super().__getstate__(), "base": self.base, "_delegates": self._delegates}
@@ -221,6 +238,8 @@ class ChildTuning(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the adapter's and the base's state (also a checkpoint holding the base's under ``"base"``)."""
         saved = load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
+        if self._delegates:
+            self._adopt_earlier_layout()
         for state in self.state.values():  # torch casts every state tensor to the param dtype on load
             if "child_mask" in state:
                 state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8)

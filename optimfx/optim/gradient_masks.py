@@ -139,9 +139,20 @@ class GradientMaskMixin:
             everything = list(chain.from_iterable(g["params"] for g in self.param_groups))
             fix_streams(everything, [self.state.get(p) for p in everything], group["params"])
 
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        saved = super().state_dict()  # type: ignore[misc]
+        pending = self._pending_masks
+        if pending:
+            # D masks set before a tensor's first step are saved too, in an entry without a step
+            index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+            for key, (p, mask) in pending.items():
+                if key in index:
+                    saved["state"].setdefault(index[key], {})["child_mask"] = mask
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        for state in self.state.values():
+        for p, state in list(self.state.items()):
             # stream ids are host integers (the base moves non-floating state to the parameter's device)
             stream = state.get("mask_stream")
             if isinstance(stream, Tensor) and stream.device.type != "cpu":
@@ -150,3 +161,6 @@ class GradientMaskMixin:
             if isinstance(mask, Tensor):
                 # the kernels multiply by the stored bytes: keep them 0/1 and contiguous
                 state["child_mask"] = (mask != 0).to(torch.uint8).contiguous()
+                if "step" not in state:  # saved before the tensor's first step: pending again
+                    self._pending_masks[id(p)] = (p, state["child_mask"])
+                    del self.state[p]

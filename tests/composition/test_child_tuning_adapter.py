@@ -248,3 +248,48 @@ def test_a_copy_steps_like_the_original(copy_fn):
         twin.step()
     for p, q in zip(params, twin_params):
         assert torch.equal(p, q)
+
+
+def _frozen_by_a_zero_mask(opt, p) -> bool:
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    opt.step()
+    return torch.equal(p.detach(), before)
+
+
+def test_a_d_mask_set_before_the_first_step_is_checkpointed():
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = optimfx.ChildTuning(optimfx.AdaX([p], lr=0.1, weight_decay=0.0), "D")
+    opt.set_gradient_mask({p: torch.zeros(8, dtype=torch.bool)})
+    saved = copy.deepcopy(opt.state_dict())
+    assert "base/child_mask" in saved["state"][0] and "base/step" not in saved["state"][0]
+    q = torch.nn.Parameter(torch.ones(8))
+    loaded = optimfx.ChildTuning(optimfx.AdaX([q], lr=0.1, weight_decay=0.0), "D")
+    loaded.load_state_dict(saved)
+    assert _frozen_by_a_zero_mask(loaded, q)
+    direct = optimfx.AdaX([p], lr=0.1, weight_decay=0.0, child_tuning_mode="D")  # the optimizer itself too
+    direct.set_gradient_mask({p: torch.zeros(8, dtype=torch.bool)})
+    again = optimfx.AdaX([q], lr=0.1, weight_decay=0.0, child_tuning_mode="D")
+    again.load_state_dict(direct.state_dict())
+    assert _frozen_by_a_zero_mask(again, q)
+
+
+def test_a_checkpoint_of_the_earlier_adapter_layout_masks_again():
+    """Written before the adapter handed an optimfx optimizer its masks: the groups said "no mask"
+    (the base's default) and the D masks sat in the adapter's own state."""
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = optimfx.ChildTuning(optimfx.AdaX([p], lr=0.1, weight_decay=0.0), "D")
+    opt.set_gradient_mask({p: torch.zeros(8, dtype=torch.bool)})
+    p.grad = torch.ones(8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for entry in saved["state"].values():
+        entry["child_mask"] = entry.pop("base/child_mask")
+    for group in saved["param_groups"]:
+        group["child_tuning_mode"] = None
+    q = torch.nn.Parameter(p.detach().clone())
+    loaded = optimfx.ChildTuning(optimfx.AdaX([q], lr=0.1, weight_decay=0.0), "D")
+    with pytest.warns(UserWarning, match="applies from now on"):
+        loaded.load_state_dict(saved)
+    assert loaded.param_groups[0]["child_tuning_mode"] == "D"
+    assert _frozen_by_a_zero_mask(loaded, q)
