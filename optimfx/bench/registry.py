@@ -47,13 +47,17 @@ Factory = Callable[[list[torch.Tensor]], Optimizer]
 def state_bytes(optimizer: Optimizer, *, skip: tuple[str, ...] = ()) -> int:
     """Bytes held in the optimizer's state tensors (measure after a step: state is lazy).
 
-    A wrapper's ``base`` optimizer (``EGStepSize``, ``ChildTuning``) is counted with it.
+    A wrapper's ``base`` optimizer (``EGStepSize``, ``ChildTuning``) is counted with it, and so are
+    the per-parameter buffers a wrapper keeps between steps outside its state (EG's saved θ).
     """
     total = 0
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and key not in skip:
                 total += value.numel() * value.element_size()
+    scratch = getattr(optimizer, "_scratch", None)
+    if isinstance(scratch, dict):
+        total += sum(v.numel() * v.element_size() for v in scratch.values() if isinstance(v, torch.Tensor))
     base = getattr(optimizer, "base", None)
     if isinstance(base, Optimizer):
         total += state_bytes(base, skip=skip)

@@ -25,8 +25,8 @@ import optimfx
 from optimfx._dispatch import triton_available
 
 
-def _adapter_d(ps, model):
-    opt = optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2), "D")
+def _adapter_d(ps, model, base=torch.optim.AdamW):
+    opt = optimfx.ChildTuning(base(ps, lr=1e-2), "D")
     opt.set_gradient_mask(_d_masks(model))
     return opt
 
@@ -42,7 +42,11 @@ OPTIMIZERS = {
                                                      backend=b),
     "adapter-f": lambda ps, m, b: optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2), "F", reserve_p=0.5, seed=2),
     "adapter-d": lambda ps, m, b: _adapter_d(ps, m),
+    # around an optimfx optimizer the adapter hands it its options and masks (no masking of its own)
+    "adapter-delegating-f": lambda ps, m, b: optimfx.ChildTuning(optimfx.AdaXW(ps, lr=1e-2), "F", 0.5, seed=4),
+    "adapter-delegating-d": lambda ps, m, b: _adapter_d(ps, m, optimfx.AdamW),
 }
+DELEGATING = ("adapter-delegating-f", "adapter-delegating-d")
 TRITON = {n for n in OPTIMIZERS if n.endswith("-triton")}
 ADAPTERS = ("adapter-f", "adapter-d")
 if not triton_available():
@@ -101,7 +105,7 @@ def _single(name: str):
 
 
 @pytest.mark.parametrize("name", [n if n in OPTIMIZERS else pytest.param(n, marks=pytest.mark.skip("no Triton"))
-                                  for n in sorted(TRITON) + list(ADAPTERS)])
+                                  for n in sorted(TRITON) + list(ADAPTERS) + list(DELEGATING)])
 def test_fsdp2_child_tuning_matches_single_process(results, name):
     got = results[name]
     assert got["error"] is None, got["error"]
