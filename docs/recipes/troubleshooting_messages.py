@@ -36,6 +36,12 @@ MESSAGES = {
     "adafactor-lr": "ValueError: Invalid lr: a manual lr cannot be combined with relative_step=True "
                     "(leave lr=None, or pass relative_step=False, or lr_mode='rho_max')",
     "complex": "RuntimeError: AdaFactor does not support complex parameters or gradients",
+    "group-betas": "ValueError: Invalid betas[0]: 1.0 (must be in [0.0, 1.0))",
+    "ct-twice": "ValueError: ChildTuning: the AdamW already masks its gradients (child_tuning_mode='F'); "
+                "masking them twice would drop and rescale twice",
+    "ct-wrapper": "ValueError: ChildTuning: this EGStepSize wraps AdaX, whose ChildTuning options its param "
+                  "groups hold; wrap that optimizer instead (e.g. EGStepSize(ChildTuning(AdaX(...), ...))) or "
+                  "pass child_tuning_mode= to it",
 }
 
 
@@ -112,6 +118,17 @@ expect("adafactor-lr", lambda: optimfx.AdaFactor(model.parameters(), lr=1e-3))
 optimfx.AdaFactor(model.parameters(), lr=1e-3, relative_step=False)  # an external lr
 cplx = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
 expect("complex", lambda: stepped(optimfx.AdaFactor([cplx])))
+
+# -- param groups and ChildTuning around another optimizer -----------------------------------------
+# a group's own hyperparameters are checked as the constructor's are, also in add_param_group
+expect("group-betas", lambda: optimfx.AdamW([{"params": [model.weight], "betas": (1.0, 0.999)}]))
+# the adapter around an optimfx optimizer sets that optimizer's own mask options...
+masked = optimfx.AdamW(model.parameters(), child_tuning_mode="F", reserve_p=0.3)
+expect("ct-twice", lambda: optimfx.ChildTuning(masked, "F", 0.3))
+stepped(optimfx.ChildTuning(optimfx.AdamW(model.parameters()), "F", 0.3))  # fine: AdamW masks, once
+# ...which a wrapper in between would share with it
+expect("ct-wrapper", lambda: optimfx.ChildTuning(optimfx.EGStepSize(optimfx.AdaX(model.parameters())), "D"))
+stepped(optimfx.EGStepSize(optimfx.ChildTuning(optimfx.AdaX(model.parameters()), "D")))  # the order that works
 
 # -- low precision: a bf16 weight ignores updates below half its spacing, silently ----------------
 p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))

@@ -104,7 +104,7 @@ class ChildTuning(Optimizer):
         if not self._delegates and isinstance(inner, GradientMaskMixin):
             # a wrapper around an optimfx optimizer (EGStepSize(AdaX(...))): the shared groups' mask
             # options are that optimizer's, and setting them would mask inside it as well
-            raise ValueError(f"ChildTuning: this {type(base).__name__} wraps a {type(inner).__name__}, whose "
+            raise ValueError(f"ChildTuning: this {type(base).__name__} wraps {type(inner).__name__}, whose "
                              "ChildTuning options its param groups hold; wrap that optimizer instead "
                              "(e.g. EGStepSize(ChildTuning(AdaX(...), ...))) or pass child_tuning_mode= to it")
         if self._delegates:
