@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import optimfx
-from _lockstep import assert_resumes_in_lockstep
+from _lockstep import assert_resumes_in_lockstep, assert_step_alike
 
 
 def _problem(seed=0, steps=5):
@@ -240,14 +240,7 @@ def test_a_copy_steps_like_the_original(copy_fn):
     init, grads = _problem(steps=4)
     params, opt = _run(_adamw_f, init, grads[:2])
     twin = copy_fn(opt)
-    twin_params = twin.param_groups[0]["params"]
-    for gs in grads[2:]:
-        for p, q, g in zip(params, twin_params, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        twin.step()
-    for p, q in zip(params, twin_params):
-        assert torch.equal(p, q)
+    assert_step_alike(params, opt, twin.param_groups[0]["params"], twin, grads[2:])
 
 
 def _frozen_by_a_zero_mask(opt, p) -> bool:
