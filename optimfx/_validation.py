@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -70,3 +70,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_backend(value: Any) -> str:
     return check_choice("backend", value, _BACKENDS)
+
+
+def apply_checks(values: dict[str, Any], checks: Mapping[str, Callable[[Any], Any]]) -> dict[str, Any]:
+    """Run ``checks[key]`` on every ``values[key]`` it names, in place, storing what each returns (the
+    checked value, normalised); ``values`` is returned. The one place a constructor's defaults and
+    a param group's own values are checked, so both are checked alike."""
+    for key, check in checks.items():
+        if key in values:
+            values[key] = check(values[key])
+    return values

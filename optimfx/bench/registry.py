@@ -326,8 +326,8 @@ def resolve(names: Iterable[str] | None) -> tuple[list[Impl], list[Contender]]:
 
     A name may be an implementation (``"AdaX:compiled"``), an optimizer (``"AdaX"``: its auto
     backend, and its race), a torch baseline (``"torch.Adam"``: every variant) or a wrapper
-    (``"Funnel"``: its one implementation, and its race). ``None`` selects the defaults of both. Raises ``KeyError`` naming
-    the first name that is neither timed nor raced.
+    (``"Funnel"``: its one implementation, and its race). ``None`` selects the defaults of both.
+    Raises ``KeyError`` naming the first name that is neither timed nor raced.
     """
     if names is None:
         return select(), select_contenders()

@@ -13,6 +13,8 @@ from typing import Any, Callable, Collection
 
 from torch.optim import Optimizer
 
+from .._validation import apply_checks
+
 BASE_PREFIX = "base/"
 
 
@@ -27,9 +29,7 @@ def add_param_group_via_base(wrapper: Any, param_group: dict[str, Any],
     wrapper does not share the base's list yet), ``own_add`` (``Optimizer.add_param_group``) fills in
     the wrapper's defaults on them.
     """
-    for key, check in wrapper.group_checks.items():
-        if key in param_group:
-            param_group[key] = check(param_group[key])
+    apply_checks(param_group, wrapper.group_checks)
     if wrapper.__dict__.get("param_groups") is not wrapper.base.param_groups:
         own_add(param_group)
         return

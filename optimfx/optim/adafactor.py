@@ -14,8 +14,7 @@ from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
 from .base import FxOptimizer, _checked_lr
-from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults, documented,
-                             precision_defaults)
+from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, documented
 
 Tensor = torch.Tensor
 
@@ -152,19 +151,14 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
                              "(must be None or a positive int)")
         defaults = dict(
             lr=lr, eps=(eps1, check_nonnegative("eps[1]", eps[1])),
-            clip_threshold=check_range("clip_threshold", clip_threshold, 1.0, float("inf")),
-            decay_rate=check_range("decay_rate", decay_rate, float("-inf"), 0.0, high_open=True),
-            beta1=None if beta1 is None else check_range("beta1", beta1, 0.0, 1.0, high_open=True),
-            weight_decay=check_nonnegative("weight_decay", weight_decay),
+            # these are checked as a param group's values are (FxOptimizer.__init__, group_checks)
+            clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
             scale_parameter=bool(scale_parameter), relative_step=bool(relative_step),
             warmup_init=bool(warmup_init), min_dim_size_to_factor=min_dim_size_to_factor,
-            beta2_cap=None if beta2_cap is None else check_range("beta2_cap", beta2_cap, 0.0, 1.0,
-                                                                   high_open=True),
-            lr_mode=lr_mode, eps_mode=eps_mode,
-            decay_mode=check_choice("decay_mode", decay_mode, ref.DECAY_MODES),
-            **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
+            beta2_cap=beta2_cap, lr_mode=lr_mode, eps_mode=eps_mode, decay_mode=decay_mode,
+            child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
-            **precision_defaults(bf16_rounding, rounding_seed),
+            bf16_rounding=bf16_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
         _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")

@@ -13,8 +13,7 @@ from ..reference import adamw as ref
 from ..reference import aten_fused
 from ..reference import child_tuning as ct
 from .base import FxOptimizer
-from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults, documented,
-                             precision_defaults)
+from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, documented
 
 ADAMW = Algorithm(
     name="adamw",
@@ -75,14 +74,12 @@ class AdamW(GradientMaskMixin, FxOptimizer):
                  maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
                  bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
         defaults = dict(
-            lr=lr, betas=check_betas(betas, ADAMW_BETAS),
-            eps=check_nonnegative("eps", eps), weight_decay=check_nonnegative("weight_decay", weight_decay),
-            correct_bias=bool(correct_bias),
-            eps_placement=check_choice("eps_placement", eps_placement, ref.EPS_PLACEMENTS),
-            decay_order=check_choice("decay_order", decay_order, ref.DECAY_ORDERS),
-            **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
+            # checked as a param group's values are (FxOptimizer.__init__, group_checks)
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=bool(correct_bias),
+            eps_placement=eps_placement, decay_order=decay_order,
+            child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
             maximize=bool(maximize), skip_nonfinite=bool(skip_nonfinite), backend=backend,
-            **precision_defaults(bf16_rounding, rounding_seed),
+            bf16_rounding=bf16_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
 

@@ -8,12 +8,11 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .._algorithm import Algorithm
-from .._validation import check_betas, check_choice, check_nonnegative, check_positive
+from .._validation import check_betas, check_choice, check_positive
 from ..reference import aten_fused
 from ..reference import adax as ref
 from .base import FxOptimizer
-from .gradient_masks import (CHILD_TUNING_ARGS, MASK_GROUP_CHECKS, GradientMaskMixin, child_tuning_defaults,
-                             precision_defaults)
+from .gradient_masks import CHILD_TUNING_ARGS, MASK_GROUP_CHECKS, GradientMaskMixin
 
 ADAX = Algorithm(
     name="adax",
@@ -74,15 +73,13 @@ class _AdaXBase(GradientMaskMixin, FxOptimizer):
                  eps: float, weight_decay: float, *, eps_mode: str, child_tuning_mode: Optional[str],
                  reserve_p: float, seed: int, maximize: bool, skip_nonfinite: bool, backend: str,
                  bf16_rounding: str, rounding_seed: int) -> None:
-        betas = check_betas(betas, ADAX_BETAS)
         defaults = dict(
-            lr=lr, betas=betas, eps=check_positive("eps", eps),
-            weight_decay=check_nonnegative("weight_decay", weight_decay),
-            eps_mode=check_choice("eps_mode", eps_mode, ref.EPS_MODES),
-            decoupled=self._decoupled, **child_tuning_defaults(child_tuning_mode, reserve_p, seed),
+            # checked as a param group's values are (FxOptimizer.__init__, group_checks)
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+            decoupled=self._decoupled, child_tuning_mode=child_tuning_mode, reserve_p=reserve_p, seed=seed,
             maximize=bool(maximize),
             skip_nonfinite=bool(skip_nonfinite), backend=backend,
-            **precision_defaults(bf16_rounding, rounding_seed),
+            bf16_rounding=bf16_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
 

@@ -20,7 +20,7 @@ from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
 from .._counters import StepCounters, group_counters, standalone_steps
 from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
-from .._validation import check_backend, check_choice, check_lr, check_nonnegative
+from .._validation import apply_checks, check_backend, check_choice, check_lr, check_nonnegative
 
 Tensor = torch.Tensor
 
@@ -57,12 +57,11 @@ class FxOptimizer(Optimizer):
     #: checks of the hyperparameters a param group may set for itself, ``key → check`` (the check
     #: returns the value to store, or raises ``ValueError`` naming the argument): applied to every
     #: group given to the constructor or to :meth:`add_param_group`, as to the constructor's own
-    #: arguments (``torch.optim`` checks only those). Classes add their own to :data:`GROUP_CHECKS`.
+    #: arguments (``torch.optim`` checks only those), with the same checks the constructor's defaults
+    #: go through. Classes add their own to :data:`GROUP_CHECKS`.
     group_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        check_lr(defaults["lr"])
-        check_backend(defaults["backend"])
         # torch.optim's __setstate__ adds this key on load; having it from the start keeps
         # state_dict → load → state_dict identical
         defaults.setdefault("differentiable", False)
@@ -70,6 +69,7 @@ class FxOptimizer(Optimizer):
         # "stochastic"), and the seed of the stochastic rounding
         defaults.setdefault("bf16_rounding", "nearest")
         defaults.setdefault("rounding_seed", 0)
+        apply_checks(defaults, {**GROUP_CHECKS, **self.group_checks})
         super().__init__(params, defaults)
         self._warned_skip = False
         self._step_counters: dict[int, StepCounters] = {}
@@ -77,9 +77,7 @@ class FxOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, checking the hyperparameters it sets as the constructor checks its own."""
-        for key, check in {**GROUP_CHECKS, **self.group_checks}.items():
-            if key in param_group:
-                param_group[key] = check(param_group[key])
+        apply_checks(param_group, {**GROUP_CHECKS, **self.group_checks})
         super().add_param_group(param_group)
 
     def _register_state_dict_hooks(self) -> None:

@@ -19,10 +19,10 @@ from torch.optim import Optimizer
 
 from .. import _distributed
 from .._precision import real_view, working_copy
-from .._validation import check_range
+from .._validation import apply_checks
 from ..reference import child_tuning as ct
 from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
-from .gradient_masks import GradientMaskMixin
+from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
@@ -49,11 +49,6 @@ def _inner_optimizer(optimizer: Optimizer) -> Optimizer:
         optimizer = optimizer.base
     return optimizer
 
-
-def _checked_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
-    return seed
 
 
 class ChildTuning(Optimizer):
@@ -86,17 +81,17 @@ class ChildTuning(Optimizer):
     #: checks of the ChildTuning options a param group may set for itself
     group_checks = {
         "child_tuning_mode": _checked_group_mode,
-        "reserve_p": lambda p: check_range("reserve_p", p, 0.0, 1.0, low_open=True),
-        "seed": lambda seed: _checked_seed(seed),
+        "reserve_p": MASK_GROUP_CHECKS["reserve_p"],
+        "seed": MASK_GROUP_CHECKS["seed"],
     }
 
     def __init__(self, base: Optimizer, mode: str, reserve_p: float = 1.0, seed: int = 0) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"ChildTuning wraps a torch.optim.Optimizer, got {type(base).__name__}")
         self.base = base
-        defaults = dict(child_tuning_mode=_checked_mode(mode), reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0,
-                                                                                      low_open=True),
-                        seed=_checked_seed(seed))
+        # a group may leave itself unmasked (None); the adapter's own mode must mask
+        defaults = apply_checks(dict(child_tuning_mode=_checked_mode(mode), reserve_p=reserve_p, seed=seed),
+                                self.group_checks)
         # an optimfx optimizer with masks of its own takes the adapter's settings (its groups hold the
         # same keys, with its own defaults: they are overwritten, not filled in)
         self._delegates = isinstance(base, GradientMaskMixin)

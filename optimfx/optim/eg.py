@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from .. import _distributed
 from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
-from .._validation import check_choice, check_lr, check_nonnegative, check_positive, check_range
+from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
 from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
 from .base import FxOptimizer
@@ -109,8 +109,8 @@ class EGStepSize(Optimizer):
         "gamma_gain": partial(check_nonnegative, "gamma_gain"),
         "scope": partial(check_choice, "scope", choices=ref.SCOPES),
         "exp_clip": lambda v: None if v is None else check_nonnegative("exp_clip", v),
-        "gain_min": lambda v: None if v is None else check_nonnegative("gain_clamp[0]", v),
-        "gain_max": lambda v: None if v is None else check_positive("gain_clamp[1]", v),
+        "gain_min": lambda v: _check_gain_clamp((v, None))[0],
+        "gain_max": lambda v: _check_gain_clamp((None, v))[1],
         "eg_backend": partial(check_choice, "backend", choices=BACKENDS),
     }
 
@@ -122,17 +122,12 @@ class EGStepSize(Optimizer):
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
         gain_min, gain_max = _check_gain_clamp(gain_clamp)
-        defaults = dict(
-            eg_lr=check_nonnegative("lr", lr), eg_momentum=check_range("momentum", momentum, 0.0, 1.0, high_open=True),
-            eg_beta=check_range("beta", beta, 0.0, 1.0, high_open=True),
-            gamma_scale=check_nonnegative("gamma_scale", gamma_scale),
-            gamma_gain=check_nonnegative("gamma_gain", gamma_gain), normalize=bool(normalize),
-            scope=check_choice("scope", scope, ref.SCOPES),
-            exp_clip=None if exp_clip is None else check_nonnegative("exp_clip", exp_clip),
-            gain_min=gain_min, gain_max=gain_max,
+        defaults = apply_checks(dict(
+            eg_lr=lr, eg_momentum=momentum, eg_beta=beta, gamma_scale=gamma_scale, gamma_gain=gamma_gain,
+            normalize=bool(normalize), scope=scope, exp_clip=exp_clip, gain_min=gain_min, gain_max=gain_max,
             # "eg_" keeps it apart from the ``backend`` key of an optimfx base (the groups are shared)
-            eg_backend=check_choice("backend", backend, BACKENDS),
-        )
+            eg_backend=backend,
+        ), self.group_checks)  # the checks of a param group's own values
         self.base = base
         self.skip_nonfinite = bool(skip_nonfinite)
         # share the base's group dicts, so schedulers and add_param_group act on both

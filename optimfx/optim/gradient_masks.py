@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from .._precision import BF16_ROUNDINGS
 from .._validation import check_range
 from ..reference import child_tuning as ct
 from .mask_streams import fix_streams
@@ -44,44 +43,30 @@ def documented(cls: type) -> type:
     return cls
 
 
-def child_tuning_defaults(child_tuning_mode: Optional[str], reserve_p: float, seed: int) -> dict[str, Any]:
-    """The validated ChildTuning group options (``ValueError`` naming a bad argument)."""
-    mode = ct.normalise_mode(child_tuning_mode)
-    if mode not in ct.MODES:
-        raise ValueError(f"Invalid child_tuning_mode: {child_tuning_mode!r} (must be None, 'F', 'D', "
-                         "'ChildTuning-F' or 'ChildTuning-D')")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
-    return dict(child_tuning_mode=mode, reserve_p=check_range("reserve_p", reserve_p, 0.0, 1.0, low_open=True),
-                seed=seed)
-
-
-def precision_defaults(bf16_rounding: str, rounding_seed: int) -> dict[str, Any]:
-    """The validated bf16 write options (``ValueError`` naming a bad argument)."""
-    if bf16_rounding not in BF16_ROUNDINGS:
-        raise ValueError(f"Invalid bf16_rounding: {bf16_rounding!r} (must be one of {BF16_ROUNDINGS})")
-    if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
-        raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (must be an int)")
-    return dict(bf16_rounding=bf16_rounding, rounding_seed=rounding_seed)
-
-
 def _checked_mode(mode: Any) -> Optional[str]:
-    return child_tuning_defaults(mode, 1.0, 0)["child_tuning_mode"]
+    """``None``, ``"F"`` or ``"D"``, from any spelling the constructors accept."""
+    normalised = ct.normalise_mode(mode)
+    if normalised not in ct.MODES:
+        raise ValueError(f"Invalid child_tuning_mode: {mode!r} (must be None, 'F', 'D', "
+                         "'ChildTuning-F' or 'ChildTuning-D')")
+    return normalised
 
 
-def _checked_int(name: str, value: Any) -> int:
+def checked_int(name: str, value: Any) -> int:
+    """An integer option (Python or numpy; not a bool), as an ``int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"Invalid {name}: {value!r} (must be an int)")
     return int(value)
 
 
-#: checks of the ChildTuning and bf16-rounding options a param group may set (the constructor's
-#: spellings are accepted and normalised: ``"ChildTuning-F"`` is stored as ``"F"``)
+#: checks of the ChildTuning options and the rounding seed, for a constructor's defaults and for the
+#: values a param group sets (``FxOptimizer`` runs them on both; the constructor's spellings are
+#: normalised: ``"ChildTuning-F"`` is stored as ``"F"``)
 MASK_GROUP_CHECKS: dict[str, Callable[[Any], Any]] = {
     "child_tuning_mode": _checked_mode,
     "reserve_p": lambda p: check_range("reserve_p", p, 0.0, 1.0, low_open=True),
-    "seed": lambda seed: _checked_int("seed", seed),
-    "rounding_seed": lambda seed: _checked_int("rounding_seed", seed),
+    "seed": lambda seed: checked_int("seed", seed),
+    "rounding_seed": lambda seed: checked_int("rounding_seed", seed),
 }
 
 
