@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -10,6 +12,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _distributed
 from .._algorithm import Algorithm
+from .._precision import compute_dtype
 from .._validation import check_choice, check_nonnegative, check_range
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
@@ -26,6 +29,12 @@ ADAFACTOR = Algorithm(
     reference_step=ref.step_,
     group_step=functools.partial(step_stacks, functools.partial(ref.step_, stacked=True)),
 )
+
+
+#: a param-group key set when ``transformers``' ``AdafactorSchedule`` reads the group's step size
+#: (:meth:`AdaFactor._get_lr`): the group's ``lr`` then holds the value that scheduler logs, and a
+#: relative-step group does not apply it (``transformers``' Adafactor ignores it there)
+LOGGED_LR_KEY = "lr_is_logged_step_size"
 
 
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -84,6 +93,14 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         maximize: ascend the objective. Default: ``False``.
         skip_nonfinite: skip a group's step when its gradients hold inf/NaN. Default: ``True``.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``. Default: ``"auto"``.
+
+    Note:
+        ``transformers.optimization.AdafactorSchedule`` works on this optimizer as on
+        ``transformers``' Adafactor: it logs the step size :math:`\alpha_t` (:meth:`_get_lr`), and
+        the values it writes into a relative-step group's ``lr`` are not applied. Before the
+        scheduler's first read, the ``initial_lr`` it wrote at construction (``0.0`` by default)
+        multiplies the relative step; ``AdafactorSchedule(opt, initial_lr=1.0)`` keeps the first
+        step as well.
 
     Note:
         ``torch.optim.Adafactor(lr=a, eps=(None, e2), d=d, beta2_decay=c, weight_decay=w)`` is
@@ -163,6 +180,46 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         super().__init__(params, defaults)
         _distributed.warn_flat_parameters([p for g in self.param_groups for p in g["params"]], "AdaFactor")
 
+    def _get_lr(self, param_group: dict[str, Any], param_state: dict[str, Any]) -> float:
+        r"""The step size :math:`\alpha_t = \rho_t\,\max(\epsilon_2, \mathrm{RMS}(\theta))` of the
+        group's last step, for logging: the method ``transformers``' Adafactor has under this name,
+        which its ``AdafactorSchedule`` calls with a group and its first parameter's state.
+
+        That scheduler writes the value it logs into the group's ``lr``. In relative-step mode
+        (``lr_mode="scale"``) the first call marks the group (:data:`LOGGED_LR_KEY`, saved with the
+        group), and from then on its ``lr`` is not applied, as ``transformers``' Adafactor ignores it;
+        a warning tells when the value the scheduler wrote at construction had scaled the steps
+        taken before. With an external lr the written value is applied, as in ``transformers``.
+        The parameter scale is the RMS of the group's first parameter now (``transformers`` keeps
+        the one before its last update).
+        """
+        hp = ref.AdaFactorHyper.from_group(param_group)
+        logged = hp.relative_step and hp.lr_mode == "scale"
+        if logged and not param_group.get(LOGGED_LR_KEY, False):
+            if float(param_group["lr"]) != 1.0 and param_state.get("step", 0) > 0:
+                warnings.warn(f"AdaFactor: a scheduler reads the step size through _get_lr "
+                              f"(transformers' AdafactorSchedule): the lr it writes is not applied from "
+                              f"now on; the steps before used the lr it wrote at construction, "
+                              f"{float(param_group['lr'])!r}, as the multiplier of the relative step "
+                              f"(AdafactorSchedule(opt, initial_lr=1.0) avoids that)", UserWarning,
+                              stacklevel=3)
+            param_group[LOGGED_LR_KEY] = True
+        step = max(int(param_state.get("step", 0)), 1)
+        size = ref.step_size(1.0 if logged else float(param_group["lr"]), ref.host_scalars(step, hp), hp)
+        if hp.scale_parameter:
+            param = param_group["params"][0].detach()
+            if _distributed.is_dtensor(param):
+                param = param.full_tensor()
+            norm = torch.linalg.vector_norm(param.to(compute_dtype(param.dtype)))
+            rms = float(norm) / math.sqrt(max(param.numel(), 1))
+            size *= max(hp.eps2, rms)
+        return float(size)
+
+    def _step_lr(self, group: dict[str, Any]) -> Any:
+        if group.get(LOGGED_LR_KEY, False) and group["relative_step"] and group["lr_mode"] == "scale":
+            return 1.0  # the group's lr holds the step size a logging scheduler wrote (_get_lr)
+        return group["lr"]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
         if "lr" in param_group and param_group["lr"] is None:
             # transformers' spelling of "the relative step alone", as the constructor's lr=None
@@ -203,10 +260,13 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
                 _distributed.warn_replaced_parameter(max(group["params"], key=Tensor.numel), "AdaFactor")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # a group without lr_mode comes from a transformers Adafactor checkpoint, whose relative step
+        # ignores the group's lr: it holds None, or the step size its AdafactorSchedule logged
+        foreign = [id(g) for g in state.get("param_groups", ()) if "lr_mode" not in g]
         super().__setstate__(state)
         self._record_given(())  # the tensors the copy holds now, before anything rewrites its groups
-        # a transformers Adafactor checkpoint stores lr=None for the relative step: here the group's
-        # lr is the multiplier that schedulers scale, 1.0 by default
         for group in self.param_groups:
-            if group.get("lr") is None and group.get("relative_step", True):
+            # here a relative-step group's lr is the multiplier that schedulers scale, 1.0 by default
+            relative = group.get("relative_step", True)
+            if relative and (group.get("lr") is None or id(group) in foreign):
                 group["lr"] = 1.0

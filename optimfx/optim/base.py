@@ -179,13 +179,17 @@ class FxOptimizer(Optimizer):
                                                               [s.get(_distributed.SHARD_KEY) for s in states])
             backend = _dispatch.resolve_backend(group["backend"], params)
             stepped = finite and _dispatch.run(self.algorithm, backend, params, grads, states, step_counts,
-                                               hyper, group["lr"], skip_nonfinite, **options)
+                                               hyper, self._step_lr(group), skip_nonfinite, **options)
             if not stepped and not self._warned_skip:
                 self._warned_skip = True
                 warnings.warn(f"{type(self).__name__}: gradients hold inf/NaN; the step was skipped for "
                               "that parameter group (parameters and state unchanged). This warning is "
                               "shown once.", RuntimeWarning, stacklevel=2)
         return loss
+
+    def _step_lr(self, group: dict[str, Any]) -> Any:
+        """The lr this step applies to ``group``: its ``lr`` (AdaFactor may set it aside)."""
+        return group["lr"]
 
     def _precision_options(self, group: dict[str, Any]) -> dict[str, Any]:
         """GradScaler's ``grad_scale``/``found_inf`` (set on the optimizer around ``step()`` when it
