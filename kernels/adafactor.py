@@ -105,12 +105,13 @@ def _lerp(b_old, b_new, weight):
 
 
 @triton.jit
-def _col_term(b_col, EPS_TORCH: tl.constexpr):
+def _col_term(b_col, tiny, EPS_TORCH: tl.constexpr):
     # the column factor of U, formed once per band: C_j (torch mode) or rsqrt(C_j) (paper)
     if EPS_TORCH:
         b_cf = b_col
     else:
-        b_cf = tl.rsqrt(b_col)
+        # C_j ≥ ε1 unless ε1 < tiny (then a zero column stays a zero update, as in the reference)
+        b_cf = tl.rsqrt(tl.maximum(b_col, tiny))
     return b_cf
 
 
@@ -118,21 +119,24 @@ def _col_term(b_col, EPS_TORCH: tl.constexpr):
 def _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH: tl.constexpr):
     if EPS_TORCH:
         # torch.optim.Adafactor: U = g / sqrt(max(R_i·C_j / max(R̄, ε1), ε1²)), floors kept > 0
-        b_v = b_row[:, None] * b_cf[None, :] / tl.maximum(rbar, floor1)
+        # (R_i / R̄ first: the product R_i·C_j alone overflows fp32 for gradients of ~1e10)
+        b_v = (b_row / tl.maximum(rbar, floor1))[:, None] * b_cf[None, :]
         b_u = tl.rsqrt(tl.maximum(b_v, floor2)) * b_g
     else:
-        # paper: U = g·rsqrt(R_i / R̄)·rsqrt(C_j), V̂ never formed
-        b_rf = tl.rsqrt(b_row / tl.maximum(rbar, tiny))
+        # paper: U = g·rsqrt(R_i / R̄)·rsqrt(C_j), V̂ never formed; R̄/R_i capped at 1/tiny as in the
+        # reference, so a zero row (ε1 < tiny) stays a zero update
+        b_rf = tl.rsqrt(tl.maximum(b_row / tl.maximum(rbar, tiny), tiny))
         b_u = b_g * b_rf[:, None] * b_cf[None, :]
     return b_u
 
 
 @triton.jit
-def _unfactored_u(b_g, b_v, floor2, EPS_TORCH: tl.constexpr):
+def _unfactored_u(b_g, b_v, floor2, tiny, EPS_TORCH: tl.constexpr):
     if EPS_TORCH:
         b_u = tl.rsqrt(tl.maximum(b_v, floor2)) * b_g
     else:
-        b_u = tl.rsqrt(b_v) * b_g
+        # V ≥ ε1 unless ε1 < tiny (then a zero entry stays a zero update, as in the reference)
+        b_u = tl.rsqrt(tl.maximum(b_v, tiny)) * b_g
     return b_u
 
 
@@ -349,7 +353,7 @@ def _rms_sub(p_g, p_d, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, s
         else:
             b_v = b_v * omw + weight * b_g * b_g + w_eps
         store_cast(p_a, o, b_v, m, MASKED)
-        b_u = _unfactored_u(b_g, b_v, floor2, EPS_TORCH)
+        b_u = _unfactored_u(b_g, b_v, floor2, tiny, EPS_TORCH)
     if MASKED:
         b_u = tl.where(m, b_u, 0.0)
     return b_uu + b_u * b_u
@@ -385,7 +389,7 @@ def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_p
         if (i_r == 0) & (i_c == 0):
             # R̄ of the slice for the apply pass, after the [slices, row jobs] partials
             tl.store(p_rb + tl.load(p_meta + _SLICES) * n_jr + i_s, rbar)
-        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), EPS_TORCH)
+        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), tiny, EPS_TORCH)
     p_row = p_a + i_s * n_r
     b_uu = tl.zeros([SR, BC], tl.float32)
     for j in range(n_sub):
@@ -444,7 +448,7 @@ def _apply_sub(p_p, p_g, p_d, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, facto
         b_v = load_f32(p_a, o, m, MASKED)
         if MASKED:
             b_v = tl.where(m, b_v, 1.0)
-        b_u = _unfactored_u(b_g, b_v, floor2, EPS_TORCH)
+        b_u = _unfactored_u(b_g, b_v, floor2, tiny, EPS_TORCH)
     b_p = load_f32(p_p, o, m, MASKED)
     if MOMENTUM:
         b_m = load_f32(p_m, o, m, MASKED)
@@ -489,7 +493,7 @@ def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip
     if factored:
         n_jr = (n_r + RJ - 1) // RJ
         rbar = tl.load(p_rb + tl.load(p_meta + _OFF_RB) + tl.load(p_meta + _SLICES) * n_jr + i_s)
-        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), EPS_TORCH)
+        b_cf = _col_term(tl.load(p_b + i_s * n_c + o_c, mask=o_c < n_c, other=1.0), tiny, EPS_TORCH)
     p_row = p_a + i_s * n_r
     for j in range(n_sub):
         o_r, o, m, full = _sub(o_s, n, n_r, n_c, i_r * BR + j * SR, o_c, c_end, SR)

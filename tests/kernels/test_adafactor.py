@@ -137,6 +137,9 @@ ZERO_CASES = {
     "torch-mode": CASES["torch-mode"],
     # ε1² = 1e-60 flushes to 0 in fp32: the clamp floors must stay positive (reference ``_floor``)
     "torch-mode-tiny-eps1": dict(lr=1e-2, eps=(1e-30, 1e-3), lr_mode="rho_max", eps_mode="torch"),
+    # ε1 = 0 (allowed): R_i, C_j and V of zero rows, columns and entries are 0; R̄/R_i, 1/C_j and 1/V
+    # are capped at 1/tiny as in the reference, so a zero gradient stays a zero update
+    "paper-eps1-zero": dict(eps=(0.0, 1e-3)),
 }
 
 
@@ -373,3 +376,18 @@ def test_fsdp2_shards_of_another_axis_take_the_reference_step(monkeypatch):
     ref.step_(stacked, torch.cat([grad, grad], dim=1), stacked_state, hp, sc, group["lr"])
     torch.testing.assert_close(shard, stacked[:, :7], **FP32)
     torch.testing.assert_close(state["exp_avg_sq_row"], stacked_state["exp_avg_sq_row"], **FP32)
+
+
+@pytest.mark.parametrize("case", ["paper", "torch-mode"])
+def test_huge_gradients_match_the_reference(case):
+    """Gradients of ~1e12: G² ~ 1e24 and its row and column means are finite in fp32, but the product
+    R_i·C_j of torch mode is not (~1e48); V̂ is formed as (R_i/R̄)·C_j, as in the reference."""
+    shapes = [(37, 129), (3, 4, 5), (5, 1), (9,)]
+    init = _tensors(shapes, torch.float32, 0)
+    ker, ref = _Run(init, "triton", **CASES[case]), _Run(init, "reference", **CASES[case])
+    for t in range(1, 3):
+        grads = [g * 1e12 for g in _tensors(shapes, torch.float32, t)]
+        ker.step(grads)
+        ref.step(grads)
+        assert all(not torch.equal(p, q) for p, q in zip(ker.params, init))
+        _assert_same(ker, ref, FP32, msg=f"step {t}")
