@@ -18,6 +18,24 @@ from .._validation import apply_checks
 BASE_PREFIX = "base/"
 
 
+def share_base_groups(wrapper: Any, own_defaults: dict[str, Any]) -> None:
+    """After ``Optimizer.__init__(wrapper, base.param_groups, own_defaults)``: ``wrapper`` shares its
+    base's group dicts, so schedulers and ``add_param_group`` act on both, and its ``defaults`` are the
+    base's with its own on top (``own_defaults``), since schedulers read ``optimizer.defaults`` as well:
+    ``OneCycleLR``/``CyclicLR`` look for ``betas`` or ``momentum`` there, ``transformers``' polynomial
+    schedule for ``lr``."""
+    wrapper.param_groups = wrapper.base.param_groups
+    wrapper.own_defaults = dict(own_defaults)
+    wrapper.defaults = {**wrapper.base.defaults, **own_defaults}
+
+
+def restore_own_defaults(wrapper: Any) -> None:
+    """``__setstate__``: a copy pickled before ``own_defaults`` existed held only its own defaults."""
+    if "own_defaults" not in wrapper.__dict__:
+        wrapper.own_defaults = dict(wrapper.defaults)
+        wrapper.defaults = {**wrapper.base.defaults, **wrapper.own_defaults}
+
+
 def add_param_group_via_base(wrapper: Any, param_group: dict[str, Any],
                              own_add: Callable[[dict[str, Any]], None]) -> None:
     """``wrapper.add_param_group``: the wrapper checks the keys of its own the group sets
@@ -35,7 +53,7 @@ def add_param_group_via_base(wrapper: Any, param_group: dict[str, Any],
         return
     # the wrapper's defaults first: where the base has a key of the same name (the ChildTuning
     # adapter's mask options on an optimfx optimizer that masks itself) the wrapper's value counts
-    for key, value in wrapper.defaults.items():
+    for key, value in wrapper.own_defaults.items():
         param_group.setdefault(key, value)
     wrapper.base.add_param_group(param_group)
 

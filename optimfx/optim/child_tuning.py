@@ -21,7 +21,8 @@ from .. import _distributed
 from .._precision import real_view, working_copy
 from .._validation import apply_checks
 from ..reference import child_tuning as ct
-from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
+from ._wrapped_state import (add_param_group_via_base, load_with_base_state, restore_own_defaults, share_base_groups,
+                             state_dict_with_base)
 from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin
 from .mask_streams import fix_streams
 
@@ -111,7 +112,7 @@ class ChildTuning(Optimizer):
             for group in base.param_groups:
                 group.update(defaults)
         super().__init__(base.param_groups, defaults)
-        self.param_groups = base.param_groups
+        share_base_groups(self, defaults)
 
     def _adopt_earlier_layout(self) -> None:
         """A checkpoint of this adapter around an optimfx optimizer written before the adapter handed
@@ -131,7 +132,12 @@ class ChildTuning(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; a copy needs its base too
-        return {**super().__getstate__(), "base": self.base, "_delegates": self._delegates}
+        return {**super().__getstate__(), "base": self.base, "own_defaults": self.own_defaults,
+                "_delegates": self._delegates}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        restore_own_defaults(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,

@@ -30,7 +30,8 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, working_copy
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
-from ._wrapped_state import add_param_group_via_base, load_with_base_state, state_dict_with_base
+from ._wrapped_state import (add_param_group_via_base, load_with_base_state, restore_own_defaults, share_base_groups,
+                             state_dict_with_base)
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
@@ -130,9 +131,8 @@ class EGStepSize(Optimizer):
         ), self.group_checks)  # the checks of a param group's own values
         self.base = base
         self.skip_nonfinite = bool(skip_nonfinite)
-        # share the base's group dicts, so schedulers and add_param_group act on both
         super().__init__(base.param_groups, defaults)
-        self.param_groups = base.param_groups
+        share_base_groups(self, defaults)
         self._warned_skip = False
         self._scratch: dict[Any, Any] = {}
 
@@ -146,15 +146,22 @@ class EGStepSize(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; the base and the flag belong to a copy too
-        return {**super().__getstate__(), "base": self.base, "skip_nonfinite": self.skip_nonfinite,
+        return {**super().__getstate__(), "base": self.base, "own_defaults": self.own_defaults,
+                "skip_nonfinite": self.skip_nonfinite,
                 "_warned_skip": self._warned_skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints written before an option existed
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        restore_own_defaults(self)
+        self._fill_own_defaults()
         self._scratch = {}
+
+    def _fill_own_defaults(self) -> None:
+        """EG's defaults for the EG keys a group lacks: one added to the base directly, or one of a
+        checkpoint written before an option existed."""
+        for group in self.param_groups:
+            for key, value in self.own_defaults.items():
+                group.setdefault(key, value)
 
     @staticmethod
     def _hyper(group: dict) -> ref.EGHyper:
@@ -169,6 +176,7 @@ class EGStepSize(Optimizer):
         return state
 
     def _units(self) -> list[_Unit]:
+        self._fill_own_defaults()
         units = []
         for group in self.param_groups:
             owners = [p for p in group["params"] if p.grad is not None]
@@ -351,9 +359,7 @@ class EGStepSize(Optimizer):
         policy's dtype (``torch.optim`` would cast it to the parameter dtype: bf16 for a bf16 model).
         """
         saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
-        for group in self.param_groups:  # checkpoints written before an option existed
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        self._fill_own_defaults()
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():

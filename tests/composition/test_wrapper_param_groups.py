@@ -57,3 +57,72 @@ def test_a_parameter_already_in_a_group_is_refused_by_the_base():
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
         opt.add_param_group({"params": params[1:3]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("base", list(BASES))
+def test_defaults_are_the_bases_with_the_wrappers_on_top(base, wrapper):
+    """Schedulers read ``optimizer.defaults`` (OneCycleLR/CyclicLR look for betas or momentum there,
+    transformers' polynomial schedule for lr): a wrapper answers with its base's defaults, its own
+    keys on top, and a copy keeps both."""
+    import copy
+
+    inner = BASES[base](_params())
+    opt = WRAPPERS[wrapper](inner)
+    for key, value in inner.defaults.items():
+        if key not in opt.own_defaults:
+            assert opt.defaults[key] == value
+    assert all(opt.defaults[k] == v for k, v in opt.own_defaults.items())
+    clone = copy.deepcopy(opt)
+    assert clone.defaults == opt.defaults and clone.own_defaults == opt.own_defaults
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optimfx.EGStepSize(torch.optim.Adam(ps, lr=1e-3)),
+    lambda ps: optimfx.ChildTuning(torch.optim.SGD(ps, lr=0.1, momentum=0.9), "F", 0.5),
+    lambda ps: optimfx.ChildTuning(optimfx.AdaXW(ps, lr=1e-3), "F", 0.5),
+    lambda ps: optimfx.Funnel(ps),
+], ids=["eg-adam", "childtuning-sgd", "childtuning-adaxw", "funnel"])
+@pytest.mark.parametrize("scheduler", ["one-cycle", "cyclic"])
+def test_cycling_schedulers_cycle_the_bases_momentum(make, scheduler):
+    """OneCycleLR and CyclicLR with their default ``cycle_momentum=True`` run on the wrappers and
+    cycle the momentum (or β1) the base reads from the shared groups."""
+    params = _params()
+    opt = make(params)
+    if scheduler == "one-cycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=6)
+    else:
+        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-2, step_size_up=2)
+    key = "betas" if "betas" in opt.param_groups[0] else "momentum"
+    seen = set()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        sched.step()
+        value = opt.base.param_groups[0][key]
+        seen.add(value[0] if key == "betas" else value)
+    assert len(seen) > 1 and all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_transformers_polynomial_schedule_runs_on_wrappers(wrapper):
+    transformers = pytest.importorskip("transformers")
+    opt = WRAPPERS[wrapper](optimfx.AdamW(_params(), lr=1e-2))
+    sched = transformers.get_scheduler("polynomial", opt, num_warmup_steps=1, num_training_steps=4)
+    for _ in range(2):
+        _train(opt, opt.param_groups[0]["params"], steps=1)
+        sched.step()
+    assert 0.0 < opt.param_groups[0]["lr"] < 1e-2  # past the warm-up, decaying
+
+
+def test_eg_steps_a_group_added_to_its_base_directly():
+    """A group added to the base after wrapping takes EG's defaults at the next step."""
+    params = _params()
+    base = torch.optim.SGD(params[:2], lr=0.1)
+    opt = optimfx.EGStepSize(base, gamma_scale=0.1)
+    base.add_param_group({"params": params[2:]})
+    _train(opt, params, steps=2)
+    assert opt.param_groups[1]["gamma_scale"] == 0.1
+    assert all(opt.state[p]["gains"].ne(1.0).any() for p in params)
