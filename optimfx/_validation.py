@@ -80,3 +80,40 @@ def apply_checks(values: dict[str, Any], checks: Mapping[str, Callable[[Any], An
         if key in values:
             values[key] = check(values[key])
     return values
+
+
+#: torch.optim flags for variants optimfx does not implement, with what a user should know
+_UNSUPPORTED_TORCH_FLAGS = {
+    "amsgrad": "optimfx has no AMSGrad variant",
+    "capturable": "CUDA-graph capture of the step is not supported; the Triton step never waits on the GPU",
+    "differentiable": "optimfx steps run under torch.no_grad and cannot be differentiated through",
+}
+
+
+def check_torch_flags(**flags: Any) -> None:
+    """Accept ``torch.optim``'s implementation flags so that a ``torch.optim`` call runs unchanged.
+
+    ``foreach`` and ``fused`` choose among torch's own implementations; optimfx picks its fused path
+    itself (``backend``), so they are checked (``None`` or a bool) and otherwise ignored. ``amsgrad``,
+    ``capturable`` and ``differentiable`` must stay ``False``: optimfx has none of those variants, and
+    a silent plain step in their place would be a different optimizer.
+    """
+    for name, value in flags.items():
+        if name in ("foreach", "fused"):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"Invalid {name}: {value!r} (must be None, True or False)")
+        elif name in _UNSUPPORTED_TORCH_FLAGS:
+            if value:
+                raise ValueError(f"Invalid {name}: {value!r} ({_UNSUPPORTED_TORCH_FLAGS[name]})")
+        else:
+            raise TypeError(f"unexpected keyword argument {name!r}")
+
+
+def check_loaded_groups(owner: str, groups: list[dict[str, Any]]) -> None:
+    """A checkpoint of a variant optimfx does not implement (``amsgrad=True``: its ``max_exp_avg_sq``
+    would be loaded and never read) is refused instead of continuing as another optimizer."""
+    for group in groups:
+        for name, why in _UNSUPPORTED_TORCH_FLAGS.items():
+            if group.get(name):
+                raise ValueError(f"{owner}.load_state_dict: the checkpoint's param group has {name}=True "
+                                 f"({why}); it was written by another optimizer")

@@ -13,7 +13,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _distributed
 from .._algorithm import Algorithm
 from .._precision import compute_dtype
-from .._validation import check_choice, check_nonnegative, check_range
+from .._validation import check_choice, check_nonnegative, check_range, check_torch_flags
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
 from .base import FxOptimizer, _checked_lr
@@ -93,6 +93,7 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         maximize: ascend the objective. Default: ``False``.
         skip_nonfinite: skip a group's step when its gradients hold inf/NaN. Default: ``True``.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compiled"``. Default: ``"auto"``.
+        foreach: ``torch.optim.Adafactor``'s flag, accepted and ignored (optimfx picks its fused path).
 
     Note:
         ``transformers.optimization.AdafactorSchedule`` works on this optimizer as on
@@ -141,7 +142,8 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
                  lr_mode: str = "scale", eps_mode: str = "paper", decay_mode: str = "hf",
                  child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
                  maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
-                 bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
+                 bf16_rounding: str = "nearest", rounding_seed: int = 0, foreach: Optional[bool] = None) -> None:
+        check_torch_flags(foreach=foreach)
         lr_mode = check_choice("lr_mode", lr_mode, ref.LR_MODES)
         if lr is None:
             if not relative_step:

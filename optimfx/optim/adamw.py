@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .._algorithm import Algorithm
-from .._validation import check_betas, check_choice, check_nonnegative
+from .._validation import check_betas, check_choice, check_nonnegative, check_torch_flags
 from ..reference import adamw as ref
 from ..reference import aten_fused
 from ..reference import child_tuning as ct
@@ -52,6 +52,9 @@ class AdamW(GradientMaskMixin, FxOptimizer):
         decay_order: ``"torch"`` (decay, then step) or ``"alicemind"`` (step, then decay the updated
             parameter, as ChildTuning's official code). Default: ``"torch"``.
         {child_tuning}
+        amsgrad, foreach, capturable, differentiable, fused: ``torch.optim.AdamW``'s flags, accepted so
+            that its calls run unchanged: ``foreach`` and ``fused`` are ignored (optimfx picks its fused
+            path, see ``backend``); ``amsgrad``, ``capturable`` and ``differentiable`` must be ``False``.
         maximize, skip_nonfinite, backend: as for every optimfx optimizer.
 
     Example:
@@ -69,10 +72,13 @@ class AdamW(GradientMaskMixin, FxOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, correct_bias: bool = True, eps_placement: str = "v_hat", decay_order: str = "torch",
-                 child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0, seed: int = 0,
-                 maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
-                 bf16_rounding: str = "nearest", rounding_seed: int = 0) -> None:
+                 amsgrad: bool = False, *, correct_bias: bool = True, eps_placement: str = "v_hat",
+                 decay_order: str = "torch", child_tuning_mode: Optional[str] = None, reserve_p: float = 1.0,
+                 seed: int = 0, maximize: bool = False, skip_nonfinite: bool = True, backend: str = "auto",
+                 bf16_rounding: str = "nearest", rounding_seed: int = 0, foreach: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None) -> None:
+        check_torch_flags(amsgrad=amsgrad, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                          fused=fused)
         defaults = dict(
             # checked as a param group's values are (FxOptimizer.__init__, group_checks)
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=bool(correct_bias),

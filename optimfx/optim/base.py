@@ -20,7 +20,8 @@ from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
 from .._counters import StepCounters, group_counters, standalone_steps
 from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
-from .._validation import apply_checks, check_backend, check_choice, check_lr, check_nonnegative
+from .._validation import (apply_checks, check_backend, check_choice, check_loaded_groups, check_lr,
+                           check_nonnegative)
 
 Tensor = torch.Tensor
 
@@ -208,7 +209,12 @@ class FxOptimizer(Optimizer):
         # restore from the dict torch actually loads: the one the user's load pre-hooks returned
         # (a hook registered now runs after all of them)
         hooked: dict[str, Any] = {}
-        handle = self.register_load_state_dict_pre_hook(lambda _, sd: hooked.update(sd=sd))
+
+        def keep(_: Optimizer, sd: dict[str, Any]) -> None:
+            check_loaded_groups(type(self).__name__, sd["param_groups"])
+            hooked.update(sd=sd)
+
+        handle = self.register_load_state_dict_pre_hook(keep)
         try:
             super().load_state_dict(state_dict)
         finally:
