@@ -67,6 +67,9 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             ``lr`` is stored as ``1.0``, a multiplier that LR schedulers scale. A number with
             ``relative_step=False``: the step size ρ_t itself (before the parameter scale). With
             ``lr_mode="rho_max"`` and ``relative_step=True`` it caps ρ_t as in ``torch.optim.Adafactor``.
+            A param group's own lr follows the same rule: with the relative step on (and
+            ``lr_mode="scale"``) a group may give ``lr=None`` but no number, which ``transformers``
+            would ignore and this class would apply as a multiplier.
         eps: ``(ε1, ε2)``: ε1 regularises the squared gradient, ε2 floors the parameter RMS.
             Default: ``(1e-30, 1e-3)``. ``ε1=None`` is allowed with ``eps_mode="torch"`` (machine
             epsilon of the parameter dtype).
@@ -223,11 +226,17 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         return group["lr"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102
+        relative = param_group.get("relative_step", self.defaults["relative_step"])
         if "lr" in param_group and param_group["lr"] is None:
             # transformers' spelling of "the relative step alone", as the constructor's lr=None
-            if not param_group.get("relative_step", self.defaults["relative_step"]):
+            if not relative:
                 raise ValueError("Invalid lr: None (an lr is required when relative_step=False)")
             param_group["lr"] = 1.0
+        elif "lr" in param_group and relative and param_group.get("lr_mode", self.defaults["lr_mode"]) == "scale":
+            # as the constructor: transformers ignores such an lr, here it would scale the relative step
+            raise ValueError(f"Invalid lr: {param_group['lr']!r} in a param group with relative_step=True "
+                             "(transformers' Adafactor ignores it; here it would multiply the relative "
+                             "step): leave it out, or set relative_step=False or lr_mode='rho_max' in the group")
         super().add_param_group(param_group)
         self._record_given(self.param_groups[-1]["params"])
 

@@ -83,6 +83,21 @@ def test_adafactor_group_lr_none_means_the_relative_step_alone():
         fixed.add_param_group({"params": [q], "lr": None})
 
 
+def test_adafactor_group_lr_with_the_relative_step_is_refused():
+    """As the constructor's ``lr=1e-4`` with ``relative_step=True``: transformers' Adafactor ignores a
+    group's lr there, so migrated per-group lrs would silently multiply the relative step by 1e-4.
+    A group that turns the relative step off, or caps it (``lr_mode="rho_max"``), takes its lr."""
+    p, q, r = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+    with pytest.raises(ValueError, match=r"^Invalid lr: 0.0001 in a param group with relative_step=True"):
+        optimfx.AdaFactor([{"params": [p], "lr": 1e-4}, {"params": [q]}])
+    opt = optimfx.AdaFactor([p])
+    with pytest.raises(ValueError, match=r"^Invalid lr: 0.0001 in a param group"):
+        opt.add_param_group({"params": [q], "lr": 1e-4})
+    opt.add_param_group({"params": [q], "lr": 1e-4, "relative_step": False})
+    opt.add_param_group({"params": [r], "lr": 1e-2, "lr_mode": "rho_max"})
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 1e-4, 1e-2]
+
+
 @pytest.mark.parametrize("wrap, key, bad, message", [
     (lambda b: optimfx.EGStepSize(b), "gamma_scale", -0.1, r"^Invalid gamma_scale: -0.1"),
     (lambda b: optimfx.EGStepSize(b), "scope", "layer", r"^Invalid scope: 'layer'"),
