@@ -318,6 +318,13 @@ def paper_factored_update(grad32: Tensor, g2: Tensor, row: Tensor, col: Tensor, 
     # zero row or column (a_i or b_j near the cap) stays a zero update
     a_sq = torch.div(row_mean, row).clamp_(max=1.0 / tiny)
     b_sq = col.reciprocal()
+    if eps1 < tiny:
+        # G² may have underflowed where G·a·b does not (a, b reach 1/√tiny): ΣU² is measured on the
+        # update as applied, one more pass, so that the clip bounds it
+        g_a = torch.mul(grad32, a_sq.sqrt_().unsqueeze(-1), out=g2)
+        b = b_sq.sqrt_().unsqueeze(-2)
+        scale = clip_scale(sum_sq(g_a * b, stacked), _numel(g2, stacked), hp, shard).mul_(pscale)
+        return g_a, b.mul_(scale)
     total = _weighted_total_(g2, a_sq, b_sq, stacked)
     scale = clip_scale(total, _numel(g2, stacked), hp, shard).mul_(pscale)
     g_a = torch.mul(grad32, a_sq.sqrt_().unsqueeze(-1), out=g2)

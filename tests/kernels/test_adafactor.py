@@ -391,3 +391,16 @@ def test_huge_gradients_match_the_reference(case):
         ref.step(grads)
         assert all(not torch.equal(p, q) for p, q in zip(ker.params, init))
         _assert_same(ker, ref, FP32, msg=f"step {t}")
+
+
+def test_underflowing_squares_match_the_reference():
+    """ε1 = 0 and gradients of ~1e-30 (G² underflows to 0): both backends clip the update as applied."""
+    shapes = [(5, 6), (7,)]
+    init = _tensors(shapes, torch.float32, 0)
+    kwargs = dict(eps=(0.0, 1e-3))
+    ker, ref = _Run(init, "triton", **kwargs), _Run(init, "reference", **kwargs)
+    for t in range(1, 3):
+        grads = [g * 1e-30 for g in _tensors(shapes, torch.float32, t)]
+        ker.step(grads)
+        ref.step(grads)
+        _assert_same(ker, ref, FP32, msg=f"step {t}")

@@ -29,6 +29,23 @@ def test_zero_rows_and_zero_tensors_stay_finite(kwargs):
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
+@pytest.mark.parametrize("shapes", [[(4, 6)], [(4, 6)] * 3], ids=["per-tensor", "stacked"])
+def test_clip_bounds_the_update_when_squares_underflow(shapes):
+    """ε1 = 0 and gradients of ~1e-30: G² underflows fp32 to 0, so R, C and V are 0 and capped at
+    1/tiny, while G·a·b stays ~1e8. The clip must measure the update as applied: RMS(α·Û) ≤ α·d, with
+    α = ρ_1·max(ε2, RMS(θ)), within fp32 rounding (float64 moves θ by ~2.5e-2 here)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = optimfx.AdaFactor(params, eps=(0.0, 1e-3), backend="reference")
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-30
+    opt.step()
+    for p, b in zip(params, before):
+        alpha = 1e-2 * max(1e-3, float(b.square().mean().sqrt()))
+        assert float((p.detach() - b).square().mean().sqrt()) <= alpha * (1 + 1e-5)
+
+
 def test_empty_tensor_is_skipped():
     e = torch.nn.Parameter(torch.zeros(0, 4))
     w = torch.nn.Parameter(torch.randn(2, 2))
