@@ -39,13 +39,10 @@ expected = [p.detach().clone() for p in model.parameters()]
 # (exp_avg_sq_row / exp_avg_sq_col / exp_avg_sq / exp_avg / step)
 model.load_state_dict(checkpoint["model"])
 opt = optimfx.AdaFactor(model.parameters())
-state = checkpoint["optimizer"]
-# transformers stores lr=None for its relative step; optimfx stores the
-# multiplier 1.0 there
-for group in state["param_groups"]:
-    if group["lr"] is None:
-        group["lr"] = 1.0
-opt.load_state_dict(state)
+# transformers stores lr=None for its relative step; optimfx reads it as
+# the multiplier 1.0
+opt.load_state_dict(checkpoint["optimizer"])
+assert opt.param_groups[0]["lr"] == 1.0
 assert int(opt.state[model[0].weight]["step"]) == 10
 train(model, opt, range(10, 20))
 

@@ -16,6 +16,7 @@ from .._precision import compute_dtype
 from .._validation import check_choice, check_nonnegative, check_range, check_torch_flags
 from ..reference import adafactor as ref
 from ..reference.stacking import step_stacks
+from . import adafactor_checkpoints
 from .base import FxOptimizer, _checked_lr
 from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, documented
 
@@ -269,6 +270,11 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             if self._given_matrix and not any(t.dim() >= 2 for t in group["params"]):
                 self._warned_replaced = True
                 _distributed.warn_replaced_parameter(max(group["params"], key=Tensor.numel), "AdaFactor")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state; also a ``torch.optim.Adafactor`` checkpoint, whose groups then take
+        the options that reproduce its step (:mod:`~optimfx.optim.adafactor_checkpoints`)."""
+        super().load_state_dict(adafactor_checkpoints.from_torch(state_dict))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a group without lr_mode comes from a transformers Adafactor checkpoint, whose relative step

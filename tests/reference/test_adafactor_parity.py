@@ -85,3 +85,32 @@ def test_matches_torch_adafactor_in_torch_mode(shapes, config):
     theirs, _ = _train(lambda ps: torch.optim.Adafactor(ps, **kwargs), init, grads)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("config", list(TORCH_CONFIGS))
+def test_torch_adafactor_checkpoint_continues_in_optimfx(config):
+    """A ``torch.optim.Adafactor`` checkpoint loaded into an ``AdaFactor`` built with its defaults
+    (paper mode): the groups take torch's options, the statistics drop their kept dims, and the run
+    continues as torch's own continuation."""
+    shapes = SHAPES["mixed"] + SHAPES["conv4d"]
+    init, grads = _problem(shapes, seed=2)
+    theirs_params = [torch.nn.Parameter(p.clone()) for p in init]
+    theirs = torch.optim.Adafactor(theirs_params, **TORCH_CONFIGS[config])
+    ours_params = [torch.nn.Parameter(p.clone()) for p in init]
+    ours = optimfx.AdaFactor(ours_params, backend="reference")
+    half = STEPS // 2
+    for t, gs in enumerate(grads):
+        if t == half:
+            for q, p in zip(ours_params, theirs_params):
+                q.data.copy_(p.detach())
+            ours.load_state_dict(theirs.state_dict())
+            assert ours.param_groups[0]["lr_mode"] == "rho_max" and "d" not in ours.param_groups[0]
+        for p, g in zip(theirs_params, gs):
+            p.grad = g.clone()
+        theirs.step()
+        if t >= half:
+            for p, g in zip(ours_params, gs):
+                p.grad = g.clone()
+            ours.step()
+    for a, b in zip(ours_params, theirs_params):
+        torch.testing.assert_close(a, b, **TOL)
