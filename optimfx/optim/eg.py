@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from .. import _distributed
 from .._dispatch import resolve_backend
-from .._precision import compute_dtype, real_view, working_copy
+from .._precision import compute_dtype, real_view
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
 from ._wrapped_state import (add_param_group_via_base, load_with_base_state, restore_own_defaults, share_base_groups,
@@ -264,7 +264,8 @@ class EGStepSize(Optimizer):
 
     def _reference_before(self, units: list[_Unit]) -> Optional[list[list[Tensor]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters; ``None`` when the step is skipped."""
-        grads = [[working_copy(g) for g in u.grads] for u in units]
+        # each in its parameter's compute dtype (a gradient's dtype may differ from its parameter's)
+        grads = [[g.to(compute_dtype(p.dtype)) for p, g in zip(u.params, u.grads)] for u in units]
         parts = []
         for unit, gs in zip(units, grads):
             part = ref.alignment_parts([s["velocity"] for s in unit.states], gs, [s["avg_grad"] for s in unit.states])

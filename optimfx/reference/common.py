@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from .._precision import working_copy
 from . import child_tuning as ct
 
 
@@ -21,7 +20,8 @@ def prepare_grad(grad: torch.Tensor, param32: torch.Tensor, *, maximize: bool, l
     L2 term, as every kernel does where it loads ``g``. Returns ``grad`` itself only when nothing
     changes it; it is never written in place, so the user's ``p.grad`` stays as it was.
     """
-    g = working_copy(grad)
+    # the parameter's compute dtype (a gradient of another dtype than its parameter is allowed)
+    g = grad if grad.dtype == param32.dtype else grad.to(param32.dtype)
     if mask is not None and mask.mode is not None:
         g = ct.mask_grad(g, state, mask)
     private = g is not grad

@@ -39,3 +39,25 @@ def test_params_stay_finite_and_state_follows_the_policy(row, backend, dtype, de
         ref_opt = row.make(ref_params)
         run(ref_opt, ref_params, grads)
         assert_runs_close(opt, params, ref_opt, ref_params, row.tolerance)
+
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row, backend", rows_x_backends(("reference",)))
+def test_a_gradient_of_another_dtype_steps_as_its_parameters(row, backend, grad_dtype, device):
+    """torch lets a gradient's dtype differ from its parameter's (``p.grad_dtype = None``): the step
+    reads it in the parameter's compute dtype, so it equals the step on the gradient cast first.
+
+    Within a few fp32 ulps, not bitwise: ATen's fused CPU Adam kernel (AdamW, AdaX) takes fp32
+    gradients only, so the other dtypes take the per-tensor step (``tests/reference/test_aten_fused.py``
+    bounds the two paths' difference)."""
+    require(backend, device)
+    grads = [[None if g is None else g.to(grad_dtype) for g in gs]
+             for gs in make_grads(make_params(SHAPES, device, torch.float32), 3)]
+    params, cast = make_params(SHAPES, device, torch.float32), make_params(SHAPES, device, torch.float32)
+    for p in params:
+        p.grad_dtype = None
+    run(row.make(params, backend), params, grads)
+    run(row.make(cast, backend), cast, [[None if g is None else g.float() for g in gs] for gs in grads])
+    for p, q in zip(params, cast):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
