@@ -9,6 +9,7 @@ separate top-level ``"base"`` state dict would be dropped by its optimizer state
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Collection
 
 from torch.optim import Optimizer
@@ -16,6 +17,16 @@ from torch.optim import Optimizer
 from .._validation import apply_checks
 
 BASE_PREFIX = "base/"
+
+
+def refuse_closure_steps(base: Optimizer, owner: str) -> None:
+    """A base whose ``step`` needs a closure (``LBFGS`` evaluates the loss and gradients again within
+    a step) cannot be wrapped: the wrapper works on the gradients of one evaluation."""
+    closure = inspect.signature(base.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(f"{owner}: {type(base).__name__}.step needs a closure (it evaluates the loss and the "
+                        f"gradients again within a step), which {owner} cannot drive: it works on the "
+                        "gradients of one evaluation")
 
 
 def share_base_groups(wrapper: Any, own_defaults: dict[str, Any]) -> None:

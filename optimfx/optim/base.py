@@ -79,7 +79,15 @@ class FxOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, checking the hyperparameters it sets as the constructor checks its own."""
         apply_checks(param_group, {**GROUP_CHECKS, **self.group_checks})
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():
+            # torch warns that duplicates will be an error in future: here they are one now
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            self.param_groups.pop()
+            raise ValueError(f"{type(self).__name__}: a param group holds the same parameter twice (it would "
+                             "take two updates a step with one step count); list each parameter once")
 
     def _register_state_dict_hooks(self) -> None:
         """A Triton step's skip flag is read back lazily; a checkpoint must see the settled counters,

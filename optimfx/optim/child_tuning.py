@@ -21,8 +21,8 @@ from .. import _distributed
 from .._precision import real_view, working_copy
 from .._validation import apply_checks
 from ..reference import child_tuning as ct
-from ._wrapped_state import (add_param_group_via_base, load_with_base_state, restore_own_defaults, share_base_groups,
-                             state_dict_with_base)
+from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
+                             restore_own_defaults, share_base_groups, state_dict_with_base)
 from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin
 from .mask_streams import fix_streams
 
@@ -89,6 +89,7 @@ class ChildTuning(Optimizer):
     def __init__(self, base: Optimizer, mode: str, reserve_p: float = 1.0, seed: int = 0) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"ChildTuning wraps a torch.optim.Optimizer, got {type(base).__name__}")
+        refuse_closure_steps(base, "ChildTuning")
         self.base = base
         # a group may leave itself unmasked (None); the adapter's own mode must mask
         defaults = apply_checks(dict(child_tuning_mode=_checked_mode(mode), reserve_p=reserve_p, seed=seed),

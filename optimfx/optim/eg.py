@@ -30,8 +30,8 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
-from ._wrapped_state import (add_param_group_via_base, load_with_base_state, restore_own_defaults, share_base_groups,
-                             state_dict_with_base)
+from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
+                             restore_own_defaults, share_base_groups, state_dict_with_base)
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
@@ -66,7 +66,8 @@ class EGStepSize(Optimizer):
     stay positive by construction; all alignments are computed before any parameter moves.
 
     This generic adapter runs the base's ``step()`` and reads ``d_t`` off the parameters (one parameter
-    copy per step); it works with every ``torch.optim`` optimizer.
+    copy per step); it works with every ``torch.optim`` optimizer whose ``step()`` runs without a
+    closure (``LBFGS``, which evaluates the loss again within a step, is refused).
 
     Args:
         base: the optimizer whose steps are adapted (its param groups, learning rates and schedulers
@@ -122,6 +123,7 @@ class EGStepSize(Optimizer):
                  skip_nonfinite: bool = True, backend: str = "auto") -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
+        refuse_closure_steps(base, "EGStepSize")
         gain_min, gain_max = _check_gain_clamp(gain_clamp)
         defaults = apply_checks(dict(
             eg_lr=lr, eg_momentum=momentum, eg_beta=beta, gamma_scale=gamma_scale, gamma_gain=gamma_gain,

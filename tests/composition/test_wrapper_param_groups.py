@@ -126,3 +126,12 @@ def test_eg_steps_a_group_added_to_its_base_directly():
     _train(opt, params, steps=2)
     assert opt.param_groups[1]["gamma_scale"] == 0.1
     assert all(opt.state[p]["gains"].ne(1.0).any() for p in params)
+
+
+@pytest.mark.parametrize("wrap", [lambda b: optimfx.EGStepSize(b), lambda b: optimfx.ChildTuning(b, "F", 0.5)],
+                         ids=["eg", "childtuning"])
+def test_a_base_whose_step_needs_a_closure_is_refused(wrap):
+    """LBFGS evaluates the loss and gradients again inside its step; a wrapper works on one
+    evaluation's gradients and could only fail later with LBFGS's own missing-argument error."""
+    with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
+        wrap(torch.optim.LBFGS(_params()))

@@ -83,6 +83,19 @@ def test_adafactor_group_lr_none_means_the_relative_step_alone():
         fixed.add_param_group({"params": [q], "lr": None})
 
 
+@pytest.mark.parametrize("make", [optimfx.AdamW, optimfx.AdaX, optimfx.AdaFactor], ids=lambda c: c.__name__)
+def test_a_parameter_listed_twice_is_refused(make):
+    """torch warns (and steps it twice, counting two steps); one state with one step count cannot take
+    two updates a step, so the group is refused and not added."""
+    p, q = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="holds the same parameter twice"):
+        make([p, q, p])
+    opt = make([q])
+    with pytest.raises(ValueError, match="holds the same parameter twice"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+
+
 def test_adafactor_group_lr_with_the_relative_step_is_refused():
     """As the constructor's ``lr=1e-4`` with ``relative_step=True``: transformers' Adafactor ignores a
     group's lr there, so migrated per-group lrs would silently multiply the relative step by 1e-4.
