@@ -1,4 +1,4 @@
-"""ChildTuning-D masks from the empirical Fisher information (``spec/algorithms.md`` §4.1, §4.4).
+"""ChildTuning-D masks from the empirical Fisher information .
 
 ``build_fisher_mask`` makes one pass over the user's data, accumulates ``F = Σ grad² / n_batches`` for
 the selected parameters (optionally clipping each tensor's gradient first, as the official code), picks

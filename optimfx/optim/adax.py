@@ -27,7 +27,7 @@ _SHARED_ARGS = r"""
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr: learning rate :math:`\alpha` (float or 1-element tensor). Default: {lr}.
-        betas: ``(b1, b2)``; ``b1`` in [0, 1) is the momentum coefficient, ``b2`` > 0 the
+        betas: ``(b1, b2)``; ``b1`` in [0, 1) is the momentum coefficient, ``b2`` in (0, 1) the
             long-term-memory rate. Default: ``(0.9, 1e-4)`` (paper and official code).
         eps: ε. Default: ``1e-12`` (official code).
         weight_decay: {wd_doc} Default: {wd}.

@@ -77,7 +77,7 @@ class EGStepSize(Optimizer):
         beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
         gamma_scale: γ_s. Default: ``1e-2``.
         gamma_gain: γ_p. Default: ``1e-2`` (``0`` disables the gains).
-        normalize: cosine-normalised exponents [unv in the paper]; ``False`` uses raw dot products
+        normalize: cosine-normalised exponents (not verified against the paper); ``False`` uses raw dot products
             (then γ has units of 1/gradient² and must be tuned). Default: ``True``.
         scope: one scale per ``"tensor"``, per ``"group"`` or ``"global"``. Default: ``"tensor"``.
         exp_clip: clamp on every exponent. Default: ``1.0``.

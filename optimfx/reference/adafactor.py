@@ -1,4 +1,4 @@
-r"""AdaFactor reference (``spec/algorithms.md`` §1), written as a composition of small pieces.
+r"""AdaFactor reference, written as a composition of small pieces.
 
 Per tensor, in the order the kernels run it (§1.1)::
 

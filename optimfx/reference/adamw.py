@@ -1,4 +1,4 @@
-r"""AdamW reference, with the options ChildTuning's official optimizer needs (``spec/algorithms.md`` §4.1).
+r"""AdamW reference, with the options ChildTuning's official optimizer needs.
 
 .. math::
 

@@ -1,4 +1,4 @@
-r"""AdaX / AdaXW reference (``spec/algorithms.md`` §2), one parameter tensor at a time.
+r"""AdaX / AdaXW reference, one parameter tensor at a time.
 
 AdaX keeps a long-term-memory second moment. The official recursion on the raw state is
 

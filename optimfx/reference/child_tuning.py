@@ -1,4 +1,4 @@
-r"""ChildTuning gradient masks (``spec/algorithms.md`` §4), applied where an optimizer loads the gradient.
+r"""ChildTuning gradient masks, applied where an optimizer loads the gradient.
 
 * ChildTuning-F (task-free): :math:`\tilde g = g \odot M_t / p_F` with a fresh
   :math:`M_t \sim \mathrm{Bernoulli}(p_F)` every step, independent across elements and tensors.

@@ -1,4 +1,4 @@
-r"""Exponentiated-gradient step-size adaptation ("Funnel", ``spec/algorithms.md`` §3), reference.
+r"""Exponentiated-gradient step-size adaptation ("Funnel"), reference.
 
 Around a base update direction ``d_t`` (SGD: ``g_t``), with the raw gradient ``g_t``:
 
@@ -15,7 +15,7 @@ Exponents are clamped to ``±exp_clip`` and gains to ``gain_clamp``, so ``s, p >
 A positive alignment (the last step was too short) grows the scale.
 
 The equations come from a secondary transcription of the paper; the normalised variant and wrapping
-bases other than SGD with momentum are optimfx generalisations (marked [unv] in the spec).
+bases other than SGD with momentum are optimfx generalisations (not verified against the paper).
 
 References:
     Amid, Anil, Fifty & Warmuth, `Step-size Adaptation Using Exponentiated Gradient Updates
