@@ -23,7 +23,7 @@ from .._validation import apply_checks
 from ..reference import child_tuning as ct
 from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
                              restore_own_defaults, share_base_groups, state_dict_with_base)
-from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin
+from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, save_pending, stored_masks, take_back_pending
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
@@ -151,11 +151,17 @@ class ChildTuning(Optimizer):
         if self._delegates:
             self.base.set_gradient_mask(gradient_mask)  # type: ignore[attr-defined]
             return
-        for p, mask in gradient_mask.items():
-            if mask.shape != p.shape:
-                raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
-                                 f"parameter shape {tuple(p.shape)}")
-            self.state[p]["child_mask"] = (mask != 0).to(device=p.device, dtype=torch.uint8)
+        for p, stored in stored_masks(self, gradient_mask):
+            if "step" in self.state.get(p, ()):
+                self.state[p]["child_mask"] = stored
+            else:
+                # before the tensor's first step the state stays empty, as a fresh optimizer's: the
+                # mask waits (and is saved) apart, and joins the state at that step
+                self._pending_masks[id(p)] = (p, stored)
+
+    @property
+    def _pending_masks(self) -> dict[int, tuple[Tensor, Tensor]]:
+        return self.__dict__.setdefault("_pending_gradient_masks", {})
 
     def _masked(self, entries: list[tuple[int, Tensor, dict]]) -> list[Tensor]:
         """The masked gradient of every ``(position, parameter, group)``, after advancing its step:
@@ -163,10 +169,13 @@ class ChildTuning(Optimizer):
         params = [p for _, p, _ in entries]
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
+        pending = self._pending_masks
         for (index, p, group), state in zip(entries, states):
             step = state.get("step")
             # a new tensor, never an increment in place: a loaded counter may be the saved one itself
             state["step"] = torch.ones((), dtype=torch.int64) if step is None else step + 1
+            if id(p) in pending:
+                state["child_mask"] = pending.pop(id(p))[1]
         fresh = [p for (_, p, group), state in zip(entries, states)
                  if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state]
         if fresh:
@@ -181,7 +190,8 @@ class ChildTuning(Optimizer):
             # a complex gradient is masked as its (..., 2) real view, as the fused optimizers do: real
             # and imaginary parts draw their own F bits and share the element's D bit
             g32 = working_copy(real_view(g))
-            if g.is_complex() and "child_mask" in view:
+            if g.is_complex() and "child_mask" in view and view["child_mask"].dim() < g32.dim():
+                # a mask stored with the complex shape (set_gradient_mask stores the real view's)
                 view = {**view, "child_mask": view["child_mask"].unsqueeze(-1).expand(g32.shape)}
             masked = ct.mask_grad(g32, {**view, "mask_stream": self.state[p].get("mask_stream", index)},
                                   ct.MaskHyper.from_group(group))
@@ -208,9 +218,21 @@ class ChildTuning(Optimizer):
                 loss = closure()
         if self._delegates:
             self.base.step()
+            self._mirror_steps()
         else:
             self._masked_base_step()
         return loss
+
+    def _mirror_steps(self) -> None:
+        """Around an optimfx optimizer the state is the base's; each parameter's entry here holds the
+        base's step counter (the tensor itself, never a copy), so the adapter's state is not empty once
+        the base has state. ``torch.distributed.checkpoint`` takes an optimizer with empty state for a
+        fresh one and creates its state by stepping it with zero gradients and ``lr = 0``, which would
+        advance the base's counters and decay its moments."""
+        for p, base_state in self.base.state.items():
+            step = base_state.get("step")
+            if isinstance(step, Tensor):
+                self.state[p]["step"] = step
 
     @torch.compiler.disable
     def _masked_base_step(self) -> None:
@@ -235,16 +257,21 @@ class ChildTuning(Optimizer):
         """The adapter's state (``step``, ``child_mask``, ``mask_stream``) in the standard layout; each
         parameter's entry also holds the base's state for it, as ``"base/<key>"``
         (:mod:`optimfx.optim._wrapped_state`: the layout ``torch.distributed.checkpoint`` saves whole)."""
-        return state_dict_with_base(self)
+        saved = state_dict_with_base(self)
+        save_pending(self, saved, self._pending_masks)
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the adapter's and the base's state (also a checkpoint holding the base's under ``"base"``)."""
         saved = load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
+        self._pending_masks.clear()
         if self._delegates:
             self._adopt_earlier_layout()
+            self._mirror_steps()
         for state in self.state.values():  # torch casts every state tensor to the param dtype on load
             if "child_mask" in state:
-                state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8)
+                state["child_mask"] = (state["child_mask"] != 0).to(torch.uint8).contiguous()
+        take_back_pending(self.state, self._pending_masks)
         # stream numbers from the saved integers: the cast above passes them through a bf16/fp16
         # parameter's dtype, which holds whole numbers exactly only up to 256/2048
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])

@@ -70,6 +70,45 @@ MASK_GROUP_CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def stored_masks(optimizer: Any, gradient_mask: Mapping[Tensor, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """``[(parameter, mask)]`` of a :meth:`~GradientMaskMixin.set_gradient_mask` call, checked (each a
+    parameter of ``optimizer``, shaped like it) and in the stored form: ``uint8`` 0/1 on the
+    parameter's device, contiguous, expanded over the real view of a complex parameter."""
+    known = {id(p) for p in chain.from_iterable(g["params"] for g in optimizer.param_groups)}
+    out = []
+    for p, mask in gradient_mask.items():
+        if id(p) not in known:
+            raise ValueError("set_gradient_mask: a masked tensor is not a parameter of this optimizer")
+        if mask.shape != p.shape:
+            raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
+                             f"parameter shape {tuple(p.shape)}")
+        stored = (mask != 0).to(device=p.device, dtype=torch.uint8)
+        if p.is_complex():
+            stored = stored.unsqueeze(-1).expand(*p.shape, 2)
+        out.append((p, stored.contiguous()))
+    return out
+
+
+def save_pending(optimizer: Any, saved: dict[str, Any], pending: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Add the D masks set before a tensor's first step to a state dict, in entries without a step."""
+    if pending:
+        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in optimizer.param_groups))}
+        for key, (p, mask) in pending.items():
+            if key in index:
+                saved["state"].setdefault(index[key], {})["child_mask"] = mask
+
+
+def take_back_pending(state: dict[Tensor, dict[str, Any]], pending: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """After a load: a loaded mask without a step was set before its tensor's first step, and is
+    pending again (an optimizer's state stays empty until it steps, as ``torch.distributed.checkpoint``
+    expects of a fresh one)."""
+    for p, entry in list(state.items()):
+        mask = entry.get("child_mask")
+        if isinstance(mask, Tensor) and "step" not in entry:
+            pending[id(p)] = (p, mask)
+            del state[p]
+
+
 class GradientMaskMixin:
     """ChildTuning masks for an :class:`~optimfx.optim.base.FxOptimizer` (listed before it in the bases).
 
@@ -94,17 +133,7 @@ class GradientMaskMixin:
         multiplied into the gradient where it is loaded, never into ``p.grad``. A complex
         parameter's real and imaginary parts share its mask.
         """
-        known = {id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)}
-        for p, mask in gradient_mask.items():
-            if id(p) not in known:
-                raise ValueError("set_gradient_mask: a masked tensor is not a parameter of this optimizer")
-            if mask.shape != p.shape:
-                raise ValueError(f"set_gradient_mask: mask shape {tuple(mask.shape)} does not match "
-                                 f"parameter shape {tuple(p.shape)}")
-            stored = (mask != 0).to(device=p.device, dtype=torch.uint8)
-            if p.is_complex():
-                stored = stored.unsqueeze(-1).expand(*p.shape, 2)
-            stored = stored.contiguous()
+        for p, stored in stored_masks(self, gradient_mask):
             state = self.state.get(p)
             if state:
                 state["child_mask"] = stored
@@ -126,13 +155,7 @@ class GradientMaskMixin:
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         saved = super().state_dict()  # type: ignore[misc]
-        pending = self._pending_masks
-        if pending:
-            # D masks set before a tensor's first step are saved too, in an entry without a step
-            index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
-            for key, (p, mask) in pending.items():
-                if key in index:
-                    saved["state"].setdefault(index[key], {})["child_mask"] = mask
+        save_pending(self, saved, self._pending_masks)
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
@@ -146,6 +169,4 @@ class GradientMaskMixin:
             if isinstance(mask, Tensor):
                 # the kernels multiply by the stored bytes: keep them 0/1 and contiguous
                 state["child_mask"] = (mask != 0).to(torch.uint8).contiguous()
-                if "step" not in state:  # saved before the tensor's first step: pending again
-                    self._pending_masks[id(p)] = (p, state["child_mask"])
-                    del self.state[p]
+        take_back_pending(self.state, self._pending_masks)

@@ -286,3 +286,81 @@ def test_a_checkpoint_of_the_earlier_adapter_layout_masks_again():
         loaded.load_state_dict(saved)
     assert loaded.param_groups[0]["child_tuning_mode"] == "D"
     assert _frozen_by_a_zero_mask(loaded, q)
+
+
+def _dcp_round_trip(model, opt, make, tmp_path, steps=3):
+    """Train ``steps``, save model and optimizer with ``torch.distributed.checkpoint`` (one process),
+    train ``steps`` more; then build a fresh pair with ``make``, load, train ``steps``: both runs'
+    weights (the second equal to the first bit for bit when the resume is exact)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 6, generator=gen) for _ in range(2 * steps)]
+
+    def train(m, o, xs):
+        for x in xs:
+            o.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            o.step()
+        o.zero_grad(set_to_none=True)  # as a training loop leaves it before a checkpoint
+
+    train(model, opt, batches[:steps])
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(tmp_path))
+    train(model, opt, batches[steps:])
+    resumed, resumed_opt = make()
+    state = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    resumed.load_state_dict(state["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+    train(resumed, resumed_opt, batches[steps:])
+    return model, resumed
+
+
+@pytest.mark.parametrize("base", ["adax", "adamw", "adafactor"])
+def test_around_an_optimfx_optimizer_dcp_reads_and_resumes_exactly(base, tmp_path):
+    """The adapter's state is its base's; DCP takes an optimizer with empty state for a fresh one and
+    steps it with zero gradients to create state. Reading the state for a checkpoint must change
+    nothing, and a DCP resume must continue bit for bit."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    bases = {"adax": lambda ps: optimfx.AdaX(ps, lr=1e-2), "adamw": lambda ps: optimfx.AdamW(ps, lr=1e-2),
+             "adafactor": lambda ps: optimfx.AdaFactor(ps)}
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        return model, optimfx.ChildTuning(bases[base](model.parameters()), "F", 0.5, seed=1)
+
+    model, opt = make()
+    for _ in range(2):
+        model(torch.randn(8, 6)).square().mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = copy.deepcopy(opt.base.state_dict())
+    get_optimizer_state_dict(model, opt)
+    after = opt.base.state_dict()
+    for key, entry in before["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(after["state"][key][name], value), name
+
+    first, resumed = _dcp_round_trip(*make(), make, tmp_path)
+    for a, b in zip(first.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_d_masks_set_before_a_dcp_load_restore_the_base_state(tmp_path):
+    """Masks set before loading (as the distributed recipe says) wait apart from the state, so the
+    adapter looks fresh to DCP and its template holds the base's state too."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4)
+        opt = optimfx.ChildTuning(torch.optim.Adam(model.parameters(), lr=1e-2), "D")
+        gen = torch.Generator().manual_seed(5)
+        opt.set_gradient_mask({p: torch.rand(p.shape, generator=gen) < 0.6 for p in model.parameters()})
+        return model, opt
+
+    first, resumed = _dcp_round_trip(*make(), make, tmp_path)
+    for a, b in zip(first.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
