@@ -291,9 +291,22 @@ def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int
 
 def element_offset(state: dict) -> int:
     """Global index of a tensor's first element, the start of its F-mask bits: an FSDP2 shard's
-    ``ShardSpec.element_offset`` (from its state view), so it draws the single-process mask; else 0."""
+    ``ShardSpec.element_offset`` (from its state view), so it draws the single-process mask; else 0.
+
+    Raises:
+        NotImplementedError: a shard split along another axis than the first (``Shard(1)``...): its
+            elements are not one run of the global indices, so it cannot draw the single-process mask.
+    """
     shard = state.get(_SHARD_KEY)
-    return 0 if shard is None or shard.element_offset is None else shard.element_offset
+    if shard is None:
+        return 0
+    if shard.element_offset is None:
+        axes = sorted({axis for axis, _ in shard.axes})
+        raise NotImplementedError(f"ChildTuning-F masks of an FSDP2 parameter sharded along axis {axes} "
+                                  "(a placement other than Shard(0)) are not supported: the masks are keyed "
+                                  "by global element index, which such a shard does not cover in one run; "
+                                  "shard it along dim 0 (fully_shard's default)")
+    return shard.element_offset
 
 
 @torch.compiler.disable

@@ -53,6 +53,27 @@ if not triton_available():
     OPTIMIZERS = {n: f for n, f in OPTIMIZERS.items() if n not in TRITON}
 
 
+COLUMN_SHARDED = {
+    "column-sharded-adamw-f": lambda ps: optimfx.AdamW(ps, lr=1e-2, child_tuning_mode="F", reserve_p=0.5,
+                                                       backend="reference"),
+    "column-sharded-adapter-f": lambda ps: optimfx.ChildTuning(torch.optim.AdamW(ps, lr=1e-2), "F", 0.5),
+}
+
+
+def _column_sharded(mesh):
+    """The test model with the matrices whose columns split evenly sharded along them (``Shard(1)``:
+    ``inp.weight``, 5 × 8; FSDP2 refuses uneven shards on other axes than the first)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _make_model()
+    world = mesh.size()
+    placement = lambda p: Shard(1) if p.ndim > 1 and p.shape[1] % world == 0 else None  # noqa: E731
+    for sub in (model.inp, model.mid, model.head):
+        fully_shard(sub, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    return model
+
+
 def _make(name, model):
     return OPTIMIZERS[name](list(model.parameters()), model, "triton" if name in TRITON else "reference")
 
@@ -83,6 +104,14 @@ def _worker(rank: int, out_dir: str) -> None:
                 results[name]["grads_kept"] = _user_grads_kept(model, opt, rank)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+    # F masks are keyed by global element index: a shard along another axis than the first is refused
+    for name, make in COLUMN_SHARDED.items():
+        model = _column_sharded(mesh)
+        try:
+            _train(model, make(list(model.parameters())), 1, rank)
+            results[name] = {"error": None}
+        except NotImplementedError as e:
+            results[name] = {"error": str(e)}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {n: r.get("grads_kept") for n, r in results.items()})
     if rank == 0:
@@ -128,3 +157,10 @@ def test_fsdp2_adapter_d_mask_is_placed_like_the_parameter(results):
     got = results["adapter-d"]
     assert got["error"] is None, got["error"]
     assert got["mask_placement"] == str((Shard(0),))
+
+
+@pytest.mark.parametrize("name", list(COLUMN_SHARDED))
+def test_f_masks_of_a_shard_along_another_axis_are_refused(results, name):
+    """Its elements are not one run of the global indices, so it cannot draw the single-process mask:
+    a clear error instead of masks that silently differ from a single process's."""
+    assert "sharded along axis [1]" in (results[name]["error"] or "")
