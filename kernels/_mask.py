@@ -127,7 +127,7 @@ def prepare(grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp:
         rows = [(int(s["mask_stream"]), ct.element_offset(s)) for s in states]
         seed_word = ct.seed_words(hp.seed)[0]
         args = (_signed32(seed_word), _signed32(ct.step_word(hp.seed, step)), ct.keep_threshold(hp.reserve_p),
-                1.0 / hp.reserve_p)
+                ct.keep_scale(hp.reserve_p))
         return _launch(rows, device, args, int(BERNOULLI))
     if hp.mode == "D" and any("child_mask" in s for s in states):
         rows = [(0, _mask_address(s.get("child_mask"), g)) for s, g in zip(states, grads)]

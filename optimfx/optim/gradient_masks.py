@@ -22,7 +22,8 @@ Tensor = torch.Tensor
 
 #: the ``Args`` entries of the ChildTuning options, for the optimizers' docstrings
 CHILD_TUNING_ARGS = r"""child_tuning_mode: ``None``, ``"F"`` (a fresh Bernoulli(``reserve_p``) gradient mask
-            each step, kept entries rescaled by ``1/reserve_p``) or ``"D"`` (fixed masks from
+            each step, kept entries rescaled by the inverse of the keep probability: ``1/reserve_p``
+            with ``reserve_p`` rounded to a multiple of ``2^-16``) or ``"D"`` (fixed masks from
             :meth:`set_gradient_mask`, no rescale); the official names ``"ChildTuning-F"`` and
             ``"ChildTuning-D"`` are accepted. The mask multiplies the gradient before anything else
             sees it (``p.grad`` itself is never modified). Default: ``None``.

@@ -161,7 +161,7 @@ def _bernoulli_batch(flat: list[Tensor], states: list[dict], hp: ct.MaskHyper, b
         torch.lt(bits.view(torch.int16)[:, :length], ct._signed_threshold(hp.reserve_p), out=keep)
         # one product per row (stacking the gradients first costs more than the calls)
         for j, grad, row in zip(hashed, rows(flat, [batch[j] for j in hashed]), keep.unbind(0)):
-            out[j] = torch.addcmul(zero, row, grad, value=1.0 / hp.reserve_p, out=row)
+            out[j] = torch.addcmul(zero, row, grad, value=ct.keep_scale(hp.reserve_p), out=row)
     for j, (seg, offset) in enumerate(zip(batch, offsets)):
         if out[j] is None:
             row = flat[seg.index][seg.start:seg.start + seg.length]

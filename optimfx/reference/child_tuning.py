@@ -26,7 +26,8 @@ data-parallel rank and after a resume, with no stored mask and no extra pass. Th
 
   and element ``e`` keeps the half ``r = (x >> 16·(e & 1)) & 0xFFFF``;
 * ``keep = (r ^ 0x8000) < T`` with ``T = round(reserve_p·2^16)`` (:func:`keep_threshold`), so
-  ``P(keep) = T/2^16``, within ``2^-17`` of ``reserve_p``.
+  ``P(keep) = T/2^16``, within ``2^-17`` of ``reserve_p``; kept entries are scaled by ``2^16/T``
+  (:func:`keep_scale`), so the masked gradient is unbiased.
 
 Hashing pairs halves the integer work of the CPU reference; 16 bits per element resolve ``reserve_p``
 to ``2^-16``. The mask multiplies the gradient, as the official ``p.grad *= mask`` (an inf/NaN entry
@@ -146,6 +147,14 @@ def keep_threshold(reserve_p: float) -> int:
     if reserve_p >= 1.0:
         return 1 << KEEP_BITS
     return min(max(round(reserve_p * (1 << KEEP_BITS)), 1), (1 << KEEP_BITS) - 1)
+
+
+def keep_scale(reserve_p: float) -> float:
+    """The rescale of kept entries, ``2^16 / T``: the inverse of the exact keep probability ``T/2^16``,
+    so that ``E[g̃] = g`` whatever ``reserve_p`` (``1/reserve_p`` itself is off by up to
+    ``2^-17/reserve_p`` relative, 1.5x at ``reserve_p = 1e-5``). Equal to ``1/reserve_p`` when
+    ``reserve_p·2^16`` is a whole number (0.5, 0.25, ...)."""
+    return (1 << KEEP_BITS) / keep_threshold(reserve_p)
 
 
 def _signed32(x: int) -> int:
@@ -285,7 +294,7 @@ def bernoulli_grad(grad32: torch.Tensor, reserve_p: float, key: int, offset: int
         seg = flat_out[start:start + SEGMENT_NUMEL]
         torch.lt(_keep_bits(seg.numel(), key, grad32.device, offset + start), threshold, out=seg)
         # (1/p · keep) · g in one pass: the kernels' g·(keep ? 1/p : 0) rounded once, up to the sign of 0
-        torch.addcmul(zero, seg, flat_grad[start:start + seg.numel()], value=1.0 / reserve_p, out=seg)
+        torch.addcmul(zero, seg, flat_grad[start:start + seg.numel()], value=keep_scale(reserve_p), out=seg)
     return out
 
 

@@ -69,7 +69,7 @@ def test_kernel_f_mask_is_the_reference_mask_bitwise(n, base):
     """Odd sizes and starts, and indices past 2^33 (pair index past 2^32: the hash folds its high word)."""
     hp = ct.MaskHyper("F", 0.3, seed=12345)
     for stream, step in [(0, 1), (5, 7), (1023, 2**31 + 5)]:
-        expected = _keep(hp.seed, stream, step, n, hp.reserve_p, offset=base).float() / hp.reserve_p
+        expected = _keep(hp.seed, stream, step, n, hp.reserve_p, offset=base).float() * ct.keep_scale(hp.reserve_p)
         assert torch.equal(_kernel_mask(hp, stream, step, n, base).cpu(), expected)
 
 
@@ -80,10 +80,10 @@ def test_kernel_f_mask_of_a_shard_keys_global_indices(n, offset):
     hp = ct.MaskHyper("F", 0.3, seed=12345)
     for stream, step in [(0, 1), (1023, 2**31 + 5)]:
         got = _kernel_mask(hp, stream, step, n, shard_offset=offset).cpu()
-        assert torch.equal(got, _keep(hp.seed, stream, step, n, hp.reserve_p, offset=offset).float() / hp.reserve_p)
+        assert torch.equal(got, _keep(hp.seed, stream, step, n, hp.reserve_p, offset=offset).float() * ct.keep_scale(hp.reserve_p))
         if offset < 1 << 16:
             # the matching slice of the whole tensor's mask
-            whole = _keep(hp.seed, stream, step, offset + n, hp.reserve_p).float() / hp.reserve_p
+            whole = _keep(hp.seed, stream, step, offset + n, hp.reserve_p).float() * ct.keep_scale(hp.reserve_p)
             assert torch.equal(got, whole[offset:])
 
 
@@ -220,7 +220,7 @@ def test_f_mask_acts_on_the_loss_gradient_before_l2():
     for step in (1, 2, 3):
         g = torch.randn(50, generator=gen)
         keep = ct.bernoulli_keep(g.shape, p_keep, ct.mask_key(9, 0, step), "cpu")
-        x.grad, y.grad = g.clone(), ct.apply_mask(g, keep, 1 / p_keep)
+        x.grad, y.grad = g.clone(), ct.apply_mask(g, keep, ct.keep_scale(p_keep))
         masked.step()
         plain.step()
         assert torch.equal(x.grad, g)

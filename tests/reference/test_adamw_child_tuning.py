@@ -111,7 +111,7 @@ def test_f_mode_keep_rate_and_unbiasedness():
     for step in range(1, steps + 1):
         keep = ct.bernoulli_keep(g.shape, p_keep, ct.mask_key(7, 3, step), g.device)
         kept += int(keep.sum())
-        total += ct.apply_mask(g, keep, 1 / p_keep)
+        total += ct.apply_mask(g, keep, ct.keep_scale(p_keep))
     trials = n * steps
     assert abs(kept / trials - p_keep) < 5 * math.sqrt(p_keep * (1 - p_keep) / trials)
     # mean over all elements of (g̃ − g)/|g|max: each term has variance ≤ (1−p)/p
@@ -173,3 +173,17 @@ def test_grad_untouched_and_errors():
         optimfx.AdamW([p], child_tuning_mode="X")
     with pytest.raises(ValueError, match="mask shape"):
         optimfx.AdamW([p], child_tuning_mode="D").set_gradient_mask({p: torch.ones(3)})
+
+
+@pytest.mark.parametrize("reserve_p", [1e-5, 2e-5, 1e-4, 0.3])
+def test_f_mode_is_unbiased_at_every_reserve_p(reserve_p):
+    """The keep probability is T/2^16 (``keep_threshold``): kept entries are scaled by its inverse,
+    so E[g̃] = g exactly, also where T/2^16 is far from ``reserve_p`` (1.5x at 1e-5)."""
+    threshold = ct.keep_threshold(reserve_p)
+    assert ct.keep_scale(reserve_p) * threshold == 1 << ct.KEEP_BITS
+    # every 16-bit draw once: the mean of the masked ones is exactly 1
+    bits = torch.arange(1 << ct.KEEP_BITS) - (1 << (ct.KEEP_BITS - 1))
+    keep = bits < ct._signed_threshold(reserve_p)
+    assert int(keep.sum()) == threshold
+    masked = ct.apply_mask(torch.ones(bits.shape, dtype=torch.float64), keep, ct.keep_scale(reserve_p))
+    assert float(masked.mean()) == pytest.approx(1.0, rel=1e-12)  # float64 summation only
