@@ -60,3 +60,69 @@ def test_build_fisher_mask_on_a_model_keeps_user_grads_and_filters_names():
     assert kept >= round(0.4 * 35) and kept <= round(0.4 * 35) + 1
     assert torch.equal(model.head.weight.grad, torch.ones_like(model.head.weight))
     assert model.layer0.weight.grad is None
+
+
+class _ModeRecorder(torch.nn.Module):
+    """A linear model that records whether it ran in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        return self.layer(x)
+
+
+def _data(n=3, scale=1.0):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 4, generator=gen) * scale, torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)]
+
+
+def _loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("train, expected", [(True, [True] * 3), (False, [False] * 3)])
+def test_the_pass_runs_in_train_mode_and_restores_the_models(train, expected):
+    """The official pass calls ``model.train()`` (dropout on); a model loaded with ``from_pretrained``
+    is in eval mode, and must be left so."""
+    model = _ModeRecorder().eval()
+    optimfx.build_fisher_mask(model, _data(), _loss, 0.5, train=train)
+    assert model.seen == expected and not model.training and not model.layer.training
+
+
+def test_gradients_are_clipped_per_tensor_to_one_by_default():
+    """The official code clips each tensor's gradient to the Trainer's ``max_grad_norm`` (1.0)."""
+    model = _ModeRecorder()
+    data = _data(scale=100.0)  # gradients far above norm 1
+    default = fx.fisher_information(model, data, _loss)
+    clipped = fx.fisher_information(model, data, _loss, max_grad_norm=1.0)
+    unclipped = fx.fisher_information(model, data, _loss, max_grad_norm=None)
+    for name in default:
+        assert torch.equal(default[name], clipped[name])
+    # the weight's gradients scale with the inputs (norms ~100); the bias's stay below 1
+    assert not torch.allclose(default["layer.weight"], unclipped["layer.weight"])
+
+
+@pytest.mark.parametrize("reserve_p", [0.5, 0.7])
+def test_topk_keeps_exactly_k_entries_when_values_tie(reserve_p):
+    """60 % of the values are 0: the k-th largest is 0, and ``F ≥ τ`` would keep every entry."""
+    fisher = {"a": torch.cat([torch.zeros(300), torch.rand(200) + 1]), "b": torch.cat([torch.zeros(300), torch.rand(200) + 1])}
+    tau = fx.fisher_threshold(fisher, reserve_p, "topk")
+    masks = fx._exactly_topk(fisher, tau, fx._topk_count(reserve_p, 1000))
+    assert sum(int(m.sum()) for m in masks.values()) == round(reserve_p * 1000)
+    assert all(bool(m[f > tau].all()) for m, f in zip(masks.values(), fisher.values()))
+
+
+def test_bad_arguments_are_refused_before_the_pass():
+    def never():
+        raise AssertionError("the data was read")
+        yield
+
+    model = _ModeRecorder()
+    with pytest.raises(ValueError, match=r"^Invalid reserve_p"):
+        optimfx.build_fisher_mask(model, never(), _loss, 0.0)
+    with pytest.raises(ValueError, match=r"^Invalid rule"):
+        optimfx.build_fisher_mask(model, never(), _loss, 0.5, rule="median")
