@@ -75,10 +75,13 @@ class EGStepSize(Optimizer):
         lr: η, multiplies the base step. Default: ``1.0``.
         momentum: μ of the velocity (0 when the base has its own momentum). Default: ``0.0``.
         beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
-        gamma_scale: γ_s. Default: ``1e-2``.
-        gamma_gain: γ_p. Default: ``1e-2`` (``0`` disables the gains).
+        gamma_scale: γ_s. Default: ``None``: ``1e-2`` with ``normalize=True``; required with
+            ``normalize=False``.
+        gamma_gain: γ_p (``0`` disables the gains). Default: ``None``: ``1e-2`` with ``normalize=True``;
+            required with ``normalize=False``.
         normalize: cosine-normalised exponents (not verified against the paper); ``False`` uses raw dot products
-            (then γ has units of 1/gradient² and must be tuned). Default: ``True``.
+            (then γ has units of 1/gradient² and must be tuned for the model, so both γ must be
+            given). Default: ``True``.
         scope: one scale per ``"tensor"``, per ``"group"`` or ``"global"``. Default: ``"tensor"``.
         exp_clip: clamp on every exponent. Default: ``1.0``.
         gain_clamp: ``(min, max)`` of the gains, either ``None`` for no bound. Default: ``(1e-3, 1e3)``.
@@ -104,26 +107,27 @@ class EGStepSize(Optimizer):
 
     #: checks of the EG options a param group may set for itself (the group keys of the defaults)
     group_checks = {
-        "eg_lr": partial(check_nonnegative, "lr"),
-        "eg_momentum": partial(check_range, "momentum", low=0.0, high=1.0, high_open=True),
-        "eg_beta": partial(check_range, "beta", low=0.0, high=1.0, high_open=True),
+        "eg_lr": partial(check_nonnegative, "lr (group key eg_lr)"),
+        "eg_momentum": partial(check_range, "momentum (group key eg_momentum)", low=0.0, high=1.0, high_open=True),
+        "eg_beta": partial(check_range, "beta (group key eg_beta)", low=0.0, high=1.0, high_open=True),
         "gamma_scale": partial(check_nonnegative, "gamma_scale"),
         "gamma_gain": partial(check_nonnegative, "gamma_gain"),
         "scope": partial(check_choice, "scope", choices=ref.SCOPES),
         "exp_clip": lambda v: None if v is None else check_nonnegative("exp_clip", v),
         "gain_min": lambda v: _check_gain_clamp((v, None))[0],
         "gain_max": lambda v: _check_gain_clamp((None, v))[1],
-        "eg_backend": partial(check_choice, "backend", choices=BACKENDS),
+        "eg_backend": partial(check_choice, "backend (group key eg_backend)", choices=BACKENDS),
     }
 
     def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float = 0.0, beta: float = 0.9,
-                 gamma_scale: float = 1e-2, gamma_gain: float = 1e-2, *, normalize: bool = True,
+                 gamma_scale: Optional[float] = None, gamma_gain: Optional[float] = None, *, normalize: bool = True,
                  scope: str = "tensor", exp_clip: Optional[float] = 1.0,
                  gain_clamp: tuple[Optional[float], Optional[float]] = (1e-3, 1e3),
                  skip_nonfinite: bool = True, backend: str = "auto") -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
         refuse_closure_steps(base, "EGStepSize")
+        gamma_scale, gamma_gain = _meta_step_sizes(gamma_scale, gamma_gain, normalize)
         gain_min, gain_max = _check_gain_clamp(gain_clamp)
         defaults = apply_checks(dict(
             eg_lr=lr, eg_momentum=momentum, eg_beta=beta, gamma_scale=gamma_scale, gamma_gain=gamma_gain,
@@ -385,8 +389,20 @@ def _check_gain_clamp(gain_clamp: Any) -> tuple[Optional[float], Optional[float]
     return low, high
 
 
+def _meta_step_sizes(gamma_scale: Optional[float], gamma_gain: Optional[float],
+                     normalize: bool) -> tuple[float, float]:
+    """γ_s and γ_p: ``1e-2`` each when left out with normalised exponents (cosines, unitless); the
+    raw form's γ scale 1/gradient², so there they have no default."""
+    if not normalize:
+        missing = [name for name, value in (("gamma_scale", gamma_scale), ("gamma_gain", gamma_gain)) if value is None]
+        if missing:
+            raise ValueError(f"Invalid {missing[0]}: None (normalize=False uses raw dot products, whose scale "
+                             "is 1/gradient²: give gamma_scale and gamma_gain tuned for the model)")
+    return (1e-2 if gamma_scale is None else gamma_scale), (1e-2 if gamma_gain is None else gamma_gain)
+
+
 def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: float = 0.9,
-           gamma_scale: float = 1e-2, gamma_gain: float = 1e-2, **kwargs: Any) -> EGStepSize:
+           gamma_scale: Optional[float] = None, gamma_gain: Optional[float] = None, **kwargs: Any) -> EGStepSize:
     r"""Funnel: EG step-size adaptation of SGD with momentum, the paper's setting.
 
     .. math::
@@ -398,8 +414,8 @@ def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: 
         lr: η, the SGD learning rate (schedulers scale it). Default: ``0.1``.
         momentum: μ. Default: ``0.9``.
         beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
-        gamma_scale: γ_s. Default: ``1e-2``.
-        gamma_gain: γ_p. Default: ``1e-2``.
+        gamma_scale: γ_s. Default: ``1e-2`` (required with ``normalize=False``).
+        gamma_gain: γ_p. Default: ``1e-2`` (required with ``normalize=False``).
         **kwargs: any other :class:`EGStepSize` keyword (``normalize``, ``scope``, ``exp_clip``, ...).
 
     Returns:

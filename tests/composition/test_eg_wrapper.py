@@ -257,7 +257,7 @@ def test_deepcopy_keeps_the_base_and_continues_identically():
 
 def test_backend_errors():
     p = torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=r"^Invalid backend: 'cuda'"):
+    with pytest.raises(ValueError, match=r"^Invalid backend \(group key eg_backend\): 'cuda'"):
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), backend="cuda")
 
 
@@ -284,3 +284,25 @@ def test_maximize_base_adapts_like_minimising_the_negated_loss(make_base):
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
     assert runs[0][1] != 1.0  # the scale moved, so the check compares adaptation, not a no-op
+
+
+@pytest.mark.parametrize("make", [lambda **kw: optimfx.EGStepSize(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))],
+                                                                                   lr=0.1), **kw),
+                                  lambda **kw: optimfx.Funnel([torch.nn.Parameter(torch.zeros(2))], **kw)],
+                         ids=["eg", "funnel"])
+def test_raw_exponents_need_both_meta_step_sizes(make):
+    """Raw dot products scale with 1/gradient²: no default γ fits every model, so both are required;
+    the normalised (cosine) form keeps 1e-2 for each."""
+    with pytest.raises(ValueError, match=r"^Invalid gamma_scale: None \(normalize=False"):
+        make(normalize=False)
+    with pytest.raises(ValueError, match=r"^Invalid gamma_gain: None"):
+        make(normalize=False, gamma_scale=0.1)
+    opt = make(normalize=False, gamma_scale=0.1, gamma_gain=0.2)
+    assert (opt.defaults["gamma_scale"], opt.defaults["gamma_gain"]) == (0.1, 0.2)
+    assert (make().defaults["gamma_scale"], make().defaults["gamma_gain"]) == (1e-2, 1e-2)
+
+
+def test_a_groups_bad_eg_option_is_named_by_its_key():
+    opt = optimfx.EGStepSize(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    with pytest.raises(ValueError, match=r"^Invalid lr \(group key eg_lr\): -1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "eg_lr": -1.0})
