@@ -13,6 +13,10 @@ after it (``θ`` now holds the base's proposal)::
     apply    (tiles)  : d = θ_saved − θ;  p ← clamp(p·exp(clip(c·m·g)));  ν ← μν + η·p·d;
                         θ ← θ + (d − s·ν);  m ← lerp(m, g, 1 − β)
 
+Around a plain ``torch.optim.SGD`` (Funnel's base) the base does not step: the apply pass forms
+``d = lr·(g + λθ)`` itself and writes ``θ ← θ − s·ν`` (``d`` read back off the parameters would be
+rounded to the spacing of their floats, and lost below half of it).
+
 Reductions are two-stage with a fixed order (no float atomics): reruns are bit-identical. Scope units
 are contiguous row ranges (a tensor, a param group, or every tensor), so group and global scopes need
 no host step. A raised skip flag (``kernels/checks.py``) leaves scales, gains, velocity and average
@@ -156,25 +160,32 @@ def _lerp(b_old, b_new, weight):
 
 @triton.jit
 def _apply_tile(p_p, p_g, p_a, p_v, p_m, p_s, o, m, scale, coef, lr, momentum, weight, clip, gain_min,
-                gain_max, MASKED: tl.constexpr):
+                gain_max, sgd_lr, sgd_decay, DIRECT: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
     b_g = load_f32(p_g, o, m, MASKED)
     b_m = load_f32(p_m, o, m, MASKED)
-    b_d = load_f32(p_s, o, m, MASKED) - b_p
+    if DIRECT:
+        # a plain SGD base did not step: θ is θ_{t-1} and d = lr·(g + λθ) exactly
+        b_d = (b_g + sgd_decay * b_p) * sgd_lr
+    else:
+        b_d = load_f32(p_s, o, m, MASKED) - b_p
     b_z = tl.minimum(tl.maximum(coef * b_m * b_g, -clip), clip)
     b_a = tl.minimum(tl.maximum(load_f32(p_a, o, m, MASKED) * tl.exp(b_z), gain_min), gain_max)
     b_v = momentum * load_f32(p_v, o, m, MASKED) + lr * b_a * b_d
     store_cast(p_a, o, b_a, m, MASKED)
     store_cast(p_v, o, b_v, m, MASKED)
     store_cast(p_m, o, _lerp(b_m, b_g, weight), m, MASKED)
-    store_cast(p_p, o, b_p + (b_d - scale * b_v), m, MASKED)
+    if DIRECT:
+        store_cast(p_p, o, b_p - scale * b_v, m, MASKED)
+    else:
+        store_cast(p_p, o, b_p + (b_d - scale * b_v), m, MASKED)
 
 
 @triton.jit
 def eg_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_coefs,
-                    lr, momentum, weight, clip, gain_min, gain_max,
+                    lr, momentum, weight, clip, gain_min, gain_max, sgd_lr, sgd_decay,
                     DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr, DTYPE3: tl.constexpr,
-                    DTYPE4: tl.constexpr, DTYPE5: tl.constexpr, CHECK_SKIP: tl.constexpr,
+                    DTYPE4: tl.constexpr, DTYPE5: tl.constexpr, CHECK_SKIP: tl.constexpr, DIRECT: tl.constexpr,
                     ALIGNED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NMETA: tl.constexpr):
     # lists as in eg_reduce_kernel; list 0 now holds the base's proposal
     i_t, p_meta, i_s, i_r, i_c = tile_coords(block_tensor, block_chunk, meta, NMETA)
@@ -194,10 +205,10 @@ def eg_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p
     p_m = table_ptr(tables, i_t, 4, 6, DTYPE4, ALIGNED)
     if full:
         _apply_tile(p_p, p_g, p_a, p_v, p_m, p_s, o, m, scale, coef, lr, momentum, weight, clip, gain_min,
-                    gain_max, False)
+                    gain_max, sgd_lr, sgd_decay, DIRECT, False)
     else:
         _apply_tile(p_p, p_g, p_a, p_v, p_m, p_s, o, m, scale, coef, lr, momentum, weight, clip, gain_min,
-                    gain_max, True)
+                    gain_max, sgd_lr, sgd_decay, DIRECT, True)
 
 
 @dataclass
@@ -312,17 +323,21 @@ def _bound(x: float | None, default: float = float("inf")) -> float:
     return default if x is None else float(x)
 
 
-def after(pending: Pending) -> None:
-    """The apply pass of every unit, once the base optimizer has written its proposal."""
+def after(pending: Pending, direct: bool = False) -> None:
+    """The apply pass of every unit, once the base optimizer has written its proposal; ``direct``: the
+    base is a plain ``torch.optim.SGD`` that did not step, and its step ``lr·(g + λθ)`` is formed here
+    (read back off the parameters it would be rounded to the spacing of their floats)."""
     flag = pending.flag
     for unit, gs, sv, rw in zip(pending.units, pending.grads, pending.saved, pending.rows):
         hp = unit.hp
+        sgd_lr, sgd_decay = (float(unit.group["lr"]), float(unit.group["weight_decay"])) if direct else (0.0, 0.0)
         work = [_launcher.contiguous_or_copy(p) for p in unit.params]
         lists = _lists(work, gs, unit.states, sv)
         for _, plan in _launcher.tile_groups(lists, _views(work), (BR, BC), [rw]):
             plan.launch(eg_apply_kernel, flag if flag is not None else pending.coefs, pending.coefs,
                         hp.lr, hp.momentum, 1.0 - hp.beta, _bound(hp.exp_clip), _bound(hp.gain_min, -float("inf")),
-                        _bound(hp.gain_max), num_warps=NUM_WARPS, CHECK_SKIP=flag is not None)
+                        _bound(hp.gain_max), sgd_lr, sgd_decay, num_warps=NUM_WARPS, CHECK_SKIP=flag is not None,
+                        DIRECT=direct)
         for p, w in zip(unit.params, work):
             if w is not p:
                 p.copy_(w)

@@ -48,6 +48,7 @@ class _Unit(NamedTuple):
     params: list[Tensor]  # local tensors: real views, FSDP2 shards
     grads: list[Tensor]
     states: list[dict[str, Any]]  # local views; a sharded tensor's ShardSpec under _distributed.SHARD_KEY
+    group: dict[str, Any]  # the param group (shared with the base)
 
 
 class EGStepSize(Optimizer):
@@ -107,16 +108,16 @@ class EGStepSize(Optimizer):
 
     #: checks of the EG options a param group may set for itself (the group keys of the defaults)
     group_checks = {
-        "eg_lr": partial(check_nonnegative, "lr (group key eg_lr)"),
-        "eg_momentum": partial(check_range, "momentum (group key eg_momentum)", low=0.0, high=1.0, high_open=True),
-        "eg_beta": partial(check_range, "beta (group key eg_beta)", low=0.0, high=1.0, high_open=True),
+        "eg_lr": partial(check_nonnegative, "lr"),
+        "eg_momentum": partial(check_range, "momentum", low=0.0, high=1.0, high_open=True),
+        "eg_beta": partial(check_range, "beta", low=0.0, high=1.0, high_open=True),
         "gamma_scale": partial(check_nonnegative, "gamma_scale"),
         "gamma_gain": partial(check_nonnegative, "gamma_gain"),
         "scope": partial(check_choice, "scope", choices=ref.SCOPES),
         "exp_clip": lambda v: None if v is None else check_nonnegative("exp_clip", v),
         "gain_min": lambda v: _check_gain_clamp((v, None))[0],
         "gain_max": lambda v: _check_gain_clamp((None, v))[1],
-        "eg_backend": partial(check_choice, "backend (group key eg_backend)", choices=BACKENDS),
+        "eg_backend": partial(check_choice, "backend", choices=BACKENDS),
     }
 
     def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float = 0.0, beta: float = 0.9,
@@ -201,7 +202,7 @@ class EGStepSize(Optimizer):
                 # a maximising base descends along −g: the alignments must see the same sign
                 grads = [torch.neg(g) for g in grads]
             units.append(_Unit(self._hyper(group), group["scope"], resolve_backend(group["eg_backend"], params),
-                               owners, params, grads, states))
+                               owners, params, grads, states, group))
         if any(u.scope == "global" for u in units) and len({u.backend for u in units}) > 1:
             raise RuntimeError("EGStepSize: scope='global' needs one backend for every param group, got "
                                f"{sorted({u.backend for u in units})}")
@@ -227,11 +228,20 @@ class EGStepSize(Optimizer):
             return
         fast = [u for u in units if u.backend == "triton"]
         slow = [u for u in units if u.backend != "triton"]
-        saved = self._reference_before(slow) if slow else []
+        # a plain SGD base's step is known exactly: no base step, no θ read back (see _sgd_direction_)
+        direct = self._base_is_plain_sgd()
+        saved = self._reference_before(slow, direct) if slow else []
         if saved is None:
             self._warn_skipped()
             return
         handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch) if fast else None
+        if direct:
+            for unit, directions in zip(slow, saved):
+                for p, d, state in zip(unit.params, directions, unit.states):
+                    ref.apply_direct_(p, d, state, unit.hp)
+            if handle is not None:
+                self._kernels().after(handle, direct=True)
+            return
         if handle is not None and handle.flag is not None and not self._base_skips_nonfinite():
             # a base that would step on inf/NaN gradients (torch.optim's) must not run: its state
             # would be poisoned. Only an optimfx base skipping by itself lets the flag stay on the device.
@@ -268,8 +278,23 @@ class EGStepSize(Optimizer):
     def _kernels() -> Any:
         return importlib.import_module("optimfx._kernels.eg")
 
-    def _reference_before(self, units: list[_Unit]) -> Optional[list[list[Tensor]]]:
-        """Steps 1, 2 and 5 of every unit and the saved parameters; ``None`` when the step is skipped."""
+    def _base_is_plain_sgd(self) -> bool:
+        """``torch.optim.SGD`` without momentum (Funnel's base): its step is ``lr·(±g + λθ)``."""
+        return type(self.base) is torch.optim.SGD and all(g["momentum"] == 0 for g in self.base.param_groups)
+
+    @staticmethod
+    def _sgd_direction_(out: Tensor, grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """``d_t = lr·(g + λθ)`` into ``out``: the plain SGD step, formed as ``torch.optim.SGD`` forms it
+        (``g`` already carries ``maximize``'s sign). Reading it back as ``θ_{t-1} − θ_t`` would round it
+        to the spacing of ``θ``'s floats: a step below half of it would be lost."""
+        lr, decay = float(group["lr"]), float(group["weight_decay"])
+        if decay != 0.0:
+            return torch.add(grad, param, alpha=decay, out=out).mul_(lr)
+        return torch.mul(grad, lr, out=out)
+
+    def _reference_before(self, units: list[_Unit], direct: bool = False) -> Optional[list[list[Tensor]]]:
+        """Steps 1, 2 and 5 of every unit and the saved parameters (``direct``: the plain SGD step
+        ``d_t`` itself); ``None`` when the step is skipped."""
         # each in its parameter's compute dtype (a gradient's dtype may differ from its parameter's)
         grads = [[g.to(compute_dtype(p.dtype)) for p, g in zip(u.params, u.grads)] for u in units]
         parts = []
@@ -290,7 +315,11 @@ class EGStepSize(Optimizer):
                 # the saved-parameter buffer is the exponent's scratch until θ is copied into it
                 ref.update_gains_(state["gains"], state["avg_grad"], g, unit.hp, c, scratch=buf)
             ref.update_average_([s["avg_grad"] for s in unit.states], gs, unit.hp)
-            torch._foreach_copy_(buffers, unit.params)
+            if direct:
+                for buf, g, p in zip(buffers, gs, unit.params):
+                    self._sgd_direction_(buf, g, p, unit.group)
+            else:
+                torch._foreach_copy_(buffers, unit.params)
             saved.append(buffers)
         return saved
 

@@ -139,13 +139,24 @@ def apply_(param: Tensor, direction: Tensor, state: dict[str, Tensor], hp: EGHyp
     ``param + (d_t − s_t·ν_t)`` so that with γ = 0, μ = 0, η = 1 the base's result comes out bit for bit.
     ``direction`` (``d_t``, in the state dtype) is overwritten with ``d_t − s_t·ν_t``.
     """
+    velocity = _velocity_(direction, state, hp)
+    param.add_(direction.addcmul_(velocity, state["scale"], value=-1.0))
+
+
+def apply_direct_(param: Tensor, direction: Tensor, state: dict[str, Tensor], hp: EGHyper) -> None:
+    """§3.1 steps 3–4 when the base's step ``d_t`` is known exactly (a plain SGD base) and ``param``
+    still holds ``θ_{t-1}``: ``θ_t = θ_{t-1} − s_t·ν_t``, one rounding, as ``torch.optim.SGD`` applies
+    its momentum buffer."""
+    param.addcmul_(_velocity_(direction, state, hp), state["scale"], value=-1.0)
+
+
+def _velocity_(direction: Tensor, state: dict[str, Tensor], hp: EGHyper) -> Tensor:
+    """``ν_t = μ·ν_{t-1} + η·p_t ⊙ d_t`` in place (state ``velocity``)."""
     gains, velocity = state["gains"], state["velocity"]
     if hp.momentum == 0.0 and hp.lr == 1.0:
         # ν = 0·ν + 1·p⊙d without reading ν (equal up to the sign of zeros)
-        torch.mul(gains, direction, out=velocity)
-    else:
-        velocity.mul_(hp.momentum).addcmul_(gains, direction, value=hp.lr)
-    param.add_(direction.addcmul_(velocity, state["scale"], value=-1.0))
+        return torch.mul(gains, direction, out=velocity)
+    return velocity.mul_(hp.momentum).addcmul_(gains, direction, value=hp.lr)
 
 
 def step_(param: Tensor, grad: Tensor, direction: Tensor, state: dict[str, Tensor], exponent: Tensor,

@@ -142,7 +142,7 @@ def test_nonfinite_gradient_restores_params_and_keeps_eg_state():
 
 def test_backend_is_validated_and_resolved():
     p = torch.nn.Parameter(torch.ones(3))
-    with pytest.raises(ValueError, match=r"^Invalid backend \(group key eg_backend\): 'compiled'"):
+    with pytest.raises(ValueError, match=r"^Invalid backend: 'compiled'"):
         optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), backend="compiled")
     opt = optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1, foreach=False))
     assert opt.param_groups[0]["eg_backend"] == "auto"
