@@ -34,6 +34,8 @@ BASES = {
     "torch.Adam": lambda ps: torch.optim.Adam(ps, lr=BENCH_LR),
     "AdamW": lambda ps: optimfx.AdamW(ps, lr=BENCH_LR),
     "AdaX": lambda ps: optimfx.AdaX(ps, lr=BENCH_LR),
+    # a plain SGD base (Funnel's): EG forms its step itself, the base does not step
+    "torch.SGD": lambda ps: torch.optim.SGD(ps, lr=BENCH_LR),
 }
 
 
