@@ -40,6 +40,7 @@ STORED = tl.constexpr(2)
 _GOLDEN = tl.constexpr(ct.GOLDEN)
 _MUL_A = tl.constexpr(ct.PAIR_MUL_A)
 _MUL_B = tl.constexpr(ct.PAIR_MUL_B)
+_MUL_C = tl.constexpr(ct.PAIR_MUL_C)
 
 
 @triton.jit
@@ -50,6 +51,8 @@ def bernoulli_keep(o, k0, k1, threshold):
     x = x * _MUL_A
     x = x ^ (x >> 16)
     x = (x + (k1 ^ ((q >> 32).to(tl.uint32) * _GOLDEN))) * _MUL_B
+    x = x ^ (x >> 16)
+    x = x * _MUL_C
     x = x ^ (x >> 16)
     r = (x >> ((o & 1) * 16).to(tl.uint32)) & 0xFFFF
     return (r ^ 0x8000) < threshold

@@ -193,6 +193,7 @@ def _pair_bits(n_pairs: int, keys_and_first_pairs: list[tuple[int, int]], device
     # x = (x + k1)·B = B·x + B·k1
     torch.add(row_end, x, alpha=ct._signed32(ct.PAIR_MUL_B), out=x)
     ct._xorshift16_(buf, lanes)
+    ct.final_round_(buf, lanes)
     return x
 
 
