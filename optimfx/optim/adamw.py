@@ -62,6 +62,11 @@ class AdamW(GradientMaskMixin, FxOptimizer):
         >>> opt = optimfx.AdamW(model.parameters(), lr=1e-3, child_tuning_mode="F", reserve_p=0.3)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step()
+
+    References:
+        Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+        <https://arxiv.org/abs/1711.05101>`_, 2019. Xu et al, `Raise a Child in Large Language Model:
+        Towards Effective and Generalizable Fine-tuning <https://arxiv.org/abs/2109.05687>`_, 2021.
     """
 
     algorithm = ADAMW
@@ -91,7 +96,15 @@ class AdamW(GradientMaskMixin, FxOptimizer):
 
 
 class ChildTuningAdamW(AdamW):
-    """Drop-in for the official ``ChildTuningAdamW`` (same arguments and defaults).
+    r"""Drop-in for the official ``ChildTuningAdamW`` (same arguments and defaults).
+
+    .. math::
+
+        \tilde g_t &= g_t \odot M_t / p \ \text{(F)},\quad g_t \odot M \ \text{(D)}\\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1)\tilde g_t,\qquad v_t = \beta_2 v_{t-1} + (1-\beta_2)\tilde g_t^2\\
+        \theta_t &= \theta'_{t} - \mathrm{lr}\,\lambda\,\theta'_{t},\qquad
+            \theta'_t = \theta_{t-1} - \mathrm{lr}\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} + \epsilon}
 
     The official optimizer is the legacy transformers AdamW (ε on ``sqrt(v)``, weight decay after the
     step) with a gradient mask; this class is :class:`AdamW` with those options, plus
@@ -109,6 +122,12 @@ class ChildTuningAdamW(AdamW):
         mode: ``None``, ``"ChildTuning-F"`` or ``"ChildTuning-D"``. Default: ``None``.
         **kwargs: any other :class:`AdamW` keyword (``seed``, ``decay_order``, ``eps_placement``,
             ``backend``, ...).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = optimfx.ChildTuningAdamW(model.parameters(), lr=2e-5, reserve_p=0.3, mode="ChildTuning-F")
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
 
     References:
         Xu et al, `Raise a Child in Large Language Model: Towards Effective and Generalizable

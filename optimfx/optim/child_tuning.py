@@ -77,6 +77,10 @@ class ChildTuning(Optimizer):
         >>> opt = optimfx.ChildTuning(torch.optim.SGD(model.parameters(), lr=0.1), mode="F", reserve_p=0.3)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> opt.step()
+
+    References:
+        Xu et al, `Raise a Child in Large Language Model: Towards Effective and Generalizable
+        Fine-tuning <https://arxiv.org/abs/2109.05687>`_, 2021.
     """
 
     #: checks of the ChildTuning options a param group may set for itself

@@ -449,6 +449,16 @@ def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: 
 
     Returns:
         An :class:`EGStepSize` around ``torch.optim.SGD(params, lr=lr)``.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = optimfx.Funnel(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Amid, Anil, Fifty & Warmuth, `Step-size Adaptation Using Exponentiated Gradient Updates
+        <https://arxiv.org/abs/2202.00145>`_, 2022.
     """
     # SGD's own check words it otherwise and lets nan through
     check_lr(lr)
