@@ -26,7 +26,6 @@ from .._validation import (apply_checks, check_backend, check_choice, check_load
 Tensor = torch.Tensor
 
 
-
 def _checked_lr(value: Any) -> Any:
     check_lr(value)
     return value
@@ -39,6 +38,7 @@ GROUP_CHECKS: dict[str, Callable[[Any], Any]] = {
     "backend": check_backend,
     "bf16_rounding": partial(check_choice, "bf16_rounding", choices=BF16_ROUNDINGS),
 }
+
 
 class FxOptimizer(Optimizer):
     """Base class of the optimfx optimizers (not instantiated directly)."""

@@ -51,7 +51,6 @@ def _inner_optimizer(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
-
 class ChildTuning(Optimizer):
     r"""Apply ChildTuning-F or -D gradient masks before any optimizer's step.
 
