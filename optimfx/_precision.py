@@ -44,6 +44,16 @@ def working_copy(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == target else t.to(target)
 
 
+def restored_state(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved state tensor as an optimizer keeps it for ``param``: floating state in the policy's
+    dtype (:func:`compute_dtype`, where ``torch.optim`` would cast to the parameter's), on the
+    parameter's device (a DTensor stays one), never sharing the saved tensor's memory (``.to``
+    returns the tensor itself when nothing changes, and a live optimizer may be its owner)."""
+    dtype = compute_dtype(param.dtype) if value.is_floating_point() else value.dtype
+    restored = value.detach().to(device=param.device, dtype=dtype)
+    return restored.clone() if restored.data_ptr() == value.data_ptr() else restored
+
+
 def write_back_(param: torch.Tensor, param32: torch.Tensor) -> None:
     """Round the fp32 working copy into the parameter once (no-op when they alias).
 

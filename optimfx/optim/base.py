@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from .. import _dispatch, _distributed
 from .._algorithm import Algorithm
 from .._counters import StepCounters, group_counters, standalone_steps
-from .._precision import BF16_ROUNDINGS, compute_dtype, real_view
+from .._precision import BF16_ROUNDINGS, real_view, restored_state
 from .._validation import (apply_checks, check_backend, check_choice, check_loaded_groups, check_lr,
                            check_nonnegative)
 
@@ -241,13 +241,8 @@ class FxOptimizer(Optimizer):
                     # still increment in place
                     self.state[p][key] = torch.tensor(int(value), dtype=torch.int64)
                     continue
-                if not isinstance(value, Tensor):
-                    continue
-                dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
-                restored = value.detach().to(device=p.device, dtype=dtype)
-                # ``.to`` returns the saved buffer itself when nothing changes: never share it
-                same = restored.data_ptr() == value.data_ptr()
-                self.state[p][key] = restored.clone() if same else restored
+                if isinstance(value, Tensor):
+                    self.state[p][key] = restored_state(value, p)
 
 
 def _standalone_steps(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from .. import _distributed
 from .._dispatch import resolve_backend
-from .._precision import compute_dtype, real_view
+from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
 from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
@@ -399,12 +399,8 @@ class EGStepSize(Optimizer):
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():
-                if not isinstance(value, Tensor):
-                    continue
-                # the policy dtype, on the parameter's device (a DTensor stays one), never shared
-                dtype = compute_dtype(p.dtype) if value.is_floating_point() else value.dtype
-                restored = value.detach().to(device=p.device, dtype=dtype)
-                self.state[p][key] = restored.clone() if restored.data_ptr() == value.data_ptr() else restored
+                if isinstance(value, Tensor):
+                    self.state[p][key] = restored_state(value, p)
 
 
 def _check_gain_clamp(gain_clamp: Any) -> tuple[Optional[float], Optional[float]]:
