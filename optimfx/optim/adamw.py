@@ -139,7 +139,7 @@ class ChildTuningAdamW(AdamW):
                  correct_bias: bool = True, reserve_p: float = 1.0, mode: Optional[str] = None,
                  **kwargs: Any) -> None:
         if ct.normalise_mode(mode) not in ct.MODES:
-            raise ValueError(f"Invalid mode: {mode!r} (must be None, 'ChildTuning-F' or 'ChildTuning-D')")
+            raise ValueError(f"Invalid mode: {mode!r} (must be None, 'ChildTuning-F', 'ChildTuning-D', 'F' or 'D')")
         kwargs.setdefault("eps_placement", "v")
         kwargs.setdefault("decay_order", "alicemind")
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias=correct_bias,
