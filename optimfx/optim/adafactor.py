@@ -200,16 +200,13 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         the one before its last update).
         """
         hp = ref.AdaFactorHyper.from_group(param_group)
-        logged = hp.relative_step and hp.lr_mode == "scale"
+        if hp.relative_step and hp.lr_mode == "rho_max":
+            raise ValueError("AdaFactor: transformers' AdafactorSchedule writes the step size it logs into "
+                             "the group's lr, which lr_mode='rho_max' reads as the cap of the relative step; "
+                             "use a torch.optim.lr_scheduler (or none) with lr_mode='rho_max'")
+        logged = hp.relative_step
         if logged and not param_group.get(LOGGED_LR_KEY, False):
-            if float(param_group["lr"]) != 1.0 and param_state.get("step", 0) > 0:
-                warnings.warn(f"AdaFactor: a scheduler reads the step size through _get_lr "
-                              f"(transformers' AdafactorSchedule): the lr it writes is not applied from "
-                              f"now on; the steps before used the lr it wrote at construction, "
-                              f"{float(param_group['lr'])!r}, as the multiplier of the relative step "
-                              f"(AdafactorSchedule(opt, initial_lr=1.0) avoids that)", UserWarning,
-                              stacklevel=3)
-            param_group[LOGGED_LR_KEY] = True
+            self._mark_logged_groups(param_group, param_state)
         step = max(int(param_state.get("step", 0)), 1)
         size = ref.step_size(1.0 if logged else float(param_group["lr"]), ref.host_scalars(step, hp), hp)
         if hp.scale_parameter:
@@ -220,6 +217,20 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             rms = float(norm) / math.sqrt(max(param.numel(), 1))
             size *= max(hp.eps2, rms)
         return float(size)
+
+    def _mark_logged_groups(self, read: dict[str, Any], read_state: dict[str, Any]) -> None:
+        """The first read marks every relative-step group (:data:`LOGGED_LR_KEY`), since the scheduler
+        writes into all of them; a warning tells when the lr it wrote at construction scaled steps
+        already taken."""
+        if float(read["lr"]) != 1.0 and read_state.get("step", 0) > 0:
+            warnings.warn(f"AdaFactor: a scheduler reads the step size through _get_lr (transformers' "
+                          f"AdafactorSchedule): the lr it writes is not applied from now on; the steps before "
+                          f"used the lr it wrote at construction, {float(read['lr'])!r}, as the multiplier of "
+                          f"the relative step (AdafactorSchedule(opt, initial_lr=1.0) avoids that)",
+                          UserWarning, stacklevel=4)
+        for group in self.param_groups:
+            if group["relative_step"] and group["lr_mode"] == "scale":
+                group[LOGGED_LR_KEY] = True
 
     def _step_lr(self, group: dict[str, Any]) -> Any:
         if group.get(LOGGED_LR_KEY, False) and group["relative_step"] and group["lr_mode"] == "scale":
@@ -233,8 +244,10 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             if not relative:
                 raise ValueError("Invalid lr: None (an lr is required when relative_step=False)")
             param_group["lr"] = 1.0
-        elif "lr" in param_group and relative and param_group.get("lr_mode", self.defaults["lr_mode"]) == "scale":
+        elif ("lr" in param_group and relative and param_group.get("lr_mode", self.defaults["lr_mode"]) == "scale"
+              and param_group["lr"] != 1.0 and not param_group.get(LOGGED_LR_KEY, False)):
             # as the constructor: transformers ignores such an lr, here it would scale the relative step
+            # (1.0, the multiplier's neutral value, and a logged step size are what this class stores)
             raise ValueError(f"Invalid lr: {param_group['lr']!r} in a param group with relative_step=True "
                              "(transformers' Adafactor ignores it; here it would multiply the relative "
                              "step): leave it out, or set relative_step=False or lr_mode='rho_max' in the group")

@@ -23,7 +23,8 @@ from .._validation import apply_checks
 from ..reference import child_tuning as ct
 from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
                              restore_own_defaults, share_base_groups, state_dict_with_base)
-from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, save_pending, stored_masks, take_back_pending
+from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, pending_for_copy, pending_from_copy, save_pending,
+                             stored_masks, take_back_pending)
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
@@ -137,11 +138,14 @@ class ChildTuning(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; a copy needs its base too
         return {**super().__getstate__(), "base": self.base, "own_defaults": self.own_defaults,
-                "_delegates": self._delegates}
+                "_delegates": self._delegates,
+                "_pending_by_position": pending_for_copy(self, self._pending_masks)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        by_position = state.pop("_pending_by_position", {})
         super().__setstate__(state)
         restore_own_defaults(self)
+        self.__dict__["_pending_gradient_masks"] = pending_from_copy(self, by_position)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer (its defaults and checks) and to this wrapper,

@@ -99,6 +99,19 @@ def save_pending(optimizer: Any, saved: dict[str, Any], pending: dict[int, tuple
                 saved["state"].setdefault(index[key], {})["child_mask"] = mask
 
 
+def pending_for_copy(optimizer: Any, pending: dict[int, tuple[Tensor, Tensor]]) -> dict[int, Tensor]:
+    """``{position: mask}`` of the pending D masks, for ``__getstate__`` (a copy's parameters are other
+    objects: positions, not ids, find them again)."""
+    index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in optimizer.param_groups))}
+    return {index[key]: mask for key, (p, mask) in pending.items() if key in index}
+
+
+def pending_from_copy(optimizer: Any, by_position: dict[int, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+    """The pending D masks of a copy, from :func:`pending_for_copy` (``__setstate__``)."""
+    params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    return {id(params[i]): (params[i], mask) for i, mask in by_position.items() if i < len(params)}
+
+
 def take_back_pending(state: dict[Tensor, dict[str, Any]], pending: dict[int, tuple[Tensor, Tensor]]) -> None:
     """After a load: a loaded mask without a step was set before its tensor's first step, and is
     pending again (an optimizer's state stays empty until it steps, as ``torch.distributed.checkpoint``
@@ -140,6 +153,15 @@ class GradientMaskMixin:
                 state["child_mask"] = stored
             else:
                 self._pending_masks[id(p)] = (p, stored)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # D masks set before their tensor's first step belong to a copy too
+        return {**super().__getstate__(), "_pending_by_position": pending_for_copy(self, self._pending_masks)}  # type: ignore[misc]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        by_position = state.pop("_pending_by_position", {})
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_pending_gradient_masks"] = pending_from_copy(self, by_position)
 
     def _init_group(self, group, params, grads, states, hyper):  # noqa: D102
         super()._init_group(group, params, grads, states, hyper)  # type: ignore[misc]

@@ -364,3 +364,23 @@ def test_d_masks_set_before_a_dcp_load_restore_the_base_state(tmp_path):
     first, resumed = _dcp_round_trip(*make(), make, tmp_path)
     for a, b in zip(first.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optimfx.ChildTuning(torch.optim.SGD(ps, lr=0.1), "D"),
+    lambda ps: optimfx.ChildTuningAdamW(ps, lr=0.1, mode="ChildTuning-D"),
+], ids=["adapter", "childtuning-adamw"])
+@pytest.mark.parametrize("copy_fn", [copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))], ids=["deepcopy", "pickle"])
+def test_a_d_mask_set_before_the_first_step_survives_a_copy(make, copy_fn):
+    """Masks set before a tensor's first step wait apart from the state; a copy of the model and its
+    optimizer keeps them, on the copy's own parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = make(model.parameters())
+    opt.set_gradient_mask({model.weight: torch.zeros(3, 4)})
+    model_copy, opt_copy = copy_fn((model, opt))
+    before = model_copy.weight.detach().clone()
+    model_copy(torch.randn(8, 4)).square().mean().backward()
+    opt_copy.step()
+    assert torch.equal(model_copy.weight, before)
+    assert not torch.equal(model_copy.bias, model.bias)

@@ -157,3 +157,29 @@ def test_transformers_checkpoint_written_under_the_schedule_continues():
         _train(resumed, ours, ours_sched, batches[5:])
     for a, b in zip(resumed.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_the_schedule_is_refused_on_a_capped_relative_step():
+    """lr_mode='rho_max' reads lr as the cap of the relative step, which the scheduler would overwrite
+    with the step size it logs (shrinking the cap every step)."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = optimfx.AdaFactor([p], lr=1e-2, lr_mode="rho_max", backend="reference")
+    sched = transformers_opt.AdafactorSchedule(opt)
+    p.square().sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="lr_mode='rho_max'"):
+        sched.step()
+
+
+def test_an_optimizer_rebuilt_from_its_own_groups():
+    """The groups hold lr=1.0 (the relative step's multiplier) or the logged step size: both are
+    accepted back, as a rebuild from ``param_groups`` (ZeRO's partition optimizers) passes them."""
+    p, q = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    opt = optimfx.AdaFactor([{"params": [p]}, {"params": [q]}], backend="reference")
+    sched = transformers_opt.AdafactorSchedule(opt, initial_lr=1.0)
+    (p.square().sum() + q.square().sum()).backward()
+    opt.step()
+    sched.step()
+    rebuilt = optimfx.AdaFactor([dict(g) for g in opt.param_groups])
+    assert [g["lr"] for g in rebuilt.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert optimfx.AdaFactor([dict(g) for g in optimfx.AdaFactor([p]).param_groups]).param_groups[0]["lr"] == 1.0
