@@ -40,6 +40,14 @@ def share_base_groups(wrapper: Any, own_defaults: dict[str, Any]) -> None:
     wrapper.defaults = {**wrapper.base.defaults, **own_defaults}
 
 
+def fill_own_defaults(wrapper: Any) -> None:
+    """The wrapper's defaults for the keys of its own a group lacks: a group added to the base
+    directly, or one of a checkpoint written before an option existed."""
+    for group in wrapper.param_groups:
+        for key, value in wrapper.own_defaults.items():
+            group.setdefault(key, value)
+
+
 def restore_own_defaults(wrapper: Any) -> None:
     """``__setstate__``: a copy pickled before ``own_defaults`` existed held only its own defaults."""
     if "own_defaults" not in wrapper.__dict__:

@@ -21,8 +21,8 @@ from .. import _distributed
 from .._precision import real_view, working_copy
 from .._validation import apply_checks
 from ..reference import child_tuning as ct
-from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
-                             restore_own_defaults, share_base_groups, state_dict_with_base)
+from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
+                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base)
 from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, pending_for_copy, pending_from_copy, save_pending,
                              stored_masks, take_back_pending)
 from .mask_streams import fix_streams
@@ -227,6 +227,7 @@ class ChildTuning(Optimizer):
             self.base.step()
             self._mirror_steps()
         else:
+            fill_own_defaults(self)  # a group added to the base directly is masked too
             self._masked_base_step()
         return loss
 

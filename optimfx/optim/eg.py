@@ -30,8 +30,8 @@ from .._dispatch import resolve_backend
 from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
-from ._wrapped_state import (add_param_group_via_base, load_with_base_state, refuse_closure_steps,
-                             restore_own_defaults, share_base_groups, state_dict_with_base)
+from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
+                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base)
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
@@ -160,15 +160,8 @@ class EGStepSize(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         restore_own_defaults(self)
-        self._fill_own_defaults()
+        fill_own_defaults(self)
         self._scratch = {}
-
-    def _fill_own_defaults(self) -> None:
-        """EG's defaults for the EG keys a group lacks: one added to the base directly, or one of a
-        checkpoint written before an option existed."""
-        for group in self.param_groups:
-            for key, value in self.own_defaults.items():
-                group.setdefault(key, value)
 
     @staticmethod
     def _hyper(group: dict) -> ref.EGHyper:
@@ -183,7 +176,7 @@ class EGStepSize(Optimizer):
         return state
 
     def _units(self) -> list[_Unit]:
-        self._fill_own_defaults()
+        fill_own_defaults(self)
         units = []
         for group in self.param_groups:
             owners = [p for p in group["params"] if p.grad is not None]
@@ -395,7 +388,7 @@ class EGStepSize(Optimizer):
         policy's dtype (``torch.optim`` would cast it to the parameter dtype: bf16 for a bf16 model).
         """
         saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
-        self._fill_own_defaults()
+        fill_own_defaults(self)
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():

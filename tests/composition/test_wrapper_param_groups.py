@@ -135,3 +135,15 @@ def test_a_base_whose_step_needs_a_closure_is_refused(wrap):
     evaluation's gradients and could only fail later with LBFGS's own missing-argument error."""
     with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
         wrap(torch.optim.LBFGS(_params()))
+
+
+def test_childtuning_masks_a_group_added_to_its_base_directly():
+    """The adapter's mode reaches a group added to a torch base after wrapping (its own keys filled
+    in at the next step): an F mask at reserve_p=0.5 leaves some entries of a ones-gradient at 0."""
+    a, b = torch.nn.Parameter(torch.zeros(64)), torch.nn.Parameter(torch.zeros(64))
+    opt = optimfx.ChildTuning(torch.optim.SGD([a], lr=1.0), "F", 0.5)
+    opt.base.add_param_group({"params": [b]})
+    a.grad, b.grad = torch.ones(64), torch.ones(64)
+    opt.step()
+    assert opt.param_groups[1]["child_tuning_mode"] == "F"
+    assert int((b == 0).sum()) > 0 and int((b == -2).sum()) > 0
