@@ -298,16 +298,13 @@ class EGStepSize(Optimizer):
         if self.skip_nonfinite and not self._finite(units, parts):
             return None
         saved = []
-        for unit, gs, part, exponent in zip(units, grads, parts, self._exponents(units, parts)):
-            torch._foreach_mul_([s["scale"] for s in unit.states], list(exponent.exp().unbind()))
+        exponents = ref.scope_exponents([u.scope for u in units], [u.hp for u in units], parts)
+        for unit, gs, part, exponent in zip(units, grads, parts, exponents):
             numels = torch.tensor([_distributed.global_numel(g, s) for g, s in zip(gs, unit.states)],
                                   dtype=part.dtype, device=part.device)
-            coefs = ref.gain_coefficient(part[:, 3], part[:, 2], numels, unit.hp)
             buffers = self._saved_buffers(unit)
-            for g, state, c, buf in zip(gs, unit.states, coefs.tolist(), buffers):
-                # the saved-parameter buffer is the exponent's scratch until θ is copied into it
-                ref.update_gains_(state["gains"], state["avg_grad"], g, unit.hp, c, scratch=buf)
-            ref.update_average_([s["avg_grad"] for s in unit.states], gs, unit.hp)
+            # the saved-parameter buffers are the gains' scratch until θ (or d) is written into them
+            ref.adapt_(unit.states, gs, part, exponent, numels, unit.hp, scratches=buffers)
             if direct:
                 for buf, g, p in zip(buffers, gs, unit.params):
                     self._sgd_direction_(buf, g, p, unit.group)
@@ -334,23 +331,6 @@ class EGStepSize(Optimizer):
                 buf = torch.empty(p.shape, dtype=dtype, device=p.device)
                 self._scratch[owner] = buf
             out.append(buf)
-        return out
-
-    @staticmethod
-    def _exponents(units: list[_Unit], parts: list[Tensor]) -> list[Tensor]:
-        """Every tensor's scale exponent, from its scope unit (sums of shared scopes in float64)."""
-        total = None
-        if any(u.scope == "global" for u in units):
-            device = parts[0].device
-            total = torch.cat([p.to(device, torch.float64) for p in parts]).sum(0)
-        out = []
-        for unit, part in zip(units, parts):
-            if unit.scope == "tensor":
-                out.append(ref.scale_exponent(part[:, 0], part[:, 1], part[:, 2], unit.hp))
-                continue
-            summed = total.to(part.device) if unit.scope == "global" else part.double().sum(0)
-            shared = ref.scale_exponent(summed[0], summed[1], summed[2], unit.hp)
-            out.append(shared.to(part.dtype).expand(len(part)))
         return out
 
     def scale_stats(self) -> list[dict[str, float]]:

@@ -111,6 +111,38 @@ def gain_coefficient(avg_sq: Tensor, g_sq: Tensor, numel: Tensor | int, hp: EGHy
     return torch.where(denom > 0, hp.gamma_gain / denom.clamp(min=tiny), torch.zeros_like(denom))
 
 
+def scope_exponents(scopes: list[str], hps: list[EGHyper], parts: list[Tensor]) -> list[Tensor]:
+    """Every tensor's scale exponent ``γ_s·a_t`` (§3.1 step 1), per group: ``parts[k]`` holds the
+    :func:`alignment_parts` rows of group ``k``, whose scope is ``scopes[k]``. A ``"tensor"`` scope
+    uses each row; ``"group"`` the sum of its group's rows and ``"global"`` the sum of every row of
+    every group, in float64 (the shared exponent, expanded over the group's tensors)."""
+    total = None
+    if "global" in scopes:
+        device = parts[0].device
+        total = torch.cat([p.to(device, torch.float64) for p in parts]).sum(0)
+    out = []
+    for scope, hp, part in zip(scopes, hps, parts):
+        if scope == "tensor":
+            out.append(scale_exponent(part[:, 0], part[:, 1], part[:, 2], hp))
+            continue
+        summed = total.to(part.device) if scope == "global" else part.double().sum(0)
+        out.append(scale_exponent(summed[0], summed[1], summed[2], hp).to(part.dtype).expand(len(part)))
+    return out
+
+
+def adapt_(states: list[dict[str, Tensor]], grads: list[Tensor], part: Tensor, exponent: Tensor,
+           numels: Tensor, hp: EGHyper, scratches: Optional[list[Tensor]] = None) -> None:
+    """§3.1 steps 1, 2 and 5 for the tensors of one group, before the base step:
+    ``s ← s·exp(γ_s·a_t)`` (``exponent``, :func:`scope_exponents`), the gains with the coefficient of
+    :func:`gain_coefficient` from the group's ``part`` rows and element counts ``numels``, then
+    ``m ← β·m + (1 − β)·g``. ``scratches`` (one buffer per tensor) take the gains' exponent."""
+    torch._foreach_mul_([s["scale"] for s in states], list(exponent.exp().unbind()))
+    coefs = gain_coefficient(part[:, 3], part[:, 2], numels, hp)
+    for i, (g, state, c) in enumerate(zip(grads, states, coefs.tolist())):
+        update_gains_(state["gains"], state["avg_grad"], g, hp, c, scratch=None if scratches is None else scratches[i])
+    update_average_([s["avg_grad"] for s in states], grads, hp)
+
+
 def update_gains_(gains: Tensor, avg_grad_prev: Tensor, grad: Tensor, hp: EGHyper,
                   coefficient: Optional[float] = None, scratch: Optional[Tensor] = None) -> None:
     """§3.1 step 2: ``p ← p ⊙ exp(clip(c·m_{t-1} ⊙ g_t))``, then clamped to ``[gain_min, gain_max]``.
@@ -167,9 +199,9 @@ def step_(param: Tensor, grad: Tensor, direction: Tensor, state: dict[str, Tenso
     read only; ``direction`` is overwritten (see :func:`apply_`). Steps 2 and 5 read only ``g_t`` and
     ``m_{t-1}``, so they run first and ``grad`` may alias ``direction`` (SGD).
     """
-    state["scale"].mul_(exponent.exp())
-    update_gains_(state["gains"], state["avg_grad"], grad, hp)
-    update_average_([state["avg_grad"]], [grad], hp)
+    part = alignment_parts([state["velocity"]], [grad], [state["avg_grad"]])
+    numels = torch.tensor([grad.numel()], dtype=part.dtype, device=part.device)
+    adapt_([state], [grad], part, exponent.reshape(1), numels, hp)
     apply_(param, direction, state, hp)
 
 

@@ -88,6 +88,28 @@ def test_bf16_params_and_two_groups_in_one_global_unit():
     assert len({float(ker_opt.state[p]["scale"]) for p in ker_params}) == 1
 
 
+def test_a_global_scope_sums_every_groups_rows_on_both_backends():
+    """With groups of mixed scopes, a "global" group's exponent sums the rows of every group (the
+    kernels' scope rows run over all tensors; the reference's ``scope_exponents`` does the same)."""
+    init = _init([(33,), (TILE + 3,), (7, 5)], torch.float32)
+    grads = [_init([(33,), (TILE + 3,), (7, 5)], torch.float32, seed=1 + t) for t in range(3)]
+    out = {}
+    for backend in ("reference", "triton"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        base = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+        opt = optimfx.EGStepSize(base, gamma_scale=0.5, scope="global", backend=backend)
+        opt.param_groups[1]["scope"] = "tensor"
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        out[backend] = (params, opt)
+    (ref_params, ref_opt), (ker_params, ker_opt) = out["reference"], out["triton"]
+    for pr, pk in zip(ref_params, ker_params):
+        torch.testing.assert_close(pk, pr, **TOL[torch.float32])
+        torch.testing.assert_close(ker_opt.state[pk]["scale"], ref_opt.state[pr]["scale"], **TOL[torch.float32])
+
+
 def test_many_tensors_one_launch_per_pass(monkeypatch):
     shapes = [(n,) for n in range(1, 17)]
     launches = []
