@@ -176,45 +176,56 @@ class ChildTuning(Optimizer):
         params = [p for _, p, _ in entries]
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
+        self._advance_steps(params, states)
+        self._fix_streams([p for (_, p, group), state in zip(entries, states)
+                           if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state])
+        # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec
+        local = _distributed.local_group(params, grads, states, {})
+        local_grads, views = (grads, states) if local is None else local[1:]
+        return [self._mask_one(p, grad, g, view, ct.MaskHyper.from_group(group), index)
+                for (index, p, group), grad, g, view in zip(entries, grads, local_grads, views)]
+
+    def _advance_steps(self, params: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Each tensor's step count + 1; a D mask waiting for its tensor's first step joins the state."""
         pending = self._pending_masks
-        for (index, p, group), state in zip(entries, states):
+        for p, state in zip(params, states):
             step = state.get("step")
             # a new tensor, never an increment in place: a loaded counter may be the saved one itself
             state["step"] = torch.ones((), dtype=torch.int64) if step is None else step + 1
             if id(p) in pending:
                 state["child_mask"] = pending.pop(id(p))[1]
-        fresh = [p for (_, p, group), state in zip(entries, states)
-                 if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state]
+
+    def _fix_streams(self, fresh: list[Tensor]) -> None:
+        """F-mask stream numbers of the tensors masked for the first time: fixed then, and
+        checkpointed, as the fused optimizers do (:mod:`~optimfx.optim.mask_streams`)."""
         if fresh:
-            # fixed at the first F step and checkpointed, as the fused optimizers do
             everything = list(chain.from_iterable(g["params"] for g in self.param_groups))
             fix_streams(everything, [self.state.get(p) for p in everything], fresh)
-        # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec
-        local = _distributed.local_group(params, grads, states, {})
-        local_grads, views = (grads, states) if local is None else local[1:]
-        out = []
-        for (index, p, group), grad, g, view in zip(entries, grads, local_grads, views):
-            # a complex gradient is masked as its (..., 2) real view, as the fused optimizers do: real
-            # and imaginary parts draw their own F bits and share the element's D bit
-            g32 = working_copy(real_view(g))
-            if g.is_complex() and "child_mask" in view and view["child_mask"].dim() < g32.dim():
-                # a mask stored with the complex shape (set_gradient_mask stores the real view's)
-                view = {**view, "child_mask": view["child_mask"].unsqueeze(-1).expand(g32.shape)}
-            masked = ct.mask_grad(g32, {**view, "mask_stream": self.state[p].get("mask_stream", index)},
-                                  ct.MaskHyper.from_group(group))
-            if masked is g32:
-                out.append(grad)
-                continue
-            masked = masked.to(real_view(g).dtype)
-            if g.is_complex():
-                masked = torch.view_as_complex(masked)
-            if _distributed.is_dtensor(grad):
-                from torch.distributed.tensor import DTensor
 
-                masked = DTensor.from_local(masked, p.device_mesh, p.placements, run_check=False,
-                                            shape=grad.shape, stride=grad.stride())
-            out.append(masked)
-        return out
+    def _mask_one(self, p: Tensor, grad: Tensor, local_grad: Tensor, view: dict[str, Any], hp: ct.MaskHyper,
+                  index: int) -> Tensor:
+        """``grad`` masked (``local_grad``: its local shard under FSDP2, with the state ``view``), in
+        ``grad``'s dtype and kind (complex, DTensor); ``grad`` itself when no mask applies.
+
+        A complex gradient is masked as its ``(..., 2)`` real view, as the fused optimizers do: real
+        and imaginary parts draw their own F bits and share the element's D bit.
+        """
+        g32 = working_copy(real_view(local_grad))
+        if local_grad.is_complex() and "child_mask" in view and view["child_mask"].dim() < g32.dim():
+            # a mask stored with the complex shape (set_gradient_mask stores the real view's)
+            view = {**view, "child_mask": view["child_mask"].unsqueeze(-1).expand(g32.shape)}
+        masked = ct.mask_grad(g32, {**view, "mask_stream": self.state[p].get("mask_stream", index)}, hp)
+        if masked is g32:
+            return grad
+        masked = masked.to(real_view(local_grad).dtype)
+        if local_grad.is_complex():
+            masked = torch.view_as_complex(masked)
+        if _distributed.is_dtensor(grad):
+            from torch.distributed.tensor import DTensor
+
+            masked = DTensor.from_local(masked, p.device_mesh, p.placements, run_check=False,
+                                        shape=grad.shape, stride=grad.stride())
+        return masked
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
