@@ -191,11 +191,12 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
         group's last step, for logging: the method ``transformers``' Adafactor has under this name,
         which its ``AdafactorSchedule`` calls with a group and its first parameter's state.
 
-        That scheduler writes the value it logs into the group's ``lr``. In relative-step mode
-        (``lr_mode="scale"``) the first call marks the group (:data:`LOGGED_LR_KEY`, saved with the
-        group), and from then on its ``lr`` is not applied, as ``transformers``' Adafactor ignores it;
-        a warning tells when the value the scheduler wrote at construction had scaled the steps
-        taken before. With an external lr the written value is applied, as in ``transformers``.
+        That scheduler writes the value it logs into every group's ``lr``. The first call marks every
+        relative-step group (:data:`LOGGED_LR_KEY`, saved with the group), and from then on their
+        ``lr`` is not applied, as ``transformers``' Adafactor ignores it; a warning tells when the
+        value the scheduler wrote at construction had scaled the steps taken before. With an
+        external lr the written value is applied, as in ``transformers``; with ``lr_mode="rho_max"``
+        (the lr caps the relative step) the call raises ``ValueError``.
         The parameter scale is the RMS of the group's first parameter now (``transformers`` keeps
         the one before its last update).
         """
