@@ -227,13 +227,13 @@ class EGStepSize(Optimizer):
         if saved is None:
             self._warn_skipped()
             return
-        handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch) if fast else None
+        handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch, direct) if fast else None
         if direct:
             for unit, directions in zip(slow, saved):
                 for p, d, state in zip(unit.params, directions, unit.states):
                     ref.apply_direct_(p, d, state, unit.hp)
             if handle is not None:
-                self._kernels().after(handle, direct=True)
+                self._kernels().after(handle)
             return
         if handle is not None and handle.flag is not None and not self._base_skips_nonfinite():
             # a base that would step on inf/NaN gradients (torch.optim's) must not run: its state

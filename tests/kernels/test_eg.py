@@ -162,6 +162,29 @@ def test_nonfinite_gradient_restores_params_and_keeps_eg_state():
         assert all(torch.equal(opt.state[p][k], state[k][i]) for k in STATE)
 
 
+def test_a_plain_sgd_base_saves_no_copy_and_a_skipped_step_changes_nothing():
+    """Around a plain SGD the base does not step: no parameter-sized copy of θ is kept, and a step
+    skipped for a NaN gradient leaves θ and EG's state as they were (nothing to restore)."""
+    init = _init([(TILE + 1,), (9,)], torch.float32)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = optimfx.EGStepSize(torch.optim.SGD(params, lr=0.1), gamma_scale=0.5, backend="triton")
+    for seed in (1, 2):
+        for p, g in zip(params, _init([(TILE + 1,), (9,)], torch.float32, seed=seed)):
+            p.grad = g
+        opt.step()
+    assert not any(key[0] == "eg.saved" for key in opt._scratch if isinstance(key, tuple))
+    before = [p.detach().clone() for p in params]
+    state = {k: [opt.state[p][k].clone() for p in params] for k in STATE}
+    bad = _init([(TILE + 1,), (9,)], torch.float32, seed=3)
+    bad[1][3] = float("nan")
+    for p, g in zip(params, bad):
+        p.grad = g
+    opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), before[i])
+        assert all(torch.equal(opt.state[p][k], state[k][i]) for k in STATE)
+
+
 def test_backend_is_validated_and_resolved():
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match=r"^Invalid backend: 'compiled'"):
