@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -214,9 +213,7 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             param = param_group["params"][0].detach()
             if _distributed.is_dtensor(param):
                 param = param.full_tensor()
-            norm = torch.linalg.vector_norm(param.to(compute_dtype(param.dtype)))
-            rms = float(norm) / math.sqrt(max(param.numel(), 1))
-            size *= max(hp.eps2, rms)
+            size *= float(ref.param_scale(param.to(compute_dtype(param.dtype)), hp))
         return float(size)
 
     def _mark_logged_groups(self, read: dict[str, Any], read_state: dict[str, Any]) -> None:

@@ -221,7 +221,7 @@ class EGStepSize(Optimizer):
             return
         fast = [u for u in units if u.backend == "triton"]
         slow = [u for u in units if u.backend != "triton"]
-        # a plain SGD base's step is known exactly: no base step, no θ read back (see _sgd_direction_)
+        # a plain SGD base's step is known exactly: no base step, no θ read back (see ref.sgd_direction_)
         direct = self._base_is_plain_sgd()
         saved = self._reference_before(slow, direct) if slow else []
         if saved is None:
@@ -275,16 +275,6 @@ class EGStepSize(Optimizer):
         """``torch.optim.SGD`` without momentum (Funnel's base): its step is ``lr·(±g + λθ)``."""
         return type(self.base) is torch.optim.SGD and all(g["momentum"] == 0 for g in self.base.param_groups)
 
-    @staticmethod
-    def _sgd_direction_(out: Tensor, grad: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor:
-        """``d_t = lr·(g + λθ)`` into ``out``: the plain SGD step, formed as ``torch.optim.SGD`` forms it
-        (``g`` already carries ``maximize``'s sign). Reading it back as ``θ_{t-1} − θ_t`` would round it
-        to the spacing of ``θ``'s floats: a step below half of it would be lost."""
-        lr, decay = float(group["lr"]), float(group["weight_decay"])
-        if decay != 0.0:
-            return torch.add(grad, param, alpha=decay, out=out).mul_(lr)
-        return torch.mul(grad, lr, out=out)
-
     def _reference_before(self, units: list[_Unit], direct: bool = False) -> Optional[list[list[Tensor]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters (``direct``: the plain SGD step
         ``d_t`` itself); ``None`` when the step is skipped."""
@@ -306,8 +296,9 @@ class EGStepSize(Optimizer):
             # the saved-parameter buffers are the gains' scratch until θ (or d) is written into them
             ref.adapt_(unit.states, gs, part, exponent, numels, unit.hp, scratches=buffers)
             if direct:
+                lr, decay = float(unit.group["lr"]), float(unit.group["weight_decay"])
                 for buf, g, p in zip(buffers, gs, unit.params):
-                    self._sgd_direction_(buf, g, p, unit.group)
+                    ref.sgd_direction_(buf, g, p, lr, decay)
             else:
                 torch._foreach_copy_(buffers, unit.params)
             saved.append(buffers)

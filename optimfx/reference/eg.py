@@ -175,6 +175,15 @@ def apply_(param: Tensor, direction: Tensor, state: dict[str, Tensor], hp: EGHyp
     param.add_(direction.addcmul_(velocity, state["scale"], value=-1.0))
 
 
+def sgd_direction_(out: Tensor, grad: Tensor, param: Tensor, lr: float, weight_decay: float) -> Tensor:
+    """``d_t = lr·(g + λθ)`` into ``out``: a plain ``torch.optim.SGD`` step, formed as it forms it
+    (``g`` already carries ``maximize``'s sign). Read back as ``θ_{t-1} − θ_t`` it would be rounded to
+    the spacing of ``θ``'s floats, and a step below half of it lost (see :func:`apply_direct_`)."""
+    if weight_decay != 0.0:
+        return torch.add(grad, param, alpha=weight_decay, out=out).mul_(lr)
+    return torch.mul(grad, lr, out=out)
+
+
 def apply_direct_(param: Tensor, direction: Tensor, state: dict[str, Tensor], hp: EGHyper) -> None:
     """§3.1 steps 3–4 when the base's step ``d_t`` is known exactly (a plain SGD base) and ``param``
     still holds ``θ_{t-1}``: ``θ_t = θ_{t-1} − s_t·ν_t``, one rounding, as ``torch.optim.SGD`` applies

@@ -147,12 +147,11 @@ def test_zero_meta_step_is_the_base_bit_for_bit(dtype):
         assert torch.equal(a, b)
 
 
-def test_nonfinite_gradient_restores_params_and_keeps_eg_state():
-    init = _init([(TILE + 1,), (9,)], torch.float32)
-    params, opt = _run("triton", init, [_init([(TILE + 1,), (9,)], torch.float32, seed=1)], gamma_scale=0.5)
+def _assert_nan_step_changes_nothing(params, opt, shapes, seed):
+    """One step with a NaN in the gradients: parameters and EG state exactly as before."""
     before = [p.detach().clone() for p in params]
     state = {k: [opt.state[p][k].clone() for p in params] for k in STATE}
-    bad = _init([(TILE + 1,), (9,)], torch.float32, seed=2)
+    bad = _init(shapes, torch.float32, seed=seed)
     bad[1][3] = float("nan")
     for p, g in zip(params, bad):
         p.grad = g
@@ -160,6 +159,13 @@ def test_nonfinite_gradient_restores_params_and_keeps_eg_state():
     for i, p in enumerate(params):
         assert torch.equal(p.detach(), before[i])
         assert all(torch.equal(opt.state[p][k], state[k][i]) for k in STATE)
+
+
+def test_nonfinite_gradient_restores_params_and_keeps_eg_state():
+    shapes = [(TILE + 1,), (9,)]
+    params, opt = _run("triton", _init(shapes, torch.float32), [_init(shapes, torch.float32, seed=1)],
+                       gamma_scale=0.5)
+    _assert_nan_step_changes_nothing(params, opt, shapes, seed=2)
 
 
 def test_a_plain_sgd_base_saves_no_copy_and_a_skipped_step_changes_nothing():
@@ -173,16 +179,7 @@ def test_a_plain_sgd_base_saves_no_copy_and_a_skipped_step_changes_nothing():
             p.grad = g
         opt.step()
     assert not any(key[0] == "eg.saved" for key in opt._scratch if isinstance(key, tuple))
-    before = [p.detach().clone() for p in params]
-    state = {k: [opt.state[p][k].clone() for p in params] for k in STATE}
-    bad = _init([(TILE + 1,), (9,)], torch.float32, seed=3)
-    bad[1][3] = float("nan")
-    for p, g in zip(params, bad):
-        p.grad = g
-    opt.step()
-    for i, p in enumerate(params):
-        assert torch.equal(p.detach(), before[i])
-        assert all(torch.equal(opt.state[p][k], state[k][i]) for k in STATE)
+    _assert_nan_step_changes_nothing(params, opt, [(TILE + 1,), (9,)], seed=3)
 
 
 def test_backend_is_validated_and_resolved():
