@@ -28,9 +28,9 @@ from .._precision import rounding
 from ..reference import adafactor as ref
 from . import _launcher, adafactor, checks
 from ._common import tile_coords
-from .adafactor import (_G_ROWS, _OFF_RB, _OFF_RC, _ROWS, _COLS, _TILES_R, _TILES_C, _FIRST, _TILES,
-                        _X_COLS, _X_RBAR, _X_SUMS, CB, KC, RJ, SMALL_WARPS, STATS_WARPS, VB, _Group, _pair_sum,
-                        _slot, _Step, _sum_parts, _vec_sum)
+from .adafactor import CB, KC, RJ, SMALL_WARPS, STATS_WARPS, VB, _Group, _Step
+from .adafactor_tiles import (_COLS, _FIRST, _G_ROWS, _OFF_RB, _OFF_RC, _ROWS, _TILES, _TILES_C, _TILES_R,
+                              _X_COLS, _X_RBAR, _X_SUMS, _pair_sum, _slot, _sum_parts, _vec_sum)
 
 
 @triton.jit
