@@ -1,4 +1,5 @@
-"""``@triton.jit`` helpers shared by the kernels: block and tile coordinates, table pointers, fp32 I/O."""
+"""``@triton.jit`` helpers shared by the kernels: block and tile coordinates, table pointers, fp32 I/O,
+NaN-keeping min and max."""
 
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ def table_ptr(tables, i_t, k: tl.constexpr, L: tl.constexpr, DTYPE: tl.constexpr
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
+
+
+@triton.jit
+def nan_max(x, y):
+    """Elementwise maximum that keeps NaN, as ``torch.maximum`` and ``clamp`` do (``tl.maximum``
+    compiles to PTX ``max.f32``, which returns the other operand of a NaN)."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_min(x, y):
+    """Elementwise minimum that keeps NaN (see :func:`nan_max`)."""
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

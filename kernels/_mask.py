@@ -34,6 +34,10 @@ from ..reference import child_tuning as ct
 from . import _launcher
 from ._common import load_f32, mix32
 
+#: the integer mask arguments every kernel taking them leaves unspecialised (``do_not_specialize``):
+#: Triton compiles an integer argument equal to 1 as a constant (the seed word's bitcast to uint32
+#: then fails to compile) and one divisible by 16 as a separate variant; the step changes every step
+MASK_SCALARS = ["mask_seed", "mask_step", "mask_threshold"]
 NONE = tl.constexpr(0)
 BERNOULLI = tl.constexpr(1)
 STORED = tl.constexpr(2)

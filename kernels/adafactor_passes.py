@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from . import _mask
-from ._common import load_f32, store_cast, store_cast_stochastic, table_ptr, tile_coords
+from ._mask import MASK_SCALARS
+from ._common import load_f32, nan_max, nan_min, store_cast, store_cast_stochastic, table_ptr, tile_coords
 from .adafactor_tiles import (_COLS, _FACTORED, _FIRST, _G_NUMEL, _G_ROWS, _MASK, _OFF_RB, _OFF_RC, _ROWS,
                               _SLICES, _TILES, _TILES_C, _TILES_R, _X_COLS, _X_RBAR, _X_SUMS, _band,
                               _completed, _pair_sum, _sub, _sum_parts, _vec_sum)
@@ -28,7 +29,7 @@ def _col_term(b_col, tiny, EPS_TORCH: tl.constexpr):
         b_cf = b_col
     else:
         # C_j ≥ ε1 unless ε1 < tiny (then a zero column stays a zero update, as in the reference)
-        b_cf = tl.rsqrt(tl.maximum(b_col, tiny))
+        b_cf = tl.rsqrt(nan_max(b_col, tiny))
     return b_cf
 
 
@@ -37,12 +38,12 @@ def _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH: tl.cons
     if EPS_TORCH:
         # torch.optim.Adafactor: U = g / sqrt(max(R_i·C_j / max(R̄, ε1), ε1²)), floors kept > 0
         # (R_i / R̄ first: the product R_i·C_j alone overflows fp32 for gradients of ~1e10)
-        b_v = (b_row / tl.maximum(rbar, floor1))[:, None] * b_cf[None, :]
-        b_u = tl.rsqrt(tl.maximum(b_v, floor2)) * b_g
+        b_v = (b_row / nan_max(rbar, floor1))[:, None] * b_cf[None, :]
+        b_u = tl.rsqrt(nan_max(b_v, floor2)) * b_g
     else:
         # paper: U = g·rsqrt(R_i / R̄)·rsqrt(C_j), V̂ never formed; R̄/R_i capped at 1/tiny as in the
         # reference, so a zero row (ε1 < tiny) stays a zero update
-        b_rf = tl.rsqrt(tl.maximum(b_row / tl.maximum(rbar, tiny), tiny))
+        b_rf = tl.rsqrt(nan_max(b_row / nan_max(rbar, tiny), tiny))
         b_u = b_g * b_rf[:, None] * b_cf[None, :]
     return b_u
 
@@ -50,10 +51,10 @@ def _factored_u(b_g, b_row, b_cf, rbar, floor1, floor2, tiny, EPS_TORCH: tl.cons
 @triton.jit
 def _unfactored_u(b_g, b_v, floor2, tiny, EPS_TORCH: tl.constexpr):
     if EPS_TORCH:
-        b_u = tl.rsqrt(tl.maximum(b_v, floor2)) * b_g
+        b_u = tl.rsqrt(nan_max(b_v, floor2)) * b_g
     else:
         # V ≥ ε1 unless ε1 < tiny (then a zero entry stays a zero update, as in the reference)
-        b_u = tl.rsqrt(tl.maximum(b_v, tiny)) * b_g
+        b_u = tl.rsqrt(nan_max(b_v, tiny)) * b_g
     return b_u
 
 
@@ -75,7 +76,7 @@ def _rowcol_sub(p_p, p_g, p_d, p_row, o, o_r, m, n_r, b_pp, b_cc, factored, flag
     return b_pp, b_cc
 
 
-@triton.jit(do_not_specialize=["mask_step"])
+@triton.jit(do_not_specialize=MASK_SCALARS)
 def adafactor_rowcol_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_sqp, p_rc,
                             mask_seed, mask_step, mask_threshold, mask_scale,
                             DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
@@ -191,7 +192,7 @@ def _rms_sub(p_g, p_d, p_a, p_row, o, o_r, m, n_r, b_cf, b_uu, rbar, factored, s
     return b_uu + b_u * b_u
 
 
-@triton.jit(do_not_specialize=["mask_step"])
+@triton.jit(do_not_specialize=MASK_SCALARS)
 def adafactor_rms_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_squ, p_x,
                          sign, weight, omw, w_eps, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
                          DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,
@@ -259,9 +260,9 @@ def adafactor_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip
     n = n.to(tl.float32)
     lr = tl.load(lr_ptr)
     # α = ρ·max(ε2, RMS θ) (ρ = min(lr·ρ_t, cap)); the update is α/κ with κ = max(1, RMS U / d)
-    alpha = tl.minimum(lr * rho, cap)
-    alpha = alpha * tl.where(use_scale != 0.0, tl.maximum(tl.sqrt(s_p / n), eps2), 1.0)
-    kappa = tl.maximum(tl.sqrt(s_u / n) / clip, 1.0)
+    alpha = nan_min(lr * rho, cap)
+    alpha = alpha * tl.where(use_scale != 0.0, nan_max(tl.sqrt(s_p / n), eps2), 1.0)
+    kappa = nan_max(tl.sqrt(s_u / n) / clip, 1.0)
     tl.store(p_scale + 2 * i_t, alpha / kappa)
     tl.store(p_scale + 2 * i_t + 1, 1.0 - (wd_alpha * alpha + wd_lr * lr))
 
@@ -295,7 +296,7 @@ def _apply_sub(p_p, p_g, p_d, p_a, p_row, p_m, o, o_r, m, n_r, b_cf, rbar, facto
         store_cast(p_p, o, b_p, m, MASKED)
 
 
-@triton.jit(do_not_specialize=["mask_step"])
+@triton.jit(do_not_specialize=MASK_SCALARS)
 def adafactor_apply_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p_rb, p_scale,
                            sign, beta1, omb1, floor1, floor2, tiny, mask_seed, mask_step, mask_threshold, mask_scale,
                            round_key, DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _mask
+from ._mask import MASK_SCALARS
 from ._common import block_coords, load_f32, store_cast, store_cast_stochastic, table_ptr
 
 BLOCK = 2048
@@ -40,7 +41,9 @@ def _adamw_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, omb1, beta2, omb2, eps, c1, 
     # torch.lerp's two-sided form, as the reference's exp_avg.lerp_
     b_m = tl.where(omb1 < 0.5, b_m + omb1 * (b_g - b_m), b_g - (b_g - b_m) * (1.0 - omb1))
     b_v = b_v * beta2 + omb2 * b_g * b_g
-    b_d = b_m / (tl.sqrt(b_v) * c2 + eps)
+    # IEEE square root, as torch's Adam kernels (tl.sqrt is approximate on the GPU and flushes
+    # subnormal moments to 0)
+    b_d = b_m / (tl.sqrt_rn(b_v) * c2 + eps)
     b_p = load_f32(p_p, o, m, MASKED)
     keep = 1.0 - lr * weight_decay
     if DECAY_FIRST:
@@ -55,7 +58,7 @@ def _adamw_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, omb1, beta2, omb2, eps, c1, 
         store_cast(p_p, o, b_p, m, MASKED)
 
 
-@triton.jit(do_not_specialize=["mask_step"])
+@triton.jit(do_not_specialize=MASK_SCALARS)
 def adamw_step_kernel(tables, numels, block_tensor, block_chunk, lr_ptr, skip_ptr,
                       omb1, beta2, omb2, eps, c1, c2, weight_decay, sign,
                       mask_seed, mask_step, mask_threshold, mask_scale, round_key,

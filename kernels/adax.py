@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _mask
+from ._mask import MASK_SCALARS
 from ._common import (
     block_coords,
     load_f32,
@@ -33,7 +34,7 @@ _lr_cache: dict = {}
 
 
 @triton.jit
-def _adax_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, beta1, weight, eps, l2, decay, sign, round_key,
+def _adax_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, omb1, weight, eps, l2, decay, sign, round_key,
                 mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE: tl.constexpr,
                 STOCHASTIC: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
     b_p = load_f32(p_p, o, m, MASKED)
@@ -41,12 +42,12 @@ def _adax_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, beta1, weight, eps, l2, decay
                           MASK_MODE) * sign + l2 * b_p
     b_m = load_f32(p_m, o, m, MASKED)
     b_v = load_f32(p_v, o, m, MASKED)
-    b_m = b_m + (1.0 - beta1) * (b_g - b_m)
+    b_m = b_m + omb1 * (b_g - b_m)
     b_v = b_v + weight * (b_g * b_g - b_v)
     if EPS_INSIDE:
-        b_d = b_m / tl.sqrt(b_v + eps)
+        b_d = b_m / tl.sqrt_rn(b_v + eps)
     else:
-        b_d = b_m / (tl.sqrt(b_v) + eps)
+        b_d = b_m / (tl.sqrt_rn(b_v) + eps)
     b_p = b_p * (1.0 - lr * decay) - lr * b_d
     store_cast(p_m, o, b_m, m, MASKED)
     store_cast(p_v, o, b_v, m, MASKED)
@@ -56,9 +57,9 @@ def _adax_block(p_p, p_g, p_m, p_v, p_k, o, m, lr, beta1, weight, eps, l2, decay
         store_cast(p_p, o, b_p, m, MASKED)
 
 
-@triton.jit(do_not_specialize=["mask_step"])
+@triton.jit(do_not_specialize=MASK_SCALARS)
 def adax_step_kernel(tables, numels, block_tensor, block_chunk, lr_ptr, skip_ptr,
-                     beta1, weight, eps, l2, decay, sign, round_key,
+                     omb1, weight, eps, l2, decay, sign, round_key,
                      mask_seed, mask_step, mask_threshold, mask_scale,
                      DTYPE0: tl.constexpr, DTYPE1: tl.constexpr, DTYPE2: tl.constexpr, DTYPE3: tl.constexpr,
                      DTYPE4: tl.constexpr, EPS_INSIDE: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -77,10 +78,10 @@ def adax_step_kernel(tables, numels, block_tensor, block_chunk, lr_ptr, skip_ptr
     lr = tl.load(lr_ptr)
     o = o_start + tl.arange(0, BLOCK)
     if o_start + BLOCK <= n:
-        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, beta1, weight, eps, l2, decay, sign, round_key,
+        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, omb1, weight, eps, l2, decay, sign, round_key,
                     mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE, STOCHASTIC, MASK_MODE, False)
     else:
-        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, beta1, weight, eps, l2, decay, sign, round_key,
+        _adax_block(p_p, p_g, p_m, p_v, p_k, o, o < n, lr, omb1, weight, eps, l2, decay, sign, round_key,
                     mask_seed, mask_step, mask_threshold, mask_scale, EPS_INSIDE, STOCHASTIC, MASK_MODE, True)
 
 
@@ -105,7 +106,8 @@ def launch(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[d
     _launcher.launch(
         adax_step_kernel, [work, grads, exp_avg, exp_avg_sq, mask.aux],
         lr_t, skip_flag if skip_flag is not None else lr_t,
-        hp.beta1, sc.weight, sc.eps_eff,
+        # 1 − b1 in float64 on the host: on the GPU a float argument is fp32
+        1.0 - hp.beta1, sc.weight, sc.eps_eff,
         0.0 if decoupled else hp.weight_decay, hp.weight_decay if decoupled else 0.0,
         -1.0 if hp.maximize else 1.0, 3 if round_key is None else round_key, *mask.args,
         block=BLOCK, num_warps=NUM_WARPS,

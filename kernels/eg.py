@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .. import _distributed
 from . import _launcher
-from ._common import load_f32, store_cast, table_ptr, tile_coords, tile_offsets
+from ._common import load_f32, nan_max, nan_min, store_cast, table_ptr, tile_coords, tile_offsets
 
 BR, BC = 16, 128
 NUM_WARPS = 8
@@ -131,11 +131,14 @@ def eg_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p
     b_unit = tl.sum(b_acc, axis=0)
     dot = tl.sum(tl.where(o_j == 0, b_unit, 0.0))
     if NORMALIZE:
-        denom = tl.sqrt(tl.sum(tl.where(o_j == 1, b_unit, 0.0)) * tl.sum(tl.where(o_j == 2, b_unit, 0.0)))
-        a = tl.where(denom > 0, dot / tl.maximum(denom, tiny), 0.0)
+        # ‖ν‖·‖g‖ as a product of IEEE square roots: the product of the squares can leave the normal
+        # range (a subnormal flushes to 0 on the GPU, and the alignment with it)
+        nu_sq, g_sq = tl.sum(tl.where(o_j == 1, b_unit, 0.0)), tl.sum(tl.where(o_j == 2, b_unit, 0.0))
+        denom = tl.sqrt_rn(nu_sq) * tl.sqrt_rn(g_sq)
+        a = tl.where(denom > 0, dot / nan_max(denom, tiny), 0.0)
     else:
         a = dot
-    a = tl.minimum(tl.maximum(gamma_scale * a, -clip), clip)
+    a = nan_min(nan_max(gamma_scale * a, -clip), clip)
     p_scale = table_ptr(tables, i_t, 0, 1, DTYPE0, False)
     scale = tl.load(p_scale)
     if CHECK_SKIP:
@@ -148,8 +151,9 @@ def eg_scale_kernel(tables, numels, block_tensor, block_chunk, meta, skip_ptr, p
     coef = gamma_gain
     if NORMALIZE:
         n = tl.maximum(tl.load(p_meta + _NUMEL), 1).to(tl.float32)
-        rms = tl.sqrt(tl.sum(tl.where(o_j == 3, b_own, 0.0)) * tl.sum(tl.where(o_j == 2, b_own, 0.0))) / n
-        coef = tl.where(rms > 0, gamma_gain / tl.maximum(rms, tiny), 0.0)
+        avg_sq, g_sq = tl.sum(tl.where(o_j == 3, b_own, 0.0)), tl.sum(tl.where(o_j == 2, b_own, 0.0))
+        rms = tl.sqrt_rn(avg_sq) * tl.sqrt_rn(g_sq) / n
+        coef = tl.where(rms > 0, gamma_gain / nan_max(rms, tiny), 0.0)
     tl.store(p_coefs + 2 * row, scale)
     tl.store(p_coefs + 2 * row + 1, coef)
 
@@ -171,8 +175,8 @@ def _apply_tile(p_p, p_g, p_a, p_v, p_m, p_s, o, m, scale, coef, lr, momentum, w
         b_d = (b_g + sgd_decay * b_p) * sgd_lr
     else:
         b_d = load_f32(p_s, o, m, MASKED) - b_p
-    b_z = tl.minimum(tl.maximum(coef * b_m * b_g, -clip), clip)
-    b_a = tl.minimum(tl.maximum(load_f32(p_a, o, m, MASKED) * tl.exp(b_z), gain_min), gain_max)
+    b_z = nan_min(nan_max(coef * b_m * b_g, -clip), clip)
+    b_a = nan_min(nan_max(load_f32(p_a, o, m, MASKED) * tl.exp(b_z), gain_min), gain_max)
     b_v = momentum * load_f32(p_v, o, m, MASKED) + lr * b_a * b_d
     store_cast(p_a, o, b_a, m, MASKED)
     store_cast(p_v, o, b_v, m, MASKED)

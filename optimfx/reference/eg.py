@@ -93,7 +93,8 @@ def scale_exponent(dot: Tensor, nu_sq: Tensor, g_sq: Tensor, hp: EGHyper) -> Ten
     """``γ_s·a_t`` from (possibly summed) dot products; a zero norm gives alignment 0 (elementwise)."""
     if not hp.normalize:
         return _clip(hp.gamma_scale * dot, hp)
-    denom = (nu_sq * g_sq).sqrt()
+    # ‖ν‖·‖g‖ as a product of square roots: the product of the squares can leave the float range
+    denom = nu_sq.sqrt() * g_sq.sqrt()
     cos = torch.where(denom > 0, dot / denom.clamp(min=torch.finfo(denom.dtype).tiny), torch.zeros_like(dot))
     return _clip(hp.gamma_scale * cos, hp)
 
@@ -106,7 +107,7 @@ def gain_coefficient(avg_sq: Tensor, g_sq: Tensor, numel: Tensor | int, hp: EGHy
     """
     if not hp.normalize:
         return torch.full_like(g_sq, hp.gamma_gain)
-    denom = (avg_sq * g_sq).sqrt() / torch.as_tensor(numel, dtype=g_sq.dtype).clamp(min=1)
+    denom = avg_sq.sqrt() * g_sq.sqrt() / torch.as_tensor(numel, dtype=g_sq.dtype).clamp(min=1)
     tiny = torch.finfo(denom.dtype).tiny
     return torch.where(denom > 0, hp.gamma_gain / denom.clamp(min=tiny), torch.zeros_like(denom))
 

@@ -151,3 +151,20 @@ def test_nonfinite_grad_skips_params_and_moments():
     after = [p, q, opt.state[p]["exp_avg"], opt.state[q]["exp_avg_sq"]]
     for b, a in zip(before, after):
         assert torch.equal(a.detach(), b)
+
+
+def test_one_minus_beta1_comes_from_the_host(monkeypatch):
+    """``1 − b1`` is formed in float64 on the host: on the GPU a float argument is fp32, and ``1 − b1``
+    formed there from an fp32 ``b1`` is off by up to 1.7e-4 relative at b1 = 0.9999 (the interpreter,
+    computing in Python floats, cannot show it)."""
+    from optimfx._kernels import _launcher
+
+    launched = []
+    monkeypatch.setattr(_launcher, "_enqueue", lambda kernel, grid, *args, **kw: launched.append((kernel, args)))
+    p = torch.nn.Parameter(torch.randn(9).to(KERNEL_DEVICE))
+    p.grad = randn_like(p)
+    optimfx.AdaXW([p], betas=(0.9999, 1e-4), backend="triton", skip_nonfinite=False).step()
+    (kernel, args), = launched
+    named = dict(zip(kernel.arg_names, args))
+    assert "beta1" not in named
+    assert named["omb1"] == 1.0 - 0.9999

@@ -189,3 +189,17 @@ def test_backend_is_validated_and_resolved():
     opt = optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1, foreach=False))
     assert opt.param_groups[0]["eg_backend"] == "auto"
     assert optimfx.resolve_backend("auto", [p]) == "reference"  # CPU tensors
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_alignment_of_large_norms_is_not_lost_to_overflow(backend):
+    """‖ν‖²·‖g‖² of gradients of 1e10 over 64 elements (~1e42) overflows fp32; the cosine is formed
+    from ‖ν‖·‖g‖ (a product of square roots), so repeating one gradient still aligns (scale grows)."""
+    p = torch.nn.Parameter(torch.zeros(64, device=KERNEL_DEVICE))
+    opt = optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1), backend=backend)
+    g = torch.full((64,), 1e10, device=KERNEL_DEVICE)
+    for _ in range(2):
+        p.grad = g.clone()
+        opt.step()
+    # cos = 1: s = exp(γ_s) after the second step (γ_s = 1e-2)
+    torch.testing.assert_close(opt.state[p]["scale"].cpu(), torch.tensor(1e-2).exp(), rtol=1e-6, atol=0)
