@@ -36,6 +36,8 @@ from .base import FxOptimizer
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
+#: ``momentum`` value that takes μ from a plain SGD base's ``momentum`` key (Funnel)
+BASE_MOMENTUM = "base"
 
 
 class _Unit(NamedTuple):
@@ -74,7 +76,10 @@ class EGStepSize(Optimizer):
         base: the optimizer whose steps are adapted (its param groups, learning rates and schedulers
             are shared).
         lr: η, multiplies the base step. Default: ``1.0``.
-        momentum: μ of the velocity (0 when the base has its own momentum). Default: ``0.0``.
+        momentum: μ of the velocity (0 when the base has its own momentum), or ``"base"``: μ is a plain
+            ``torch.optim.SGD`` base's ``momentum`` group key, which EG applies in its velocity while
+            the base only supplies ``lr·(g + λθ)`` (so schedulers that cycle ``momentum``, such as
+            ``OneCycleLR``, drive μ; :func:`Funnel` builds this). Default: ``0.0``.
         beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
         gamma_scale: γ_s. Default: ``None``: ``1e-2`` with ``normalize=True``; required with
             ``normalize=False``.
@@ -109,7 +114,7 @@ class EGStepSize(Optimizer):
     #: checks of the EG options a param group may set for itself (the group keys of the defaults)
     group_checks = {
         "eg_lr": partial(check_nonnegative, "lr"),
-        "eg_momentum": partial(check_range, "momentum", low=0.0, high=1.0, high_open=True),
+        "eg_momentum": lambda v: v if v == BASE_MOMENTUM else _check_momentum(v),
         "eg_beta": partial(check_range, "beta", low=0.0, high=1.0, high_open=True),
         "gamma_scale": partial(check_nonnegative, "gamma_scale"),
         "gamma_gain": partial(check_nonnegative, "gamma_gain"),
@@ -120,7 +125,7 @@ class EGStepSize(Optimizer):
         "eg_backend": partial(check_choice, "backend", choices=BACKENDS),
     }
 
-    def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float = 0.0, beta: float = 0.9,
+    def __init__(self, base: Optimizer, lr: float = 1.0, momentum: float | str = 0.0, beta: float = 0.9,
                  gamma_scale: Optional[float] = None, gamma_gain: Optional[float] = None, *, normalize: bool = True,
                  scope: str = "tensor", exp_clip: Optional[float] = 1.0,
                  gain_clamp: tuple[Optional[float], Optional[float]] = (1e-3, 1e3),
@@ -128,6 +133,9 @@ class EGStepSize(Optimizer):
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
         refuse_closure_steps(base, "EGStepSize")
+        if momentum == BASE_MOMENTUM and type(base) is not torch.optim.SGD:
+            raise ValueError(f"Invalid momentum: {BASE_MOMENTUM!r} takes μ from a torch.optim.SGD base's momentum, "
+                             f"got a {type(base).__name__} base")
         gamma_scale, gamma_gain = _meta_step_sizes(gamma_scale, gamma_gain, normalize)
         gain_min, gain_max = _check_gain_clamp(gain_clamp)
         defaults = apply_checks(dict(
@@ -165,7 +173,11 @@ class EGStepSize(Optimizer):
 
     @staticmethod
     def _hyper(group: dict) -> ref.EGHyper:
-        return ref.EGHyper(group["eg_lr"], group["eg_momentum"], group["eg_beta"], group["gamma_scale"],
+        momentum = group["eg_momentum"]
+        if momentum == BASE_MOMENTUM:
+            # the SGD base's key, where schedulers cycling momentum write
+            momentum = _check_momentum(group["momentum"])
+        return ref.EGHyper(group["eg_lr"], momentum, group["eg_beta"], group["gamma_scale"],
                            group["gamma_gain"], group["normalize"], group["exp_clip"], group["gain_min"],
                            group["gain_max"])
 
@@ -272,8 +284,21 @@ class EGStepSize(Optimizer):
         return importlib.import_module("optimfx._kernels.eg")
 
     def _base_is_plain_sgd(self) -> bool:
-        """``torch.optim.SGD`` without momentum (Funnel's base): its step is ``lr·(±g + λθ)``."""
-        return type(self.base) is torch.optim.SGD and all(g["momentum"] == 0 for g in self.base.param_groups)
+        """A ``torch.optim.SGD`` base whose step is ``lr·(±g + λθ)``: without momentum, or with its
+        momentum taken over by EG (``momentum="base"``, Funnel's base). The base is then not stepped."""
+        if type(self.base) is not torch.optim.SGD:
+            return False
+        groups = self.base.param_groups
+        takes_over = [g.get("eg_momentum") == BASE_MOMENTUM for g in groups]
+        if any(t and g["nesterov"] for t, g in zip(takes_over, groups)):
+            raise RuntimeError("EGStepSize: momentum='base' applies the SGD base's momentum as EG's heavy-ball "
+                               "velocity; a group with nesterov=True is a different update")
+        if all(t or g["momentum"] == 0 for t, g in zip(takes_over, groups)):
+            return True
+        if any(takes_over):
+            raise RuntimeError("EGStepSize: momentum='base' needs EG to form every group's SGD step, but a group "
+                               "with a numeric EG momentum has its own SGD momentum (the base would have to step)")
+        return False
 
     def _reference_before(self, units: list[_Unit], direct: bool = False) -> Optional[list[list[Tensor]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters (``direct``: the plain SGD step
@@ -367,6 +392,10 @@ class EGStepSize(Optimizer):
                     self.state[p][key] = restored_state(value, p)
 
 
+def _check_momentum(value: Any) -> float:
+    return check_range("momentum", value, low=0.0, high=1.0, high_open=True)
+
+
 def _check_gain_clamp(gain_clamp: Any) -> tuple[Optional[float], Optional[float]]:
     """``(min, max)``: a non-negative min, a positive max (a zero gain never recovers), min ≤ max."""
     if not isinstance(gain_clamp, (tuple, list)) or len(gain_clamp) != 2:
@@ -401,14 +430,19 @@ def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr: η, the SGD learning rate (schedulers scale it). Default: ``0.1``.
-        momentum: μ. Default: ``0.9``.
+        momentum: μ, kept in the param groups' ``momentum`` key (as ``torch.optim.SGD``'s), so
+            schedulers that cycle momentum (``OneCycleLR``, ``CyclicLR``) drive it. Default: ``0.9``.
         beta: EMA coefficient of the average gradient used by the gains. Default: ``0.9``.
         gamma_scale: γ_s. Default: ``1e-2`` (required with ``normalize=False``).
         gamma_gain: γ_p. Default: ``1e-2`` (required with ``normalize=False``).
         **kwargs: any other :class:`EGStepSize` keyword (``normalize``, ``scope``, ``exp_clip``, ...).
 
     Returns:
-        An :class:`EGStepSize` around ``torch.optim.SGD(params, lr=lr)``.
+        An :class:`EGStepSize` around ``torch.optim.SGD(params, lr=lr, momentum=momentum)`` with
+        ``momentum="base"``: EG forms SGD's step ``lr·(g + λθ)`` itself and applies μ in its velocity
+        (the base is not stepped). With γ = 0 and a constant ``lr`` this is ``torch.optim.SGD`` with
+        momentum μ; under a schedule the two differ, as ``lr`` is inside the velocity here and
+        outside torch's momentum buffer.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -420,7 +454,8 @@ def Funnel(params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9, beta: 
         Amid, Anil, Fifty & Warmuth, `Step-size Adaptation Using Exponentiated Gradient Updates
         <https://arxiv.org/abs/2202.00145>`_, 2022.
     """
-    # SGD's own check words it otherwise and lets nan through
+    # SGD's own checks word them otherwise and let nan through
     check_lr(lr)
-    return EGStepSize(torch.optim.SGD(params, lr=lr), lr=1.0, momentum=momentum, beta=beta,
-                      gamma_scale=gamma_scale, gamma_gain=gamma_gain, **kwargs)
+    momentum = _check_momentum(momentum)
+    return EGStepSize(torch.optim.SGD(params, lr=lr, momentum=momentum), lr=1.0, momentum=BASE_MOMENTUM,
+                      beta=beta, gamma_scale=gamma_scale, gamma_gain=gamma_gain, **kwargs)

@@ -328,3 +328,56 @@ def test_funnel_keeps_steps_below_the_parameters_float_spacing(backend):
     assert float(expected.min()) > 5e-5
     torch.testing.assert_close(moved, expected, rtol=0.05, atol=0)
     assert torch.equal(funnel_p.grad, grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_funnel_momentum_is_the_group_key_schedulers_cycle(backend):
+    """Funnel keeps μ in the groups' ``momentum`` key, where ``OneCycleLR``/``CyclicLR`` write: a
+    cycled μ is EG's velocity coefficient, never a second SGD momentum on top of it. With γ = 0 and a
+    constant lr, ``ν_t = lr·b_t`` for torch's buffer ``b_t = μ_t b_{t-1} + g_t`` whatever μ_t does,
+    so the run equals ``torch.optim.SGD`` under the same momentum schedule (fp32 rounding: rtol 1e-5)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(5, 3, generator=gen)
+    funnel_p, sgd_p = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    funnel = optimfx.Funnel([funnel_p], lr=0.05, momentum=0.9, gamma_scale=0.0, gamma_gain=0.0, backend=backend)
+    sgd = torch.optim.SGD([sgd_p], lr=0.05, momentum=0.9)
+    assert funnel.param_groups[0]["momentum"] == 0.9
+    for step in range(12):
+        mu = 0.85 + 0.1 * abs(((step % 6) / 3.0) - 1.0)  # a triangular cycle as CyclicLR's
+        funnel.param_groups[0]["momentum"] = sgd.param_groups[0]["momentum"] = mu
+        g = torch.randn(5, 3, generator=gen)
+        funnel_p.grad, sgd_p.grad = g.clone(), g.clone()
+        funnel.step()
+        sgd.step()
+    torch.testing.assert_close(funnel_p.detach(), sgd_p.detach(), rtol=1e-5, atol=1e-6)
+    assert not funnel.base.state, "the SGD base must not step (it would apply μ a second time)"
+
+
+def test_funnel_runs_under_one_cycle_with_momentum_cycling():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = optimfx.Funnel([p], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=5)
+    seen = []
+    for _ in range(5):
+        p.grad = torch.randn(4)
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["momentum"])
+    assert len(set(seen)) > 1 and all(0.85 <= m <= 0.95 for m in seen)
+    assert not opt.base.state
+
+
+def test_base_momentum_needs_a_plain_sgd_base():
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match=r"^Invalid momentum: 'base' takes μ from a torch.optim.SGD base"):
+        optimfx.EGStepSize(optimfx.AdamW([p]), momentum="base")
+    with pytest.raises(ValueError, match=r"^Invalid momentum: 1.5"):
+        optimfx.Funnel([p], momentum=1.5)
+    opt = optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True), momentum="base")
+    p.grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="nesterov=True"):
+        opt.step()
