@@ -85,3 +85,23 @@ def test_compiled_training_step_stops_compiling_and_equals_eager(name):
         assert compiled[1].state[p].keys() == eager[1].state[q].keys()
         for key, value in compiled[1].state[p].items():
             assert torch.equal(value, eager[1].state[q][key]), key
+
+
+def _graphs_after_warm_up(name: str, layers: int) -> int:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(layers)])
+    opt = OPTIMIZERS[name](model.parameters(), torch.tensor(1e-2))
+    step = torch.compile(_train_step, backend="eager")
+    for i in range(WARM_UP):
+        gen = torch.Generator().manual_seed(i)
+        step(model, opt, torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen))
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("name", ["AdaFactor", "AdamW"])
+def test_graphs_do_not_grow_with_the_number_of_parameters(name):
+    """Creating the state of each parameter must not compile a frame per parameter: with 26 tensors
+    that passed Dynamo's recompile limit (8) on AdaFactor's first step."""
+    assert _graphs_after_warm_up(name, 13) == _graphs_after_warm_up(name, 2)

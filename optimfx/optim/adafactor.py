@@ -267,6 +267,9 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
             self._given_matrix = self._given_matrix or p.dim() >= 2
         return given
 
+    # Dynamo cannot trace the weak dictionary: the frame it would compile instead guards on each
+    # parameter, one recompile per tensor (past the recompile limit on a real model's first step)
+    @torch.compiler.disable
     def _init_state(self, state: dict[str, Tensor], p: Tensor, hyper: Any) -> None:
         super()._init_state(state, p, hyper)
         if p.dim() == 1 and p not in self._record_given(()):
