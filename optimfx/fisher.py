@@ -42,6 +42,11 @@ def fisher_information(model: torch.nn.Module, batches: Iterable[Any], loss_fn: 
         check_positive("max_grad_norm", max_grad_norm)
     keep = (lambda n: name_filter in n) if isinstance(name_filter, str) else name_filter
     selected = {n: p for n, p in model.named_parameters() if p.requires_grad and keep(n)}
+    if not selected:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        shown = ", ".join(map(repr, names[:6])) + (", ..." if len(names) > 6 else "")
+        raise ValueError(f"Invalid name_filter: {name_filter!r} selects none of the model's trainable parameters "
+                         f"({shown or 'none'}); pass a substring or a predicate that matches the tensors to mask")
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in selected.items()}
     saved = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
     modes = {m: m.training for m in model.modules()}
@@ -140,7 +145,7 @@ def _exactly_topk(fisher: Mapping[str, Tensor], tau: float, k: int) -> dict[str,
 def build_fisher_mask(model: torch.nn.Module, batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], Tensor],
                       reserve_p: float, *, name_filter: str | Callable[[str], bool] = "layer",
                       max_grad_norm: float | None = 1.0, rule: str = "percentile",
-                      train: bool = True) -> dict[torch.nn.Parameter, Tensor]:
+                      train: bool = True) -> dict[Tensor, Tensor]:
     """ChildTuning-D masks: ``{parameter: bool mask}`` for the parameters ``name_filter`` selects.
 
     Args:

@@ -24,7 +24,7 @@ from ..reference import child_tuning as ct
 from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
                              refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base)
 from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, pending_for_copy, pending_from_copy, save_pending,
-                             stored_masks, take_back_pending)
+                             stored_masks, take_back_pending, warn_if_no_d_mask)
 from .mask_streams import fix_streams
 
 Tensor = torch.Tensor
@@ -177,6 +177,8 @@ class ChildTuning(Optimizer):
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
         self._advance_steps(params, states)
+        if any(ct.MaskHyper.from_group(group).mode == "D" for _, _, group in entries):
+            warn_if_no_d_mask(self, self._pending_masks)
         self._fix_streams([p for (_, p, group), state in zip(entries, states)
                            if ct.MaskHyper.from_group(group).bernoulli and "mask_stream" not in state])
         # FSDP2: local shards, and state views with the local D mask and the shard's ShardSpec

@@ -9,6 +9,7 @@ what the optimizer classes share: the ``child_tuning_mode``/``reserve_p``/``seed
 from __future__ import annotations
 
 import numbers
+import warnings
 from itertools import chain
 from typing import Any, Callable, Mapping, Optional
 
@@ -88,6 +89,20 @@ def stored_masks(optimizer: Any, gradient_mask: Mapping[Tensor, Tensor]) -> list
             stored = stored.unsqueeze(-1).expand(*p.shape, 2)
         out.append((p, stored.contiguous()))
     return out
+
+
+def warn_if_no_d_mask(optimizer: Any, pending: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Warn once when a ChildTuning-D step finds no mask anywhere in ``optimizer`` (state or
+    ``pending``): every parameter then trains fully, as plain fine-tuning, which is seldom meant."""
+    if optimizer.__dict__.get("_warned_no_d_mask") or pending:
+        return
+    if any("child_mask" in state for state in optimizer.state.values()):
+        return
+    optimizer.__dict__["_warned_no_d_mask"] = True
+    warnings.warn(f"{type(optimizer).__name__}: ChildTuning-D is on but no gradient mask is set, so every "
+                  "parameter trains fully; set the masks first: "
+                  "set_gradient_mask(optimfx.build_fisher_mask(model, data, loss_fn, reserve_p))",
+                  RuntimeWarning, stacklevel=4)
 
 
 def save_pending(optimizer: Any, saved: dict[str, Any], pending: dict[int, tuple[Tensor, Tensor]]) -> None:
@@ -170,6 +185,8 @@ class GradientMaskMixin:
             for p in group["params"]:
                 if id(p) in pending and self.state.get(p):
                     self.state[p]["child_mask"] = pending.pop(id(p))[1]
+        if ct.MaskHyper.from_group(group).mode == "D":
+            warn_if_no_d_mask(self, pending)
         if ct.MaskHyper.from_group(group).bernoulli and any("mask_stream" not in s for s in states):
             # a stable per-tensor stream id: the number set_mask_streams gave the parameter, else its
             # position in the optimizer (mask_streams.assign_streams)

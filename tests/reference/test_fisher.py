@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,36 @@ def test_bad_arguments_are_refused_before_the_pass():
         optimfx.build_fisher_mask(model, never(), _loss, 0.0)
     with pytest.raises(ValueError, match=r"^Invalid rule"):
         optimfx.build_fisher_mask(model, never(), _loss, 0.5, rule="median")
+
+
+def test_a_name_filter_that_selects_nothing_names_itself_and_the_parameters():
+    """The official default filter ``"layer"`` matches no parameter of an ``nn.Sequential``: said
+    before the pass, with the names the model has (it used to end in "no Fisher values")."""
+    def never():
+        raise AssertionError("the data was read")
+        yield
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"^Invalid name_filter: 'layer' selects none .*'0\.weight', '0\.bias'"):
+        optimfx.build_fisher_mask(model, never(), _loss, 0.3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optimfx.ChildTuningAdamW(ps, mode="ChildTuning-D"),
+    lambda ps: optimfx.AdaXW(ps, child_tuning_mode="ChildTuning-D"),
+    lambda ps: optimfx.ChildTuning(torch.optim.AdamW(ps), mode="ChildTuning-D"),
+], ids=["ChildTuningAdamW", "AdaXW", "adapter"])
+def test_d_mode_without_any_mask_warns_once(make):
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = make([p])
+    p.grad = torch.randn(3, 2)
+    with pytest.warns(RuntimeWarning, match="ChildTuning-D is on but no gradient mask is set"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+    masked = make([p])
+    masked.set_gradient_mask({p: torch.rand(3, 2) < 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked.step()
