@@ -251,3 +251,13 @@ def test_timed_implementations_run_as_they_race():
     eg = impls["EGStepSize:auto"].factory(params)
     assert type(eg.base) is torch.optim.Adam and eg.param_groups[0]["lr"] == registry.BENCH_LR
     assert type(impls["Funnel:auto"].factory(params).base) is torch.optim.SGD
+
+
+def test_a_busy_cpu_is_said_next_to_the_table():
+    from optimfx.bench import report
+
+    env = {"device": "cpu", "cpu_count": 2, "loadavg": [0.4, 0.5, 0.6], "loadavg_end": [3.6, 1.0, 1.0]}
+    assert report.busy_note(env).startswith("note: the load average was 0.4 and 3.6 on 2 CPUs")
+    assert report.busy_note({**env, "loadavg_end": [1.9, 1.0, 1.0]}) is None
+    assert report.busy_note({**env, "device": "cuda", "loadavg_end": [9.0, 9.0, 9.0]}) is None
+    assert report.busy_note({**env, "loadavg": None, "loadavg_end": None}) is None

@@ -100,6 +100,9 @@ def run(plan: Plan) -> int:
     print()
     race_rows = race_section["results"] if race_section else None
     print(report.format_table(table, plan.baseline, roof, race_rows))
+    note = report.busy_note(env)
+    if note:
+        print(note)
     if race_section:
         print()
         print(report.format_race(race_rows, race_section["config"]))

@@ -26,6 +26,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def busy_note(env: dict[str, Any]) -> str | None:
+    """A warning line when the CPU was shared during a CPU run: the 1-minute load average at the
+    start or the end (``loadavg``, ``loadavg_end``) above the number of CPUs. Other work then takes
+    turns with the timed steps, and both the times and the ratios can move severalfold."""
+    if env.get("device", "cpu") != "cpu" or not env.get("cpu_count"):
+        return None
+    loads = [pair[0] for pair in (env.get("loadavg"), env.get("loadavg_end")) if pair]
+    if not loads or max(loads) <= env["cpu_count"]:
+        return None
+    seen = " and ".join(f"{x:.1f}" for x in loads)
+    return (f"note: the load average was {seen} on {env['cpu_count']} CPUs: other work shared the cores, so "
+            "the times and ratios above are noisy; rerun on an idle machine to compare")
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Versions and machine facts worth keeping next to the figures."""
     import optimfx
