@@ -114,7 +114,8 @@ def all_finite(grads: list[Tensor]) -> bool:
     all tensors. Only when a sum is not finite, a non-finite element or an overflow, the exact
     inf-norm decides.
     """
-    grads = [g for g in grads if g.numel() > 0]
+    # meta tensors (shape tracing, FLOP counting) hold no values to check
+    grads = [g for g in grads if g.numel() > 0 and g.device.type != "meta"]
     if not grads:
         return True
     device = grads[0].device

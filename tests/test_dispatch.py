@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import optimfx
 from optimfx._dispatch import all_finite
 
 
@@ -41,3 +42,20 @@ def test_any_non_finite_element_fails(bad, dtype):
 
 def test_no_gradients_is_finite():
     assert all_finite([]) and all_finite([torch.zeros(0)])
+
+
+@pytest.mark.parametrize("make", [
+    optimfx.AdamW, optimfx.AdaXW, optimfx.AdaFactor,
+    lambda ps: optimfx.ChildTuningAdamW(ps, mode="ChildTuning-F", reserve_p=0.3),
+    lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.1)),
+    lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps)),
+], ids=["AdamW", "AdaXW", "AdaFactor", "ChildTuningAdamW-F", "Funnel-like", "EG-AdamW"])
+def test_a_step_on_meta_parameters_traces(make):
+    """Shape-tracing and FLOP-counting tools step optimizers on the meta device, as torch.optim's
+    allow: the default inf/NaN check must not read values there (meta tensors have none)."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 4)
+    opt = make(model.parameters())
+    model(torch.randn(2, 4, device="meta")).sum().backward()
+    opt.step()
+    assert all(p.device.type == "meta" for p in model.parameters())

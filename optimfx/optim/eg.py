@@ -333,7 +333,8 @@ class EGStepSize(Optimizer):
     def _finite(units: list[_Unit], parts: list[Tensor]) -> bool:
         # finite ‖g‖² proves every gradient finite; otherwise the exact check decides (overflow). The
         # sums are complete on every rank, so every rank takes the same branch and the same decision.
-        if all(bool(part[:, 2].isfinite().all()) for part in parts):
+        # (meta tensors, for shape tracing, hold no values to check)
+        if all(part.device.type == "meta" or bool(part[:, 2].isfinite().all()) for part in parts):
             return True
         return _distributed.all_finite([g for u in units for g in u.grads], [s for u in units for s in u.states])
 

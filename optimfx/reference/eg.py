@@ -139,7 +139,9 @@ def adapt_(states: list[dict[str, Tensor]], grads: list[Tensor], part: Tensor, e
     ``m ← β·m + (1 − β)·g``. ``scratches`` (one buffer per tensor) take the gains' exponent."""
     torch._foreach_mul_([s["scale"] for s in states], list(exponent.exp().unbind()))
     coefs = gain_coefficient(part[:, 3], part[:, 2], numels, hp)
-    for i, (g, state, c) in enumerate(zip(grads, states, coefs.tolist())):
+    # host floats for addcmul's value=; meta tensors (shape tracing) have none, any value traces alike
+    host_coefs = [0.0] * len(grads) if coefs.device.type == "meta" else coefs.tolist()
+    for i, (g, state, c) in enumerate(zip(grads, states, host_coefs)):
         update_gains_(state["gains"], state["avg_grad"], g, hp, c, scratch=None if scratches is None else scratches[i])
     update_average_([s["avg_grad"] for s in states], grads, hp)
 
