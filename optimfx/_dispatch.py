@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -45,6 +46,11 @@ def triton_unsupported_reason(params: Sequence[Tensor]) -> str | None:
     for dtype in set(map(_dtype_of, params)):
         if dtype not in _TRITON_DTYPES:
             return f"the Triton kernels take float32/bfloat16/float16 parameters, got {dtype}"
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        # one launch per pass takes one device's tensors (model-parallel groups, device_map="auto")
+        return (f"the Triton kernels step one device's tensors per param group, got {sorted(map(str, devices))} "
+                "(one param group per device runs them)")
     if all(map(_is_cuda, params)):
         return None
     on_cpu_ok = interpreting()
@@ -52,6 +58,12 @@ def triton_unsupported_reason(params: Sequence[Tensor]) -> str | None:
         if not (p.is_cuda or (on_cpu_ok and p.device.type == "cpu")):
             return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {p.device}"
     return None
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for kernel launches: Triton launches on the current CUDA device and
+    stream, which need not be the parameters' (a model placed on ``cuda:1``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def resolve_backend(requested: str, params: Sequence[Tensor]) -> str:
@@ -62,8 +74,8 @@ def resolve_backend(requested: str, params: Sequence[Tensor]) -> str:
         params: the group's parameters that take a step.
 
     Returns:
-        ``"triton"`` for ``"auto"`` when every parameter is a float32/bfloat16/float16 CUDA tensor and
-        Triton is installed, else ``"reference"``; an explicit choice unchanged.
+        ``"triton"`` for ``"auto"`` when every parameter is a float32/bfloat16/float16 tensor on one
+        CUDA device and Triton is installed, else ``"reference"``; an explicit choice unchanged.
 
     Raises:
         RuntimeError: ``"triton"`` was requested but cannot run these tensors (the message says why).
@@ -164,8 +176,9 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
     """
     settle_skips(step_counts.tensors)
     if backend == "triton":
-        _run_triton(algo, params, grads, states, step_counts, hyper, lr, skip_nonfinite, grad_scale,
-                    found_inf, rounding_seed)
+        with on_device(params[0].device):
+            _run_triton(algo, params, grads, states, step_counts, hyper, lr, skip_nonfinite, grad_scale,
+                        found_inf, rounding_seed)
         return True
     if found_inf is not None:
         if bool(found_inf):

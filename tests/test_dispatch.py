@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import optimfx
+from optimfx import _dispatch
 from optimfx._dispatch import all_finite
 
 
@@ -59,3 +60,14 @@ def test_a_step_on_meta_parameters_traces(make):
     model(torch.randn(2, 4, device="meta")).sum().backward()
     opt.step()
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_triton_takes_one_device_per_param_group(monkeypatch):
+    """A group spread over devices (model parallelism, ``device_map="auto"``) cannot be one launch:
+    ``"auto"`` keeps it on the reference backend and ``"triton"`` says why. CPU and meta tensors
+    stand in for two GPUs (the device check comes before the CUDA one)."""
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    params = [torch.zeros(3), torch.zeros(3, device="meta")]
+    assert _dispatch.resolve_backend("auto", params) == "reference"
+    with pytest.raises(RuntimeError, match=r"one device's tensors per param group, got \['cpu', 'meta'\]"):
+        _dispatch.resolve_backend("triton", params)

@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _distributed
-from .._dispatch import resolve_backend
+from .._dispatch import on_device, resolve_backend
 from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
@@ -239,13 +239,18 @@ class EGStepSize(Optimizer):
         if saved is None:
             self._warn_skipped()
             return
-        handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch, direct) if fast else None
+        device = self._kernel_device(fast)
+        handle = None
+        if fast:
+            with on_device(device):
+                handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch, direct)
         if direct:
             for unit, directions in zip(slow, saved):
                 for p, d, state in zip(unit.params, directions, unit.states):
                     ref.apply_direct_(p, d, state, unit.hp)
             if handle is not None:
-                self._kernels().after(handle)
+                with on_device(device):
+                    self._kernels().after(handle)
             return
         if handle is not None and handle.flag is not None and not self._base_skips_nonfinite():
             # a base that would step on inf/NaN gradients (torch.optim's) must not run: its state
@@ -265,7 +270,18 @@ class EGStepSize(Optimizer):
             for p, d, state in zip(unit.params, buffers, unit.states):
                 ref.apply_(p, d, state, unit.hp)
         if handle is not None:
-            self._kernels().after(handle)
+            with on_device(device):
+                self._kernels().after(handle)
+
+    @staticmethod
+    def _kernel_device(units: list[_Unit]) -> torch.device:
+        """The device of the Triton units, whose passes launch once for all of them."""
+        devices = {u.params[0].device for u in units}
+        if len(devices) > 1:
+            raise RuntimeError("EGStepSize: the Triton backend steps the param groups of one device together, "
+                               f"got {sorted(map(str, devices))}; set eg_backend='reference' in the groups on "
+                               "the other devices")
+        return devices.pop() if devices else torch.device("cpu")
 
     def _warn_skipped(self) -> None:
         if not self._warned_skip:
