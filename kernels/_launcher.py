@@ -37,20 +37,59 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_CACHE_SIZE = 64
+#: bounds of each cache of device tables: entries, and bytes of the tensors they hold. A launch
+#: group's plans are reused step after step while its tensors stay put; one optimizer with many param
+#: groups needs a few per group (64 entries thrashed at 40 groups), and tables of stale addresses
+#: (tensors reallocated) must not pile up: a 7 B-parameter group's block maps take ~27 MB
+CACHE_ENTRIES = 1024
+CACHE_BYTES = 256 << 20
 
 
-def cached(cache: "OrderedDict[Any, Any]", key: Any, build: Any) -> Any:
-    """``cache[key]``, built by ``build()`` on a miss; the least recently used entry is dropped past
-    ``_CACHE_SIZE`` entries (small device tables and plans, reused step after step)."""
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors ``value`` holds: a tensor, a plan's fields, or a list of either."""
+    if isinstance(value, Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(map(_nbytes, value))
+    fields = getattr(value, "__dataclass_fields__", None)
+    return sum(_nbytes(getattr(value, f)) for f in fields) if fields else 0
+
+
+class LRU:
+    """A least-recently-used cache of device tables, bounded by :data:`CACHE_ENTRIES` entries and
+    :data:`CACHE_BYTES` bytes of tensors (the newest entry is always kept)."""
+
+    def __init__(self) -> None:
+        self._items: "OrderedDict[Any, tuple[Any, int]]" = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        return found[0]
+
+    def put(self, key: Any, value: Any) -> Any:
+        size = _nbytes(value)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        self._items[key] = (value, size)
+        self.nbytes += size
+        while len(self._items) > 1 and (len(self._items) > CACHE_ENTRIES or self.nbytes > CACHE_BYTES):
+            self.nbytes -= self._items.popitem(last=False)[1][1]
+        return value
+
+
+def cached(cache: LRU, key: Any, build: Any) -> Any:
+    """``cache[key]``, built by ``build()`` on a miss (small device tables and plans, reused step
+    after step)."""
     item = cache.get(key)
-    if item is None:
-        item = cache[key] = build()
-        if len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return item
+    return cache.put(key, build()) if item is None else item
 
 #: leading columns of ``TilePlan.meta``, in order; the jit helper ``_common.tile_coords`` reads them
 TILE_META = ("slices", "rows", "cols", "tiles_r", "tiles_c", "first", "tiles")
@@ -73,7 +112,8 @@ class MultiTensorPlan:
     aligned: bool
 
 
-_plans: "OrderedDict[tuple, MultiTensorPlan]" = OrderedDict()
+#: plans by (block or tile, the tensors' addresses, sizes and dtypes)
+_plans = LRU()
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -152,14 +192,9 @@ def plan(lists: Sequence[Sequence[Tensor]], block: int, layout: Layout | None = 
     key = (block, layout.key)
     found = _plans.get(key)
     if found is not None:
-        _plans.move_to_end(key)
         return found
     aligned = not any(p % 16 for p in chain.from_iterable(layout.ptrs))
-    built = _build(lists, block, aligned)
-    _plans[key] = built
-    if len(_plans) > _CACHE_SIZE:
-        _plans.popitem(last=False)
-    return built
+    return _plans.put(key, _build(lists, block, aligned))
 
 
 def groups(lists: Sequence[Sequence[Tensor]], row_lengths: Sequence[int] | None = None,
@@ -192,7 +227,7 @@ def groups(lists: Sequence[Sequence[Tensor]], row_lengths: Sequence[int] | None 
 
 #: ``(block, layout key) → plans``: the launch groups of a whole launch, so that a step whose
 #: tensors did not move decides nothing again
-_launches: "OrderedDict[tuple, list[MultiTensorPlan]]" = OrderedDict()
+_launches = LRU()
 
 
 def launch_plans(lists: Sequence[Sequence[Tensor]], block: int) -> list[MultiTensorPlan]:
@@ -201,15 +236,9 @@ def launch_plans(lists: Sequence[Sequence[Tensor]], block: int) -> list[MultiTen
     key = (block, layout.key)
     found = _launches.get(key)
     if found is not None:
-        _launches.move_to_end(key)
         return found
-    plans = []
-    for idx in groups(lists, layout=layout):
-        plans.append(plan([[lst[i] for i in idx] for lst in lists], block))
-    _launches[key] = plans
-    if len(_launches) > _CACHE_SIZE:
-        _launches.popitem(last=False)
-    return plans
+    plans = [plan([[lst[i] for i in idx] for lst in lists], block) for idx in groups(lists, layout=layout)]
+    return _launches.put(key, plans)
 
 
 def contiguous_or_copy(t: Tensor) -> Tensor:
@@ -367,15 +396,10 @@ def tile_plan(lists: Sequence[Sequence[Tensor]], views: Sequence[tuple[int, int,
            tuple(views), tuple(columns), tuple(segments))
     found = _plans.get(key)
     if found is not None:
-        _plans.move_to_end(key)
         return found
     aligned = (all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
                and all(v[2] % ROW_ALIGN == 0 for v in views))
-    built = _build_tiles(lists, views, tile, columns, segments, aligned)
-    _plans[key] = built
-    if len(_plans) > _CACHE_SIZE:
-        _plans.popitem(last=False)
-    return built
+    return _plans.put(key, _build_tiles(lists, views, tile, columns, segments, aligned))
 
 
 def tile_groups(lists: Sequence[Sequence[Tensor]], views: Sequence[tuple[int, int, int]],

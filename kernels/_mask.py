@@ -23,7 +23,6 @@ patterns), tile kernels as two columns of their plan's meta table (:attr:`MaskLa
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -104,7 +103,7 @@ class MaskLaunch(NamedTuple):
 
 
 #: ``(device, rows) → one view per row`` of a device table (the views keep the table alive)
-_descriptors: "OrderedDict[tuple, list[torch.Tensor]]" = OrderedDict()
+_descriptors = _launcher.LRU()
 
 
 def _signed32(x: int) -> int:

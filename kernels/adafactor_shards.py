@@ -16,7 +16,6 @@ address is a meta column (0 for whole tensors, which keep the single-process pat
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import torch
@@ -97,7 +96,7 @@ def adafactor_fold_sums_kernel(tables, numels, block_tensor, block_chunk, meta, 
 _PART_COLS, _PART_RBAR, _PART_SUMS = 0, 1, 2
 #: ``(device, rows) → int64 [T, 5]`` device tables of shard descriptors; cached, so a step whose
 #: layout did not change reuses its tile plans (whose meta holds the descriptors' addresses)
-_descriptor_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_descriptor_tables = _launcher.LRU()
 
 
 def _descriptor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:

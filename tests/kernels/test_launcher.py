@@ -278,3 +278,34 @@ def test_workspace_is_shared_and_grow_only():
     grown = _launcher.workspace("test.scratch", buf.numel() + 1, dev)
     assert grown.numel() == buf.numel() + 1 and _launcher.workspace("test.scratch", 1, dev) is grown
     assert _launcher.workspace("test.scratch", 4, dev, torch.int64).dtype == torch.int64
+
+
+def test_many_param_groups_keep_their_plans_between_steps(monkeypatch):
+    """Forty param groups (layer-wise learning rates) stepped with the default inf/NaN check: after
+    the first step no plan is built again (a 64-entry cache rebuilt every plan every step)."""
+    import optimfx
+
+    built = []
+    original = _launcher._build
+    monkeypatch.setattr(_launcher, "_build", lambda *a, **k: built.append(1) or original(*a, **k))
+    params = [torch.nn.Parameter(torch.randn(8, device=KERNEL_DEVICE)) for _ in range(40)]
+    opt = optimfx.AdamW([{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(params)], backend="triton")
+    for step in range(3):
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 0:
+            first = len(built)
+    assert first > 0 and len(built) == first
+
+
+def test_plan_cache_is_bounded_by_bytes(monkeypatch):
+    monkeypatch.setattr(_launcher, "CACHE_BYTES", 4096)
+    cache = _launcher.LRU()
+    for i in range(10):
+        cache.put(i, torch.zeros(256, dtype=torch.int32))  # 1 KiB each
+    assert len(cache) == 4 and cache.nbytes == 4096
+    assert cache.get(0) is None and cache.get(9) is not None
+    cache.put("big", torch.zeros(2048, dtype=torch.int32))  # 8 KiB: kept alone, the newest
+    assert len(cache) == 1 and cache.get("big") is not None
