@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Iterable, Optional
 
 import torch
@@ -140,7 +141,15 @@ class ChildTuningAdamW(AdamW):
                  **kwargs: Any) -> None:
         if ct.normalise_mode(mode) not in ct.MODES:
             raise ValueError(f"Invalid mode: {mode!r} (must be None, 'ChildTuning-F', 'ChildTuning-D', 'F' or 'D')")
+        unknown = sorted(set(kwargs) - _ADAMW_KEYWORDS)
+        if unknown:
+            # named here: AdamW's own TypeError would name AdamW.__init__
+            raise TypeError(f"ChildTuningAdamW.__init__() got an unexpected keyword argument {unknown[0]!r}")
         kwargs.setdefault("eps_placement", "v")
         kwargs.setdefault("decay_order", "alicemind")
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias=correct_bias,
                          child_tuning_mode=mode, reserve_p=reserve_p, **kwargs)
+
+
+#: the keywords ``ChildTuningAdamW`` passes on to :class:`AdamW`
+_ADAMW_KEYWORDS = set(inspect.signature(AdamW.__init__).parameters) - {"self", "params", "child_tuning_mode"}

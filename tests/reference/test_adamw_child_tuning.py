@@ -206,3 +206,10 @@ def test_f_masks_are_uncorrelated_at_the_spacings_two_rounds_left():
     for spacing in (768, 1536, 639_756):
         corr = float((keep[:-spacing] * keep[spacing:]).mean() / keep.var())
         assert abs(corr) * math.sqrt(n - spacing) < 5, (spacing, corr)
+
+
+def test_an_unknown_keyword_is_named_on_child_tuning_adamw():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TypeError, match=r"^ChildTuningAdamW.__init__\(\) got an unexpected keyword argument 'momentum'"):
+        optimfx.ChildTuningAdamW(p, momentum=0.9)
+    assert optimfx.ChildTuningAdamW(p, seed=3, decay_order="torch").defaults["decay_order"] == "torch"
