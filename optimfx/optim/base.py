@@ -207,6 +207,17 @@ class FxOptimizer(Optimizer):
         return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None),
                 "rounding_seed": int(group.get("rounding_seed", 0)) if stochastic else None}
 
+    def _check_loaded_values(self) -> None:
+        """The loaded groups' hyperparameters pass the constructor's checks (normalised as it stores
+        them): a checkpoint of another optimizer fails here, naming the value, not at the first step."""
+        checks = {**GROUP_CHECKS, **self.group_checks}
+        for i, group in enumerate(self.param_groups):
+            try:
+                apply_checks(group, checks)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: param group {i} of the checkpoint: "
+                                 f"{err}") from err
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping optimfx's state dtypes.
 
@@ -223,10 +234,17 @@ class FxOptimizer(Optimizer):
             hooked.update(sd=sd)
 
         handle = self.register_load_state_dict_pre_hook(keep)
+        before = {"state": self.state, "param_groups": self.param_groups}
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
+        try:
+            self._check_loaded_values()
+        except ValueError:
+            # torch.optim built new state and groups: the previous ones are still whole
+            self.__dict__.update(before)
+            raise
         state_dict = hooked["sd"]
         saved_state = state_dict["state"]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))

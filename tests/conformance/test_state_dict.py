@@ -10,6 +10,7 @@ import torch
 
 from _harness import assert_runs_equal, clone_params, make_grads, make_params, require, run, state_entries, steps_taken
 from optim_db import rows, rows_x_backends
+import optimfx
 from optimfx import _dispatch
 
 SHAPES = [(6, 4), ()]  # few shapes: each shape is a new graph per step for the compiled backend
@@ -171,3 +172,27 @@ def test_state_dict_hooks_and_a_remapping_load_pre_hook(row):
     target.load_state_dict(saved)
     assert calls == ["save pre", "save post", "load pre", "load post"]
     assert_runs_equal(opt, params, target, reordered[::-1])
+
+
+@pytest.mark.parametrize("source, target", [
+    (optimfx.AdaX, optimfx.AdaFactor),
+    (optimfx.AdaFactor, optimfx.AdaXW),
+], ids=["AdaX-into-AdaFactor", "AdaFactor-into-AdaXW"])
+def test_another_optimizers_checkpoint_is_refused_and_changes_nothing(source, target):
+    """Loaded groups pass the constructor's checks: a value this optimizer cannot take is a
+    ``ValueError`` naming it at load time (it was a bare ``TypeError`` at the first step), and the
+    optimizer keeps its own state and groups."""
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    params[0].grad = torch.randn(3, 2)
+    other, opt = source(params), target(params)
+    other.step()
+    opt.step()
+    kept = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=rf"^{type(opt).__name__}\.load_state_dict: param group 0 of the checkpoint: "
+                                         r"Invalid "):
+        opt.load_state_dict(other.state_dict())
+    now = opt.state_dict()
+    assert now["param_groups"] == kept["param_groups"]
+    for key, value in kept["state"][0].items():
+        assert torch.equal(now["state"][0][key], value)
+    opt.step()
