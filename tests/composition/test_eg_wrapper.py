@@ -381,3 +381,23 @@ def test_base_momentum_needs_a_plain_sgd_base():
     p.grad = torch.randn(4)
     with pytest.raises(RuntimeError, match="nesterov=True"):
         opt.step()
+
+
+def test_a_funnel_checkpoint_from_before_base_momentum_resumes_exactly():
+    """Funnel checkpoints written when μ lived in ``eg_momentum`` (and SGD's ``momentum`` was 0) load
+    into today's Funnel and continue as the run that wrote them, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(5, generator=gen) for _ in range(6)]
+    p_old = torch.nn.Parameter(torch.randn(5, generator=gen))
+    old = optimfx.EGStepSize(torch.optim.SGD([p_old], lr=0.1), lr=1.0, momentum=0.9)
+    for g in grads[:3]:
+        p_old.grad = g.clone()
+        old.step()
+    p_new = torch.nn.Parameter(p_old.detach().clone())
+    resumed = optimfx.Funnel([p_new], lr=0.1, momentum=0.9)
+    resumed.load_state_dict(old.state_dict())
+    for g in grads[3:]:
+        p_old.grad, p_new.grad = g.clone(), g.clone()
+        old.step()
+        resumed.step()
+    assert torch.equal(p_old, p_new)
