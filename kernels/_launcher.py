@@ -25,6 +25,7 @@ plan; scratch comes from :func:`workspace`.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from itertools import chain
 from operator import attrgetter
@@ -57,31 +58,35 @@ def _nbytes(value: Any) -> int:
 
 class LRU:
     """A least-recently-used cache of device tables, bounded by :data:`CACHE_ENTRIES` entries and
-    :data:`CACHE_BYTES` bytes of tensors (the newest entry is always kept)."""
+    :data:`CACHE_BYTES` bytes of tensors (the newest entry is always kept). Safe to share between
+    threads stepping optimizers (a lock around each look-up and insertion)."""
 
     def __init__(self) -> None:
         self._items: "OrderedDict[Any, tuple[Any, int]]" = OrderedDict()
         self.nbytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, key: Any) -> Any:
-        found = self._items.get(key)
-        if found is None:
-            return None
-        self._items.move_to_end(key)
-        return found[0]
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            return found[0]
 
     def put(self, key: Any, value: Any) -> Any:
         size = _nbytes(value)
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.nbytes -= old[1]
-        self._items[key] = (value, size)
-        self.nbytes += size
-        while len(self._items) > 1 and (len(self._items) > CACHE_ENTRIES or self.nbytes > CACHE_BYTES):
-            self.nbytes -= self._items.popitem(last=False)[1][1]
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            self._items[key] = (value, size)
+            self.nbytes += size
+            while len(self._items) > 1 and (len(self._items) > CACHE_ENTRIES or self.nbytes > CACHE_BYTES):
+                self.nbytes -= self._items.popitem(last=False)[1][1]
         return value
 
 

@@ -49,8 +49,9 @@ def test_no_gradients_is_finite():
     optimfx.AdamW, optimfx.AdaXW, optimfx.AdaFactor,
     lambda ps: optimfx.ChildTuningAdamW(ps, mode="ChildTuning-F", reserve_p=0.3),
     lambda ps: optimfx.EGStepSize(torch.optim.SGD(ps, lr=0.1)),
+    lambda ps: optimfx.Funnel(ps),
     lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps)),
-], ids=["AdamW", "AdaXW", "AdaFactor", "ChildTuningAdamW-F", "Funnel-like", "EG-AdamW"])
+], ids=["AdamW", "AdaXW", "AdaFactor", "ChildTuningAdamW-F", "EG-SGD", "Funnel", "EG-AdamW"])
 def test_a_step_on_meta_parameters_traces(make):
     """Shape-tracing and FLOP-counting tools step optimizers on the meta device, as torch.optim's
     allow: the default inf/NaN check must not read values there (meta tensors have none)."""

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,7 +91,7 @@ def run(plan: Plan) -> int:
     roof = roofline.merge(roof, roofline.measure_roof(device, plan.roof_bytes))
     table = report.rows(results, plan.baseline, roof)
     race_section = _race_section(plan)
-    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["loadavg_end"] = report.load_average()
 
     print(f"optimfx bench: {shapes.numel:,} params ({plan.preset.name} x{plan.scale:.3g}, "
           f"{len(shapes.shapes)} tensors, {plan.dtype}) on {env['device_name']} ({device}), median of "

@@ -30,14 +30,31 @@ def busy_note(env: dict[str, Any]) -> str | None:
     """A warning line when the CPU was shared during a CPU run: the 1-minute load average at the
     start or the end (``loadavg``, ``loadavg_end``) above the number of CPUs. Other work then takes
     turns with the timed steps, and both the times and the ratios can move severalfold."""
-    if env.get("device", "cpu") != "cpu" or not env.get("cpu_count"):
+    cpus = env.get("cpus_usable") or env.get("cpu_count")
+    if env.get("device", "cpu") != "cpu" or not cpus:
         return None
     loads = [pair[0] for pair in (env.get("loadavg"), env.get("loadavg_end")) if pair]
-    if not loads or max(loads) <= env["cpu_count"]:
+    if not loads or max(loads) <= cpus:
         return None
     seen = " and ".join(f"{x:.1f}" for x in loads)
-    return (f"note: the load average was {seen} on {env['cpu_count']} CPUs: other work shared the cores, so "
+    return (f"note: the load average was {seen} on {cpus} CPUs: other work shared the cores, so "
             "the times and ratios above are noisy; rerun on an idle machine to compare")
+
+
+def load_average() -> list[float] | None:
+    """``os.getloadavg()``, or ``None`` where there is none (Windows) or it cannot be read."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def usable_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity mask, a container's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
@@ -57,7 +74,8 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpus_usable": usable_cpus(),
+        "loadavg": load_average(),
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)

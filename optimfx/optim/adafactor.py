@@ -127,7 +127,8 @@ class AdaFactor(GradientMaskMixin, FxOptimizer):
     group_checks = {
         **MASK_GROUP_CHECKS,
         "lr": _checked_lr,  # a group's lr=None is read as the constructor's (add_param_group)
-        "clip_threshold": functools.partial(check_range, "clip_threshold", low=1.0, high=float("inf")),
+        # any d > 0, as transformers' (below 1 clips harder; the paper uses 1)
+        "clip_threshold": functools.partial(check_range, "clip_threshold", low=0.0, high=float("inf"), low_open=True),
         "decay_rate": functools.partial(check_range, "decay_rate", low=float("-inf"), high=0.0, high_open=True),
         "beta1": _optional(functools.partial(check_range, "beta1", low=0.0, high=1.0, high_open=True)),
         "beta2_cap": _optional(functools.partial(check_range, "beta2_cap", low=0.0, high=1.0, high_open=True)),

@@ -234,7 +234,9 @@ class FxOptimizer(Optimizer):
             hooked.update(sd=sd)
 
         handle = self.register_load_state_dict_pre_hook(keep)
-        before = {"state": self.state, "param_groups": self.param_groups}
+        # torch.optim builds new state and groups and __setstate__ replaces other attributes (pending
+        # ChildTuning-D masks): the previous objects stay whole, to be put back
+        before = dict(self.__dict__)
         try:
             super().load_state_dict(state_dict)
         finally:
@@ -242,7 +244,7 @@ class FxOptimizer(Optimizer):
         try:
             self._check_loaded_values()
         except ValueError:
-            # torch.optim built new state and groups: the previous ones are still whole
+            self.__dict__.clear()
             self.__dict__.update(before)
             raise
         state_dict = hooked["sd"]

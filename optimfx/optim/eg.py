@@ -133,9 +133,6 @@ class EGStepSize(Optimizer):
         if not isinstance(base, Optimizer):
             raise TypeError(f"EGStepSize wraps a torch.optim.Optimizer, got {type(base).__name__}")
         refuse_closure_steps(base, "EGStepSize")
-        if momentum == BASE_MOMENTUM and type(base) is not torch.optim.SGD:
-            raise ValueError(f"Invalid momentum: {BASE_MOMENTUM!r} takes μ from a torch.optim.SGD base's momentum, "
-                             f"got a {type(base).__name__} base")
         gamma_scale, gamma_gain = _meta_step_sizes(gamma_scale, gamma_gain, normalize)
         gain_min, gain_max = _check_gain_clamp(gain_clamp)
         defaults = apply_checks(dict(
@@ -148,6 +145,8 @@ class EGStepSize(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         super().__init__(base.param_groups, defaults)
         share_base_groups(self, defaults)
+        for group in self.param_groups:
+            self._place_momentum(group)
         self._warned_skip = False
         self._scratch: dict[Any, Any] = {}
 
@@ -158,6 +157,32 @@ class EGStepSize(Optimizer):
         _check_gain_clamp((param_group.get("gain_min", self.defaults["gain_min"]),
                            param_group.get("gain_max", self.defaults["gain_max"])))
         add_param_group_via_base(self, param_group, super().add_param_group)
+        if self.__dict__.get("param_groups") is not self.base.param_groups:
+            return  # the constructor registering the base's groups: it places their μ afterwards
+        try:
+            self._place_momentum(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # the base's list too: it is the same list
+            raise
+
+    def _place_momentum(self, group: dict[str, Any]) -> None:
+        """Where a group's μ lives. ``"base"``: the plain SGD base's ``momentum`` key, applied by EG
+        (refused on other bases, and with ``nesterov`` or ``dampening``, which EG's velocity does not
+        have). A numeric μ in a group of an optimizer whose own default is ``"base"`` (Funnel: a group's
+        ``eg_momentum``, or a checkpoint written before μ moved to ``momentum``) moves there too, so
+        the SGD base never holds a momentum of its own beside EG's."""
+        is_sgd = type(self.base) is torch.optim.SGD
+        if is_sgd and self.own_defaults.get("eg_momentum") == BASE_MOMENTUM and group["eg_momentum"] != BASE_MOMENTUM:
+            group["momentum"], group["eg_momentum"] = group["eg_momentum"], BASE_MOMENTUM
+        if group["eg_momentum"] != BASE_MOMENTUM:
+            return
+        if not is_sgd:
+            raise ValueError(f"Invalid momentum: {BASE_MOMENTUM!r} takes μ from a torch.optim.SGD base's momentum, "
+                             f"got a {type(self.base).__name__} base")
+        if group["nesterov"] or group["dampening"] != 0:
+            raise ValueError(f"Invalid momentum: {BASE_MOMENTUM!r} applies the SGD base's momentum as EG's "
+                             "heavy-ball velocity, without nesterov or dampening (got nesterov="
+                             f"{group['nesterov']}, dampening={group['dampening']})")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and groups; the base and the flag belong to a copy too
@@ -208,6 +233,11 @@ class EGStepSize(Optimizer):
                 grads = [torch.neg(g) for g in grads]
             units.append(_Unit(self._hyper(group), group["scope"], resolve_backend(group["eg_backend"], params),
                                owners, params, grads, states, group))
+        fast = [u for u in units if u.backend == "triton"]
+        if len({u.params[0].device for u in fast}) > 1 and all(u.group["eg_backend"] == "auto" for u in fast):
+            # the kernels take one device per step: groups spread over several (model parallelism)
+            # run the reference under "auto"; an explicit "triton" is refused in _kernel_device
+            units = [u._replace(backend="reference") if u.backend == "triton" else u for u in units]
         if any(u.scope == "global" for u in units) and len({u.backend for u in units}) > 1:
             raise RuntimeError("EGStepSize: scope='global' needs one backend for every param group, got "
                                f"{sorted({u.backend for u in units})}")
@@ -306,9 +336,9 @@ class EGStepSize(Optimizer):
             return False
         groups = self.base.param_groups
         takes_over = [g.get("eg_momentum") == BASE_MOMENTUM for g in groups]
-        if any(t and g["nesterov"] for t, g in zip(takes_over, groups)):
+        if any(t and (g["nesterov"] or g["dampening"] != 0) for t, g in zip(takes_over, groups)):
             raise RuntimeError("EGStepSize: momentum='base' applies the SGD base's momentum as EG's heavy-ball "
-                               "velocity; a group with nesterov=True is a different update")
+                               "velocity; a group with nesterov=True or dampening is a different update")
         if all(t or g["momentum"] == 0 for t, g in zip(takes_over, groups)):
             return True
         if any(takes_over):
@@ -402,6 +432,8 @@ class EGStepSize(Optimizer):
         """
         saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
         fill_own_defaults(self)
+        for group in self.param_groups:
+            self._place_momentum(group)
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():

@@ -377,10 +377,28 @@ def test_base_momentum_needs_a_plain_sgd_base():
         optimfx.EGStepSize(optimfx.AdamW([p]), momentum="base")
     with pytest.raises(ValueError, match=r"^Invalid momentum: 1.5"):
         optimfx.Funnel([p], momentum=1.5)
-    opt = optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True), momentum="base")
-    p.grad = torch.randn(4)
-    with pytest.raises(RuntimeError, match="nesterov=True"):
-        opt.step()
+    for kwargs in (dict(nesterov=True), dict(dampening=0.5)):
+        with pytest.raises(ValueError, match=r"^Invalid momentum: 'base' applies .* without nesterov or dampening"):
+            optimfx.EGStepSize(torch.optim.SGD([p], lr=0.1, momentum=0.9, **kwargs), momentum="base")
+    # a group of its own asking for it on another base: refused, and the group not kept
+    eg = optimfx.EGStepSize(optimfx.AdamW([p]))
+    with pytest.raises(ValueError, match=r"^Invalid momentum: 'base' takes μ from a torch.optim.SGD base"):
+        eg.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "eg_momentum": "base"})
+    assert len(eg.param_groups) == len(eg.base.param_groups) == 1
+
+
+def test_a_funnel_groups_own_momentum_becomes_its_sgd_momentum():
+    """In Funnel a group's numeric ``eg_momentum`` (constructor groups, ``add_param_group``) is its μ,
+    kept in its ``momentum`` key: the SGD base never holds a momentum beside EG's."""
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    opt = optimfx.Funnel([{"params": [a], "eg_momentum": 0.5}, {"params": [b]}], lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": [c], "eg_momentum": 0.0})
+    assert [(g["momentum"], g["eg_momentum"]) for g in opt.param_groups] == [(0.5, "base"), (0.9, "base"),
+                                                                               (0.0, "base")]
+    for p in (a, b, c):
+        p.grad = torch.randn(3)
+    opt.step()
+    assert not opt.base.state
 
 
 def test_a_funnel_checkpoint_from_before_base_momentum_resumes_exactly():
@@ -396,8 +414,27 @@ def test_a_funnel_checkpoint_from_before_base_momentum_resumes_exactly():
     p_new = torch.nn.Parameter(p_old.detach().clone())
     resumed = optimfx.Funnel([p_new], lr=0.1, momentum=0.9)
     resumed.load_state_dict(old.state_dict())
+    # μ moves to the key schedulers cycle, so a resumed OneCycleLR cannot add an SGD momentum
+    assert (resumed.param_groups[0]["momentum"], resumed.param_groups[0]["eg_momentum"]) == (0.9, "base")
     for g in grads[3:]:
         p_old.grad, p_new.grad = g.clone(), g.clone()
         old.step()
         resumed.step()
     assert torch.equal(p_old, p_new)
+
+
+def test_triton_groups_on_several_devices_fall_back_under_auto(monkeypatch):
+    """EG's passes launch once for all its Triton groups, on one device: groups spread over devices
+    run the reference under ``"auto"`` and are refused under an explicit ``"triton"``. CPU and meta
+    tensors stand in for two GPUs (the backend rule is forced to pick Triton for both)."""
+    from optimfx.optim import eg as eg_module
+
+    monkeypatch.setattr(eg_module, "resolve_backend", lambda requested, params: "triton")
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))
+    a.grad, b.grad = torch.randn(3), torch.randn(3, device="meta")
+    opt = optimfx.EGStepSize(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1))
+    assert [u.backend for u in opt._units()] == ["reference", "reference"]
+    opt.param_groups[1]["eg_backend"] = "triton"
+    units = opt._units()
+    with pytest.raises(RuntimeError, match=r"one device together, got \['cpu', 'meta'\]"):
+        opt._kernel_device([u for u in units if u.backend == "triton"])

@@ -20,7 +20,7 @@ CASES = [  # optimizer, key, bad value, message
     (optimfx.AdamW, "weight_decay", -0.1, r"^Invalid weight_decay: -0.1"),
     (optimfx.AdamW, "decay_order", "later", r"^Invalid decay_order: 'later'"),
     (optimfx.ChildTuningAdamW, "betas", (float("nan"), 0.999), r"^Invalid betas\[0\]: nan"),
-    (optimfx.AdaFactor, "clip_threshold", 0.5, r"^Invalid clip_threshold: 0.5"),
+    (optimfx.AdaFactor, "clip_threshold", 0.0, r"^Invalid clip_threshold: 0.0"),
     (optimfx.AdaFactor, "decay_rate", 0.8, r"^Invalid decay_rate: 0.8"),
     (optimfx.AdaFactor, "beta1", 1.0, r"^Invalid beta1: 1.0"),
     (optimfx.AdaFactor, "lr", -1e-3, r"^Invalid lr: -0.001"),

@@ -196,3 +196,18 @@ def test_another_optimizers_checkpoint_is_refused_and_changes_nothing(source, ta
     for key, value in kept["state"][0].items():
         assert torch.equal(now["state"][0][key], value)
     opt.step()
+
+
+def test_a_refused_checkpoint_keeps_pending_d_masks():
+    """D masks set before the first step wait outside the state; a refused load keeps them too."""
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = optimfx.ChildTuningAdamW([p], mode="ChildTuning-D")
+    opt.set_gradient_mask({p: torch.zeros(3, 2, dtype=torch.bool)})
+    other = optimfx.AdaFactor([torch.nn.Parameter(torch.randn(3, 2))])
+    with pytest.raises(ValueError, match=r"^ChildTuningAdamW\.load_state_dict: param group 0"):
+        opt.load_state_dict(other.state_dict())
+    before = p.detach().clone()
+    p.grad = torch.randn(3, 2)
+    opt.step()  # the zero mask freezes p (no weight decay by default)
+    assert torch.equal(p.detach(), before)
+

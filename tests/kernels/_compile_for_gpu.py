@@ -1,4 +1,4 @@
-"""Compile every kernel variant the optimizers launch for an NVIDIA GPU, on a machine without one.
+"""Compile the kernel variants the optimizers launch for an NVIDIA GPU, on a machine without one.
 
 Run as a script (``tests/kernels/test_compiles_for_gpu.py`` does, in a fresh process): Triton is
 pointed at a stand-in driver whose target is ``sm_90``, and the launcher's ``_enqueue`` compiles
@@ -6,8 +6,10 @@ each launch with ``kernel.warmup`` (Triton's full pipeline down to ``ptxas``) in
 The interpreter never compiles, so this is what catches code that only the compiler refuses
 (constant specialisation of integer arguments, types of loaded values, unsupported operations).
 
-Each launch is also compiled with every integer mask argument equal to 1, the value Triton would
-otherwise turn into a constant. Prints one JSON object: the kernels compiled and the failures.
+The cases cover every kernel a single-device step launches (FSDP2's fold kernels are not run here)
+in fp32, bf16 and fp16, with and without masks, stochastic rounding, the inf/NaN scan and GradScaler's
+scale. Each launch is also compiled with every integer mask argument equal to 1, the value Triton
+would otherwise turn into a constant. Prints one JSON object: the kernels compiled and the failures.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def _compile(kernel, grid, *args, **kwargs) -> None:
 _launcher._enqueue = _compile
 
 
+def _scaled(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` as ``torch.amp.GradScaler`` leaves it for a step it drives (its ``grad_scale``)."""
+    opt.grad_scale = torch.tensor(1024.0)
+    return opt
+
+
 def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
     shapes = [(300, 64), (5000,), (3, 40, 48), (7,), (9, 7)]
@@ -100,6 +108,8 @@ CASES = {
                                                           reserve_p=0.3, decay_order="alicemind", maximize=True),
     "adamw-D-stochastic": lambda ps: optimfx.AdamW(ps, backend="triton", child_tuning_mode="ChildTuning-D",
                                                   bf16_rounding="stochastic"),
+    # GradScaler's protocol: the scale divides the gradients in the unscale kernel
+    "adamw-grad-scale": lambda ps: _scaled(optimfx.AdamW(ps, backend="triton")),
     "adax-inside-noskip": lambda ps: optimfx.AdaX(ps, backend="triton", eps_mode="inside", skip_nonfinite=False),
     "adaxw-F-stochastic": lambda ps: optimfx.AdaXW(ps, backend="triton", child_tuning_mode="ChildTuning-F",
                                                   reserve_p=0.3, bf16_rounding="stochastic"),
@@ -122,7 +132,7 @@ D_MASKED = {"adamw-D-stochastic", "adafactor-torch-eps-D-noskip"}
 
 
 def main() -> None:
-    dtypes = [torch.float32, torch.bfloat16] if len(sys.argv) < 2 else [getattr(torch, sys.argv[1])]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if len(sys.argv) < 2 else [getattr(torch, sys.argv[1])]
     for name, make in CASES.items():
         for dtype in dtypes:
             try:
