@@ -209,6 +209,8 @@ def adafactor_inputs() -> list[OptimInput]:
         OptimInput("min-dim-size-to-factor", {"min_dim_size_to_factor": 5}),
         OptimInput("warmup-init", {**_RELATIVE, "warmup_init": True}),
         OptimInput("clip-decay-cap", {"clip_threshold": 1.5, "decay_rate": -0.5, "beta2_cap": 0.6}),
+        # below 1 clips harder than the paper's d = 1 (transformers accepts any d > 0)
+        OptimInput("clip-below-one", {"clip_threshold": 0.5}),
     ]
 
 
@@ -240,8 +242,8 @@ def adafactor_error_inputs() -> list[ErrorInput]:
                    _exactly("Invalid eps[0]: -1.0 (must be in [0.0, inf])")),
         ErrorInput("negative eps2", {"eps": (1e-30, -1e-3)}, ValueError,
                    _exactly("Invalid eps[1]: -0.001 (must be in [0.0, inf])")),
-        ErrorInput("clip_threshold < 1", {"clip_threshold": 0.5}, ValueError,
-                   _exactly("Invalid clip_threshold: 0.5 (must be in [1.0, inf])")),
+        ErrorInput("clip_threshold = 0", {"clip_threshold": 0.0}, ValueError,
+                   _exactly("Invalid clip_threshold: 0.0 (must be in (0.0, inf])")),
         ErrorInput("decay_rate = 0", {"decay_rate": 0.0}, ValueError,
                    _exactly("Invalid decay_rate: 0.0 (must be in [-inf, 0.0))")),
         ErrorInput("beta1 = 1", {"beta1": 1.0}, ValueError, _exactly("Invalid beta1: 1.0 (must be in [0.0, 1.0))")),
