@@ -1,16 +1,19 @@
-"""ChildTuning-F/D on the default CPU path: batched masks against per-tensor masks, interleaved in one process.
+"""ChildTuning-F/D on the default CPU path against the plain-PyTorch masks, interleaved in one process.
 
-The default CPU path of ``AdamW`` and ``AdaXW`` masks a group's gradients a batch of equal-length
-segments at a time (``optimfx/reference/batched_masks.py``) and steps each batch through ATen's fused
-Adam kernel. Contenders, each on its own copy of the preset's parameters and gradients, timed
-round-robin (medians; ratios to the unmasked step of the same optimizer):
+The default CPU path of ``AdamW`` and ``AdaXW`` computes the masks inside the update loop, in the C
+kernel ``optimfx._kernels.cpu_adam`` (built on first use); without a C compiler it masks a group's
+gradients a batch of equal-length segments at a time (``optimfx/reference/batched_masks.py``) and
+steps each batch through ATen's fused Adam kernel. Contenders, each on its own copy of the preset's
+parameters and gradients, timed round-robin (medians; ratios to the unmasked step of the same
+optimizer):
 
-* ``<opt> off``: no masks;
+* ``<opt> off``: no masks (ATen's fused Adam kernel);
 * ``<opt> F``, ``<opt> D``: ChildTuning-F (``reserve_p=0.3``) and D (30 % masks on every tensor with
   ``ndim ≥ 2``) at their defaults;
-* ``<opt> F per-tensor masks``, ``<opt> D per-tensor masks``: the same with each tensor masked on its
-  own (:func:`optimfx.reference.child_tuning.mask_grad`, a fresh result per tensor) and one kernel
-  call for the group, the path before batching.
+* ``<opt> F batched masks``, ``<opt> D batched masks``: the same without the C kernel;
+* ``<opt> F per-tensor masks``, ``<opt> D per-tensor masks``: each tensor masked on its own
+  (:func:`optimfx.reference.child_tuning.mask_grad`, a fresh result per tensor) and one ATen call
+  for the group.
 
 Every contender takes :data:`WARMUP_STEPS` untimed steps first (F-masked second moments start at
 zero, and torch's CPU ``sqrt`` is several times slower on zeros).
@@ -48,22 +51,32 @@ def _per_tensor_masked_step(params, grads, states, args, mask) -> None:
 
 
 @contextlib.contextmanager
-def _per_tensor_masks() -> Iterator[None]:
-    batched = aten_fused._step_masked
-    aten_fused._step_masked = _per_tensor_masked_step
+def _patched(name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    original = getattr(aten_fused, name)
+    setattr(aten_fused, name, replacement)
     try:
         yield
     finally:
-        aten_fused._step_masked = batched
+        setattr(aten_fused, name, original)
+
+
+def patched_step(cls: type, suffix: str, name: str, replacement: Callable[..., Any]) -> type:
+    """``cls`` whose steps run with ``aten_fused.<name>`` replaced."""
+    def step(self: Any, closure: Any = None) -> Any:
+        with _patched(name, replacement):
+            return cls.step(self, closure)
+
+    return type(f"{cls.__name__}{suffix}", (cls,), {"step": step})
 
 
 def per_tensor_masks(cls: type) -> type:
     """``cls`` whose steps mask tensor by tensor."""
-    def step(self: Any, closure: Any = None) -> Any:
-        with _per_tensor_masks():
-            return cls.step(self, closure)
+    return patched_step(cls, "PerTensorMasks", "_step_masked", _per_tensor_masked_step)
 
-    return type(f"{cls.__name__}PerTensorMasks", (cls,), {"step": step})
+
+def batched_masks(cls: type) -> type:
+    """``cls`` whose steps mask with ATen ops a batch at a time (no C kernel)."""
+    return patched_step(cls, "BatchedMasks", "_step_in_cpu_kernel", lambda *args: False)
 
 
 def _factory(cls: type, mode: str, backend: str = "auto") -> Factory:
@@ -83,11 +96,12 @@ def contenders(compiled: bool = False) -> dict[str, Factory]:
     on ``backend="compiled"`` too (its first steps compile, before the timed rounds)."""
     out: dict[str, Factory] = {}
     for cls in (optimfx.AdamW, optimfx.AdaXW):
-        name, slow = cls.__name__, per_tensor_masks(cls)
+        name = cls.__name__
         out[f"{name} off"] = _factory(cls, "off")
         for mode in ("F", "D"):
             out[f"{name} {mode}"] = _factory(cls, mode)
-            out[f"{name} {mode} per-tensor masks"] = _factory(slow, mode)
+            out[f"{name} {mode} batched masks"] = _factory(batched_masks(cls), mode)
+            out[f"{name} {mode} per-tensor masks"] = _factory(per_tensor_masks(cls), mode)
         if compiled and cls is optimfx.AdamW:
             for mode in ("off", "F", "D"):
                 out[f"{name} {mode} compiled"] = _factory(cls, mode, "compiled")

@@ -60,6 +60,7 @@ def usable_cpus() -> int | None:
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Versions and machine facts worth keeping next to the figures."""
     import optimfx
+    from optimfx._kernels import cpu_build
 
     device = torch.device(device)
     try:
@@ -76,6 +77,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "device": str(device),
         "cpus_usable": usable_cpus(),
         "loadavg": load_average(),
+        "cpu_kernels": cpu_build.status(),
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)

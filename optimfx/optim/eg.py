@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .. import _distributed
 from .._dispatch import on_device, resolve_backend
+from .._kernels import cpu_eg
 from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
@@ -275,9 +276,10 @@ class EGStepSize(Optimizer):
             with on_device(device):
                 handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch, direct)
         if direct:
-            for unit, directions in zip(slow, saved):
-                for p, d, state in zip(unit.params, directions, unit.states):
-                    ref.apply_direct_(p, d, state, unit.hp)
+            for unit, (directions, fused) in zip(slow, saved):
+                if not fused:  # the CPU kernel has taken the whole step already
+                    for p, d, state in zip(unit.params, directions, unit.states):
+                        ref.apply_direct_(p, d, state, unit.hp)
             if handle is not None:
                 with on_device(device):
                     self._kernels().after(handle)
@@ -294,7 +296,10 @@ class EGStepSize(Optimizer):
                 self.base.step()
         else:
             self.base.step()
-        for unit, buffers in zip(slow, saved):
+        for unit, (buffers, fused) in zip(slow, saved):
+            if fused:
+                cpu_eg.apply(unit.params, unit.states, buffers, unit.hp)
+                continue
             # d = θ_saved − θ_proposed, in place in the saved buffer
             torch._foreach_sub_(buffers, unit.params)
             for p, d, state in zip(unit.params, buffers, unit.states):
@@ -346,34 +351,54 @@ class EGStepSize(Optimizer):
                                "with a numeric EG momentum has its own SGD momentum (the base would have to step)")
         return False
 
-    def _reference_before(self, units: list[_Unit], direct: bool = False) -> Optional[list[list[Tensor]]]:
+    def _reference_before(self, units: list[_Unit],
+                          direct: bool = False) -> Optional[list[tuple[list[Tensor], bool]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters (``direct``: the plain SGD step
-        ``d_t`` itself); ``None`` when the step is skipped."""
+        ``d_t`` itself, or with the CPU kernels the whole step); ``None`` when the step is skipped.
+        Each unit's entry is ``(saved buffers, whether the CPU kernels step it)``."""
         # each in its parameter's compute dtype (a gradient's dtype may differ from its parameter's)
         grads = [[g.to(compute_dtype(p.dtype)) for p, g in zip(u.params, u.grads)] for u in units]
+        fused = [self._cpu_kernels_take(u, gs) for u, gs in zip(units, grads)]
         parts = []
-        for unit, gs in zip(units, grads):
-            part = ref.alignment_parts([s["velocity"] for s in unit.states], gs, [s["avg_grad"] for s in unit.states])
+        for unit, gs, fast in zip(units, grads, fused):
+            if fast:
+                part = cpu_eg.alignment_parts(gs, unit.states)
+            else:
+                part = ref.alignment_parts([s["velocity"] for s in unit.states], gs,
+                                           [s["avg_grad"] for s in unit.states])
             # FSDP2: a sharded tensor's row is this rank's part of its sums
             parts.append(_distributed.sum_rows_(part, [s.get(_distributed.SHARD_KEY) for s in unit.states]))
         if self.skip_nonfinite and not self._finite(units, parts):
             return None
         saved = []
         exponents = ref.scope_exponents([u.scope for u in units], [u.hp for u in units], parts)
-        for unit, gs, part, exponent in zip(units, grads, parts, exponents):
+        for unit, gs, part, exponent, fast in zip(units, grads, parts, exponents, fused):
             numels = torch.tensor([_distributed.global_numel(g, s) for g, s in zip(gs, unit.states)],
                                   dtype=part.dtype, device=part.device)
             buffers = self._saved_buffers(unit)
+            lr, decay = (float(unit.group["lr"]), float(unit.group["weight_decay"])) if direct else (0.0, 0.0)
+            if fast:
+                ref.update_scales_(unit.states, exponent)
+                cpu_eg.adapt(unit.params, gs, unit.states, buffers, ref.host_gain_coefficients(part, numels, unit.hp),
+                             unit.hp, direct=direct, sgd_lr=lr, sgd_decay=decay)
+                saved.append((buffers, True))
+                continue
             # the saved-parameter buffers are the gains' scratch until θ (or d) is written into them
             ref.adapt_(unit.states, gs, part, exponent, numels, unit.hp, scratches=buffers)
             if direct:
-                lr, decay = float(unit.group["lr"]), float(unit.group["weight_decay"])
                 for buf, g, p in zip(buffers, gs, unit.params):
                     ref.sgd_direction_(buf, g, p, lr, decay)
             else:
                 torch._foreach_copy_(buffers, unit.params)
-            saved.append(buffers)
+            saved.append((buffers, False))
         return saved
+
+    @staticmethod
+    def _cpu_kernels_take(unit: _Unit, grads: list[Tensor]) -> bool:
+        """Whether the C kernels of ``optimfx._kernels.cpu_eg`` step this unit: fp32 contiguous CPU
+        tensors, and the kernels built (the first call builds them)."""
+        return (all(map(cpu_eg.takes, unit.params, grads, unit.states)) and bool(unit.params)
+                and cpu_eg.available())
 
     @staticmethod
     def _finite(units: list[_Unit], parts: list[Tensor]) -> bool:

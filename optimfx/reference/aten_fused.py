@@ -43,6 +43,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from .._kernels import cpu_adam
 from . import batched_masks
 from . import child_tuning as ct
 
@@ -120,6 +121,8 @@ def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     if not (mask.bernoulli or mask.mode == "D"):
         _call(params, grads, exp_avgs, exp_avg_sqs, args)
         return
+    if _step_in_cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, states, args, mask):
+        return
     flat = lambda ts: [t.view(-1) for t in ts]  # noqa: E731
     params, grads, exp_avgs, exp_avg_sqs = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
     keys: dict[int, int] = {}
@@ -127,6 +130,27 @@ def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], 
         masked = batched_masks.masked_batch(grads, states, mask, batch, keys)
         rows = lambda ts: batched_masks.rows(ts, batch)  # noqa: E731
         _call(rows(params), masked, rows(exp_avgs), rows(exp_avg_sqs), args)
+
+
+def _step_in_cpu_kernel(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], states: list[dict], args: FusedAdamArguments,
+                        mask: ct.MaskHyper) -> bool:
+    """The masked step in one pass per element (``optimfx._kernels.cpu_adam``: the mask computed
+    where the gradient is loaded), when that kernel is built and takes every tensor; ``False``
+    (nothing done) otherwise."""
+    masks = [s.get("child_mask") for s in states] if mask.mode == "D" else [None] * len(params)
+    if not all(map(cpu_adam.takes, params, grads, exp_avgs, exp_avg_sqs, masks)) or not cpu_adam.available():
+        return False
+    if mask.bernoulli:
+        kw = dict(mask_mode=cpu_adam.MASK_BERNOULLI, threshold=ct.keep_threshold(mask.reserve_p),
+                  keep_scale=ct.keep_scale(mask.reserve_p), offsets=[ct.element_offset(s) for s in states],
+                  keys=[ct.mask_key(mask.seed, int(s["mask_stream"]), int(s["step"])) for s in states])
+    else:
+        kw = dict(mask_mode=cpu_adam.MASK_STORED, masks=masks)
+    cpu_adam.step(params, grads, exp_avgs, exp_avg_sqs, lr=args.lr, beta1=args.beta1, beta2=args.beta2,
+                  weight_decay=args.weight_decay, eps=args.eps, decoupled=args.decoupled,
+                  maximize=args.maximize, **kw)
+    return True
 
 
 def _call(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

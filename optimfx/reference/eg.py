@@ -137,13 +137,22 @@ def adapt_(states: list[dict[str, Tensor]], grads: list[Tensor], part: Tensor, e
     ``s ← s·exp(γ_s·a_t)`` (``exponent``, :func:`scope_exponents`), the gains with the coefficient of
     :func:`gain_coefficient` from the group's ``part`` rows and element counts ``numels``, then
     ``m ← β·m + (1 − β)·g``. ``scratches`` (one buffer per tensor) take the gains' exponent."""
-    torch._foreach_mul_([s["scale"] for s in states], list(exponent.exp().unbind()))
-    coefs = gain_coefficient(part[:, 3], part[:, 2], numels, hp)
-    # host floats for addcmul's value=; meta tensors (shape tracing) have none, any value traces alike
-    host_coefs = [0.0] * len(grads) if coefs.device.type == "meta" else coefs.tolist()
-    for i, (g, state, c) in enumerate(zip(grads, states, host_coefs)):
+    update_scales_(states, exponent)
+    for i, (g, state, c) in enumerate(zip(grads, states, host_gain_coefficients(part, numels, hp))):
         update_gains_(state["gains"], state["avg_grad"], g, hp, c, scratch=None if scratches is None else scratches[i])
     update_average_([s["avg_grad"] for s in states], grads, hp)
+
+
+def update_scales_(states: list[dict[str, Tensor]], exponent: Tensor) -> None:
+    """§3.1 step 1: ``s ← s·exp(γ_s·a_t)`` for every tensor (``exponent`` from :func:`scope_exponents`)."""
+    torch._foreach_mul_([s["scale"] for s in states], list(exponent.exp().unbind()))
+
+
+def host_gain_coefficients(part: Tensor, numels: Tensor, hp: EGHyper) -> list[float]:
+    """:func:`gain_coefficient` of every tensor of a group as host floats (``addcmul``'s ``value=``)."""
+    coefs = gain_coefficient(part[:, 3], part[:, 2], numels, hp)
+    # meta tensors (shape tracing) have none, any value traces alike
+    return [0.0] * len(part) if coefs.device.type == "meta" else coefs.tolist()
 
 
 def update_gains_(gains: Tensor, avg_grad_prev: Tensor, grad: Tensor, hp: EGHyper,

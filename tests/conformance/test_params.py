@@ -7,6 +7,9 @@ import warnings
 import pytest
 import torch
 
+import optimfx
+from optimfx._kernels import cpu_eg
+
 from _harness import (assert_runs_close, assert_runs_equal, clone_params, make_grads, make_params, require,
                       run, state_entries, steps_taken)
 from optim_db import rows_x_backends, rows_x_inputs
@@ -66,7 +69,10 @@ def _odd_params(device):
 def _has_group_step(opt) -> bool:
     """Whether the reference backend may step some tensors together (``Algorithm.group_step``): ATen's
     fused kernel takes the contiguous copy, the per-tensor step the non-contiguous original, so the
-    two agree to rounding, not bit for bit. EG is asked about its base."""
+    two agree to rounding, not bit for bit. EG is asked about its base, and steps fp32 contiguous CPU
+    groups in its own C kernels (``optimfx._kernels.cpu_eg``) where they are built."""
+    if isinstance(opt, optimfx.EGStepSize) and cpu_eg.available():
+        return True
     algorithm = getattr(getattr(opt, "base", opt), "algorithm", None)
     return algorithm is not None and algorithm.group_step is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -32,6 +33,8 @@ def test_wheel_layout(dist):
     top_level = {n.split("/")[0] for n in names}
     assert "optimfx/_kernels/__init__.py" in names
     assert "optimfx/_kernels/adax.py" in names and "optimfx/_kernels/_launcher.py" in names
+    # the CPU kernels' sources, compiled where the package is used
+    assert {"optimfx/_kernels/cpu_adam.c", "optimfx/_kernels/cpu_eg.c", "optimfx/_kernels/cpu_common.h"} <= set(names)
     assert "optimfx/py.typed" in names
     assert "kernels" not in top_level and "tests" not in top_level and "benches" not in top_level
     assert not any(n.endswith(".pyc") for n in names)
@@ -69,3 +72,20 @@ def test_wheel_installs_and_imports_outside_the_checkout(dist, tmp_path):
             "optimfx.AdaXW([p]).step(); print(optimfx.__file__)")
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert str(env_dir) in out.stdout
+
+
+def test_installed_wheel_builds_its_cpu_kernels(dist, tmp_path):
+    from optimfx._kernels import cpu_build
+
+    if cpu_build.compiler() is None:
+        pytest.skip("no C compiler")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(_wheel(dist))],
+                   check=True, capture_output=True)
+    code = "from optimfx._kernels import cpu_build; print(cpu_build.__file__); print(cpu_build.status())"
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
+                         env={**os.environ, "OPTIMFX_CACHE_DIR": str(tmp_path / "cache")})
+    assert str(env_dir) in out.stdout.splitlines()[0]
+    assert out.stdout.splitlines()[1] == "{'cpu_adam': 'ready', 'cpu_eg': 'ready'}"

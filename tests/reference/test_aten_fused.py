@@ -85,7 +85,7 @@ def _assert_close_runs(fused, reference) -> None:
 
 
 @pytest.mark.parametrize("name", list(ADAX_CONFIGS) + list(ADAMW_CONFIGS))
-def test_fused_step_equals_the_per_tensor_reference(name, monkeypatch, kernel_calls):
+def test_fused_step_equals_the_per_tensor_reference(name, monkeypatch, kernel_calls, masked_path):
     config = {**ADAX_CONFIGS, **ADAMW_CONFIGS}[name]
     fused = _run(config)
     # one call per step for the whole group (masked ones too: it fits one batch), the empty tensor left out

@@ -114,7 +114,7 @@ def _run(config: dict, steps: int = 4):
 
 @pytest.mark.skipif(not aten_fused.available(), reason="this torch has no fused Adam ops")
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_step_in_batches_equals_one_batch_per_tensor(name, monkeypatch, kernel_calls):
+def test_fused_step_in_batches_equals_one_batch_per_tensor(name, monkeypatch, kernel_calls, without_cpu_kernel):
     monkeypatch.setattr(batched_masks, "BATCH_NUMEL", 2**40)
     whole, opt_whole = _run(CONFIGS[name])
     # every tensor whole, all in one call

@@ -1,0 +1,145 @@
+/* Adam with a ChildTuning gradient mask, fused into one pass per element, for fp32 CPU tensors.
+ *
+ * The step of ATen's fused Adam kernel without bias correction (optimfx/reference/aten_fused.py maps
+ * AdamW's and AdaX's steps onto it), preceded by the ChildTuning mask of the gradient:
+ *
+ *     g~ = g * keep * s          (F: keep from the counter-based hash, s = 2^16/T)
+ *     g~ = g * M                 (D: the stored 0/1 mask)
+ *     g~ = -g~                   (maximize)
+ *     g~ = g~ + wd * p           (Adam mode: coupled L2)   |  p = p * (1 - lr*wd)   (AdamW mode)
+ *     m  = lerp(m, g~, 1 - b1)     (ATen's lerp, cpu_common.h)
+ *     v  = b2 * v + (1 - b2) * g~ * g~
+ *     p  = p - lr * m / (sqrt(v) + eps)
+ *
+ * The F mask is optimfx/reference/child_tuning.py's, bit for bit: pair q = e >> 1 of global element
+ * e hashes to 32 bits; element e keeps r = (x >> 16*(e & 1)) & 0xFFFF when (r ^ 0x8000) < T. A span
+ * is done BLOCK elements at a time: the block's pair hashes first (uint32 lanes), then the update,
+ * which reads the hashes as 16-bit halves (little-endian: the low half is the even element).
+ *
+ * Work arrives as tasks (tensor, first element, end), a thread's share of a group; the per-tensor
+ * table holds pointers and keys. Every element is computed the same way wherever a task boundary
+ * falls, so results do not depend on the number of threads. No fast-math: the compiler flags keep
+ * IEEE semantics (inf/NaN propagate as in the reference) and forbid contracting a*b+c into an FMA,
+ * so vectorised body and scalar tail round alike.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "cpu_common.h"
+
+/* one row per tensor of the call, all int64 */
+enum { T_PARAM, T_GRAD, T_EXP_AVG, T_EXP_AVG_SQ, T_MASK, T_OFFSET, T_KEY, T_COLUMNS };
+/* one row per task */
+enum { K_TENSOR, K_START, K_END, K_COLUMNS };
+/* the doubles of `scalars` */
+enum { S_LR, S_BETA1, S_BETA2, S_WEIGHT_DECAY, S_EPS, S_KEEP_SCALE, S_COUNT };
+/* bits of `flags`, and the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
+enum { F_DECOUPLED = 1, F_MAXIMIZE = 2 };
+enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
+
+#define PAIR_MUL_A 0x85EBCA6Bu
+#define PAIR_MUL_B 0xC2B2AE35u
+#define PAIR_MUL_C 0x7FEB352Du
+#define GOLDEN 0x9E3779B9u
+#define BLOCK 2048
+
+typedef struct {
+    float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay, keep_scale, sign;
+    int decoupled, small_weight;
+    uint32_t threshold;
+} adam_scalars;
+
+static inline uint32_t xorshift16(uint32_t x) { return x ^ (x >> 16); }
+
+/* hashes of pairs q0 .. q0 + n - 1 (all sharing the high word hi) into h */
+static void pair_hashes(uint32_t *restrict h, uint64_t q0, int64_t n, uint32_t k0, uint32_t k1) {
+    const uint32_t base = (uint32_t)q0 + k0;
+    const uint32_t k1h = k1 ^ ((uint32_t)(q0 >> 32) * GOLDEN);
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t x = xorshift16((base + (uint32_t)j) * PAIR_MUL_A);
+        x = xorshift16((x + k1h) * PAIR_MUL_B);
+        h[j] = xorshift16(x * PAIR_MUL_C);
+    }
+}
+
+/* n elements from p, g, m, v; `mode` is a constant in each caller, so each mask gets its own loop */
+static inline __attribute__((always_inline)) void update(
+    float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
+    const adam_scalars *sc, const int mode, const uint16_t *restrict bits, const uint8_t *restrict stored) {
+    const float lr = sc->lr, omb1 = sc->one_minus_beta1, b2 = sc->beta2, omb2 = sc->one_minus_beta2;
+    const float wd = sc->weight_decay, eps = sc->eps, decay = sc->decay, scale = sc->keep_scale, sign = sc->sign;
+    const uint32_t threshold = sc->threshold;
+    const int decoupled = sc->decoupled, small = sc->small_weight;
+    const float wm1 = sc->weight_minus_one;
+    for (int64_t i = 0; i < n; ++i) {
+        float gi = g[i];
+        if (mode == MASK_BERNOULLI) gi = gi * ((((uint32_t)bits[i] ^ 0x8000u) < threshold) ? scale : 0.0f);
+        if (mode == MASK_STORED) gi = gi * (float)stored[i];
+        gi = gi * sign;
+        float pi = p[i];
+        if (decoupled) pi = pi * decay; else gi = gi + wd * pi;
+        const float mi = lerp_f32(m[i], gi, omb1, wm1, small);
+        const float vi = b2 * v[i] + omb2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - lr * mi / (sqrtf(vi) + eps);
+    }
+}
+
+static void task_plain(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
+    update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
+           (float *)t[T_EXP_AVG_SQ] + s, e - s, sc, MASK_NONE, 0, 0);
+}
+
+static void task_stored(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
+    update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
+           (float *)t[T_EXP_AVG_SQ] + s, e - s, sc, MASK_STORED, 0, (const uint8_t *)t[T_MASK] + s);
+}
+
+static void task_bernoulli(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
+    uint32_t h[BLOCK / 2 + 2];
+    const uint64_t key = (uint64_t)t[T_KEY];
+    const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    while (s < e) {
+        int64_t n = e - s < BLOCK ? e - s : BLOCK;
+        const uint64_t first = (uint64_t)(t[T_OFFSET] + s), q0 = first >> 1;
+        /* a block's pairs share their high word: stop it where the next word starts */
+        const uint64_t word_end = ((q0 >> 32) + 1) << 32;
+        if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
+        const uint64_t q1 = (first + (uint64_t)n + 1) >> 1;
+        pair_hashes(h, q0, (int64_t)(q1 - q0), k0, k1);
+        update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
+               (float *)t[T_EXP_AVG_SQ] + s, n, sc, MASK_BERNOULLI, (const uint16_t *)h + (first & 1), 0);
+        s += n;
+    }
+}
+
+/* Step the tasks tasks[0 .. n_tasks): see the top of this file. */
+void optimfx_adam_tasks(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
+                        int64_t flags) {
+    const int mode = (int)((flags >> 8) & 0xFF);
+    adam_scalars sc;
+    sc.lr = (float)scalars[S_LR];
+    sc.one_minus_beta1 = (float)(1.0 - scalars[S_BETA1]);
+    sc.weight_minus_one = sc.one_minus_beta1 - 1.0f;
+    sc.small_weight = fabsf(sc.one_minus_beta1) < 0.5f;
+    sc.beta2 = (float)scalars[S_BETA2];
+    sc.one_minus_beta2 = (float)(1.0 - scalars[S_BETA2]);
+    sc.weight_decay = (float)scalars[S_WEIGHT_DECAY];
+    sc.eps = (float)scalars[S_EPS];
+    sc.decay = (float)(1.0 - scalars[S_LR] * scalars[S_WEIGHT_DECAY]);
+    sc.keep_scale = (float)scalars[S_KEEP_SCALE];
+    sc.sign = (flags & F_MAXIMIZE) ? -1.0f : 1.0f;
+    sc.decoupled = (flags & F_DECOUPLED) != 0;
+    sc.threshold = (uint32_t)((flags >> 16) & 0x1FFFF);
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        if (mode == MASK_BERNOULLI)
+            task_bernoulli(t, task[K_START], task[K_END], &sc);
+        else if (mode == MASK_STORED && t[T_MASK] != 0)
+            task_stored(t, task[K_START], task[K_END], &sc);
+        else
+            task_plain(t, task[K_START], task[K_END], &sc);
+    }
+}

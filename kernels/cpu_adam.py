@@ -1,0 +1,79 @@
+"""Host side of ``cpu_adam.c``: ATen's fused Adam step (no bias correction) with a ChildTuning
+gradient mask computed inside the update loop, for fp32 CPU tensors.
+
+The masked step otherwise masks each gradient into a buffer with a dozen ATen ops (the F mask's
+hash alone is about ten integer passes) before ATen's fused Adam kernel reads it back; here the
+mask is computed per element where the gradient is loaded, as the Triton kernels do, and the step
+costs about what the unmasked one costs. The F mask is bitwise
+:func:`optimfx.reference.child_tuning.bernoulli_keep`'s (tested), and the update is ATen's formula,
+so a step equals the per-tensor reference step to rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Sequence
+
+import torch
+
+from . import cpu_build, cpu_launcher
+
+Tensor = torch.Tensor
+NAME = "cpu_adam"
+#: mask modes of the kernel
+MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
+_DECOUPLED, _MAXIMIZE = 1, 2
+_MASK_DTYPES = (torch.uint8, torch.bool)
+_kernel_fn: Optional[ctypes._CFuncPtr] = None
+
+
+def _kernel() -> Optional[ctypes._CFuncPtr]:
+    global _kernel_fn
+    if _kernel_fn is None:
+        lib = cpu_build.load(NAME)
+        if lib is None:
+            return None
+        fn = lib.optimfx_adam_tasks
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+        _kernel_fn = fn
+    return _kernel_fn
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call) and enabled."""
+    return cpu_build.enabled() and _kernel() is not None
+
+
+def takes(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Optional[Tensor] = None) -> bool:
+    """fp32 CPU tensors, contiguous, and a stored mask of one byte per element, contiguous."""
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return False
+    return mask is None or (mask.dtype in _MASK_DTYPES and mask.is_contiguous() and mask.numel() == param.numel())
+
+
+def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+         exp_avg_sqs: Sequence[Tensor], *, lr: float, beta1: float, beta2: float, weight_decay: float,
+         eps: float, decoupled: bool, maximize: bool, mask_mode: int = MASK_NONE,
+         keys: Optional[Sequence[int]] = None, offsets: Optional[Sequence[int]] = None,
+         threshold: int = 0, keep_scale: float = 1.0, masks: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+    """One step of every tensor (all must pass :func:`takes`; :func:`available` must be true).
+
+    ``mask_mode`` :data:`MASK_BERNOULLI` takes each tensor's 64-bit F-mask key in ``keys``, the
+    global index of its first element in ``offsets`` (0 but for a shard), the keep threshold ``T``
+    and the rescale of kept entries; :data:`MASK_STORED` takes each tensor's 0/1 byte mask in
+    ``masks`` (``None`` leaves that tensor unmasked). ``grads`` are only read.
+    """
+    n = len(params)
+    keys = keys or [0] * n
+    offsets = offsets or [0] * n
+    masks = masks or [None] * n
+    rows = []
+    for p, g, m, v, mask, offset, key in zip(params, grads, exp_avgs, exp_avg_sqs, masks, offsets, keys):
+        rows += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                 offset, key - (1 << 64) if key >> 63 else key)
+    table = torch.tensor(rows, dtype=torch.int64)
+    scalars = (ctypes.c_double * 6)(lr, beta1, beta2, weight_decay, eps, keep_scale)
+    flags = (_DECOUPLED if decoupled else 0) | (_MAXIMIZE if maximize else 0) | (mask_mode << 8) | (threshold << 16)
+    cpu_launcher.run(_kernel(), table, [p.numel() for p in params], scalars, flags)

@@ -1,0 +1,253 @@
+/* Exponentiated-gradient step-size adaptation (optimfx/reference/eg.py), three passes per element
+ * for fp32 CPU tensors.
+ *
+ *   sums   (read nu, g, m)         per fixed chunk of a tensor: <nu, g>, |nu|^2, |g|^2, |m|^2
+ *   adapt  (before the base step)   z = clip((c*m)*g);  p = clamp(p * exp(z));  m = lerp(m, g, 1 - beta)
+ *                                   and either  saved = theta             (the base then proposes theta - d)
+ *                                   or, a plain SGD base ("direct"):  d = (g + wd*theta)*lr,
+ *                                       nu = nu*mu + (eta*p)*d,  theta = theta + (-nu)*s
+ *   apply  (after the base step)    d = saved - theta;  nu = nu*mu + (eta*p)*d;  theta = theta + (d + (-nu)*s)
+ *
+ * Each line is the reference's ATen ops in their order of evaluation; `c` (the gain coefficient)
+ * and `s` (the scale) are per tensor. A sum is taken over CHUNK-element chunks, each chunk's
+ * partial sums in 16 lanes combined in a fixed order, so the sums do not depend on the number of
+ * threads; the host adds a tensor's chunk sums in order, in double. No fast-math (IEEE semantics, no FMA
+ * contraction); exp is a Cody-Waite reduction and a degree-6 polynomial (Cephes' expf, within 1
+ * ulp of the correctly rounded result over the normal range), written so that it vectorises.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_common.h"
+
+enum { T_PARAM, T_GRAD, T_GAINS, T_VELOCITY, T_AVG_GRAD, T_SAVED, T_SCALE, T_CHUNK_BASE, T_COLUMNS };
+enum { K_TENSOR, K_START, K_END, K_COLUMNS };
+enum { S_BETA, S_EXP_CLIP, S_GAIN_MIN, S_GAIN_MAX, S_MOMENTUM, S_ETA, S_SGD_LR, S_SGD_DECAY, S_COUNT };
+enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
+
+#define CHUNK 16384
+#define LANES 8
+
+/* a*b + c: fused where the target has FMA (one rounding, half the instructions) */
+#ifdef __FMA__
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* e^x for |x| <= 87 (an exponent already clipped): 2^n e^r, |r| <= ln2/2, with no range checks;
+ * NaN stays NaN. The reduction and polynomial of exp_f32 below. */
+static inline float exp_small(float x) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = (x * 1.44269504088896341f + magic) - magic;
+    float r = MADD(n, -0.693359375f, x);
+    r = MADD(n, 2.12194440e-4f, r);
+    float q = 1.9875691500e-4f;
+    q = MADD(q, r, 1.3981999507e-3f);
+    q = MADD(q, r, 8.3334519073e-3f);
+    q = MADD(q, r, 4.1665795894e-2f);
+    q = MADD(q, r, 1.6666665459e-1f);
+    q = MADD(q, r, 5.0000001201e-1f);
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return (MADD(q, r * r, r) + 1.0f) * scale;
+}
+
+/* Cephes expf: exp(x) = 2^n exp(r), |r| <= ln2/2; NaN stays NaN, overflow gives inf, deep
+ * underflow 0, and 2^n is applied in two factors so that subnormal results come out. */
+static inline float exp_f32(float x) {
+    const float hi = 88.72283935546875f, lo = -103.972084045410f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float n = (xc * 1.44269504088896341f + magic) - magic;
+    float r = MADD(n, -0.693359375f, xc);
+    r = MADD(n, 2.12194440e-4f, r);
+    float q = 1.9875691500e-4f;
+    q = MADD(q, r, 1.3981999507e-3f);
+    q = MADD(q, r, 8.3334519073e-3f);
+    q = MADD(q, r, 4.1665795894e-2f);
+    q = MADD(q, r, 1.6666665459e-1f);
+    q = MADD(q, r, 5.0000001201e-1f);
+    float e = MADD(q, r * r, r) + 1.0f;
+    const int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1;
+    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    e = e * s1 * s2;
+    e = x > hi ? INFINITY : e;
+    return x < lo ? 0.0f : e;
+}
+
+typedef struct {
+    float beta_weight, weight_minus_one, exp_clip, gain_min, gain_max, momentum, eta, sgd_lr, sgd_decay;
+    int direct, fresh_velocity, decay, small_weight;
+} eg_scalars;
+
+static eg_scalars unpack(const double *s, int64_t flags) {
+    eg_scalars e;
+    e.beta_weight = (float)(1.0 - s[S_BETA]);
+    e.weight_minus_one = e.beta_weight - 1.0f;
+    e.small_weight = fabsf(e.beta_weight) < 0.5f;
+    e.exp_clip = (float)s[S_EXP_CLIP];
+    e.gain_min = (float)s[S_GAIN_MIN];
+    e.gain_max = (float)s[S_GAIN_MAX];
+    e.momentum = (float)s[S_MOMENTUM];
+    e.eta = (float)s[S_ETA];
+    e.sgd_lr = (float)s[S_SGD_LR];
+    e.sgd_decay = (float)s[S_SGD_DECAY];
+    e.direct = (flags & F_DIRECT) != 0;
+    e.fresh_velocity = (flags & F_FRESH_VELOCITY) != 0;
+    e.decay = (flags & F_SGD_DECAY) != 0;
+    return e;
+}
+
+/* ---- sums ---- */
+
+/* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
+ * the compiler keeps a scalar reduction in source order otherwise). A chunk's sums run in 16 fp32
+ * lanes (two accumulators of eight), 1024 terms each, and the lanes are added in double: closer
+ * than the reference's fp32 BLAS sums, which accumulate a whole tensor in fp32 lanes. */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) f32x8 load_f32x8(const float *src) {
+    f32x8 v;
+    memcpy(&v, src, sizeof v);
+    return v;
+}
+
+static void chunk_sums(const float *restrict nu, const float *restrict g, const float *restrict m, int64_t n,
+                       double *restrict out) {
+    f32x8 acc[4][2] = {{{0}}};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {
+        for (int h = 0; h < 2; ++h) {
+            const f32x8 a = load_f32x8(nu + i + LANES * h), b = load_f32x8(g + i + LANES * h);
+            const f32x8 c = load_f32x8(m + i + LANES * h);
+            acc[0][h] += a * b;
+            acc[1][h] += a * a;
+            acc[2][h] += b * b;
+            acc[3][h] += c * c;
+        }
+    }
+    /* the lanes in order, then the tail, in double */
+    float lanes[4][2 * LANES];
+    double sums[4] = {0, 0, 0, 0};
+    memcpy(lanes, acc, sizeof lanes);
+    for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 2 * LANES; ++l) sums[k] += lanes[k][l];
+    for (; i < n; ++i) {
+        const double a = nu[i], b = g[i], c = m[i];
+        sums[0] += a * b;
+        sums[1] += a * a;
+        sums[2] += b * b;
+        sums[3] += c * c;
+    }
+    memcpy(out, sums, sizeof sums);
+}
+
+/* out[chunk_base + k] for every chunk k of each task (tasks start at chunk boundaries) */
+void optimfx_eg_sums(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, double *out) {
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        const float *nu = (const float *)t[T_VELOCITY], *g = (const float *)t[T_GRAD], *m = (const float *)t[T_AVG_GRAD];
+        for (int64_t s = task[K_START]; s < task[K_END]; s += CHUNK) {
+            const int64_t n = task[K_END] - s < CHUNK ? task[K_END] - s : CHUNK;
+            chunk_sums(nu + s, g + s, m + s, n, out + 4 * (t[T_CHUNK_BASE] + s / CHUNK));
+        }
+    }
+}
+
+/* ---- adapt (and, for a plain SGD base, the whole step) ---- */
+
+static inline __attribute__((always_inline)) void adapt_span(
+    float *restrict theta, const float *restrict g, float *restrict p, float *restrict nu, float *restrict m,
+    float *restrict saved, int64_t n, float coef, float scale, const eg_scalars *e, const int direct,
+    const int fresh, const int decay, const int bounded) {
+    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip, gmin = e->gain_min, gmax = e->gain_max;
+    const float mu = e->momentum, eta = e->eta, lr = e->sgd_lr, wd = e->sgd_decay;
+    const int small = e->small_weight;
+    for (int64_t i = 0; i < n; ++i) {
+        const float gi = g[i], mi = m[i];
+        float z = (coef * mi) * gi;
+        /* no clip: clip = inf */
+        z = z < -clip ? -clip : z;
+        z = z > clip ? clip : z;
+        float pi = p[i] * (bounded ? exp_small(z) : exp_f32(z));
+        pi = pi < gmin ? gmin : pi;
+        pi = pi > gmax ? gmax : pi;
+        p[i] = pi;
+        m[i] = lerp_f32(mi, gi, w, wm1, small);
+        if (!direct) {
+            saved[i] = theta[i];
+        } else {
+            const float d = (decay ? gi + wd * theta[i] : gi) * lr;
+            const float v = fresh ? pi * d : nu[i] * mu + (eta * pi) * d;
+            nu[i] = v;
+            theta[i] = theta[i] + (-v) * scale;
+        }
+    }
+}
+
+void optimfx_eg_adapt(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
+                      const double *scalars, int64_t flags) {
+    const eg_scalars e = unpack(scalars, flags);
+    /* a clipped exponent needs no range checks in exp */
+    const int bounded = e.exp_clip <= 87.0f;
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        const int64_t s = task[K_START], n = task[K_END] - s;
+        const float coef = (float)coefs[task[K_TENSOR]], scale = *(const float *)t[T_SCALE];
+        float *theta = (float *)t[T_PARAM] + s, *p = (float *)t[T_GAINS] + s, *nu = (float *)t[T_VELOCITY] + s;
+        float *m = (float *)t[T_AVG_GRAD] + s, *saved = (float *)t[T_SAVED] + s;
+        const float *g = (const float *)t[T_GRAD] + s;
+        /* one loop per setting: a branch on a run-time setting inside the loop stops vectorisation */
+#define ADAPT(direct, fresh, decay, bounded) \
+    adapt_span(theta, g, p, nu, m, saved, n, coef, scale, &e, direct, fresh, decay, bounded)
+        if (!e.direct)
+            bounded ? ADAPT(0, 0, 0, 1) : ADAPT(0, 0, 0, 0);
+        else if (e.fresh_velocity && e.decay)
+            bounded ? ADAPT(1, 1, 1, 1) : ADAPT(1, 1, 1, 0);
+        else if (e.fresh_velocity)
+            bounded ? ADAPT(1, 1, 0, 1) : ADAPT(1, 1, 0, 0);
+        else if (e.decay)
+            bounded ? ADAPT(1, 0, 1, 1) : ADAPT(1, 0, 1, 0);
+        else
+            bounded ? ADAPT(1, 0, 0, 1) : ADAPT(1, 0, 0, 0);
+#undef ADAPT
+    }
+}
+
+/* ---- apply (after the base step) ---- */
+
+void optimfx_eg_apply(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
+                      int64_t flags) {
+    const eg_scalars e = unpack(scalars, flags);
+    const float mu = e.momentum, eta = e.eta;
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        const int64_t s = task[K_START], n = task[K_END] - s;
+        const float scale = *(const float *)t[T_SCALE];
+        float *restrict theta = (float *)t[T_PARAM] + s, *restrict nu = (float *)t[T_VELOCITY] + s;
+        const float *restrict p = (const float *)t[T_GAINS] + s, *restrict saved = (const float *)t[T_SAVED] + s;
+        if (e.fresh_velocity) {
+            for (int64_t i = 0; i < n; ++i) {
+                const float d = saved[i] - theta[i], v = p[i] * d;
+                nu[i] = v;
+                theta[i] = theta[i] + (d + (-v) * scale);
+            }
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                const float d = saved[i] - theta[i], v = nu[i] * mu + (eta * p[i]) * d;
+                nu[i] = v;
+                theta[i] = theta[i] + (d + (-v) * scale);
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+"""Host side of ``cpu_eg.c``: EG step-size adaptation's own passes over fp32 CPU tensors.
+
+The reference takes about a dozen ATen passes per step besides the base's (sums, the gains'
+exponent, clip, ``exp``, product and clamp, the average gradient, the saved parameters, the
+step read back, velocity, parameter); here they are three, each one read of its operands:
+
+* :func:`alignment_parts`: the rows ``(⟨ν, g⟩, ‖ν‖², ‖g‖², ‖m‖²)`` of
+  :func:`optimfx.reference.eg.alignment_parts`, summed in fp32 lanes over fixed chunks, the chunks in float64;
+* :func:`adapt`: gains and average gradient, and the parameters saved for the base's step, or,
+  with a plain SGD base (``direct``), the whole step;
+* :func:`apply`: after the base's step, ``d``, the velocity and the parameters.
+
+Scales stay 0-d tensors read by the kernel; the scale exponents and gain coefficients are formed
+by the reference's functions on the host, from the sums. Each pass equals the reference's ATen ops
+to rounding (``exp`` within an ulp; the sums in another order and precision).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import cpu_build, cpu_launcher
+
+Tensor = torch.Tensor
+NAME = "cpu_eg"
+#: elements per partial sum (``CHUNK`` in ``cpu_eg.c``)
+CHUNK = 16384
+_DIRECT, _FRESH_VELOCITY, _SGD_DECAY = 1, 2, 4
+_STATE_KEYS = ("gains", "velocity", "avg_grad")
+_functions: dict[str, ctypes._CFuncPtr] = {}
+_SIGNATURES = {
+    "optimfx_eg_sums": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
+    "optimfx_eg_adapt": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_int64],
+    "optimfx_eg_apply": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
+}
+
+
+def _function(name: str) -> Optional[ctypes._CFuncPtr]:
+    if not _functions:
+        lib = cpu_build.load(NAME)
+        if lib is None:
+            return None
+        for fn_name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, fn_name)
+            fn.argtypes, fn.restype = argtypes, None
+            _functions[fn_name] = fn
+    return _functions[name]
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them on the first call) and enabled."""
+    return cpu_build.enabled() and _function("optimfx_eg_sums") is not None
+
+
+def _plain(t: Tensor) -> bool:
+    # a tensor subclass (DTensor, ...) may not hold its elements at data_ptr()
+    return (type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.is_contiguous())
+
+
+def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
+    """fp32 CPU tensors, contiguous: the parameter, its gradient and its EG state."""
+    scale = state["scale"]
+    return (_plain(param) and _plain(grad) and all(_plain(state[k]) for k in _STATE_KEYS)
+            and _plain(scale) and scale.dim() == 0)
+
+
+def _table(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict],
+           saved: Optional[Sequence[Tensor]] = None) -> Tensor:
+    rows: list[int] = []
+    chunk_base = 0
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        rows += (p.data_ptr(), g.data_ptr(), s["gains"].data_ptr(), s["velocity"].data_ptr(),
+                 s["avg_grad"].data_ptr(), 0 if saved is None else saved[i].data_ptr(), s["scale"].data_ptr(),
+                 chunk_base)
+        chunk_base += -(-p.numel() // CHUNK)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_owners(chunks: tuple[int, ...]) -> Tensor:
+    """The tensor each chunk sum belongs to (chunks of a tensor are consecutive)."""
+    return torch.tensor([i for i, c in enumerate(chunks) for _ in range(c)], dtype=torch.int64)
+
+
+def alignment_parts(grads: Sequence[Tensor], states: Sequence[dict]) -> Tensor:
+    """``[T, 4]`` float32 rows ``(⟨ν, g⟩, ‖ν‖², ‖g‖², ‖m‖²)`` (``ν, m`` of the previous step)."""
+    numels = [g.numel() for g in grads]
+    chunks = [-(-n // CHUNK) for n in numels]
+    out = torch.zeros(max(sum(chunks), 1), 4, dtype=torch.float64)
+    table = _table(grads, grads, states)
+    cpu_launcher.run(_function("optimfx_eg_sums"), table, numels, ctypes.c_void_p(out.data_ptr()), align=CHUNK)
+    owner = _chunk_owners(tuple(chunks))
+    sums = torch.zeros(len(grads), 4, dtype=torch.float64).index_add_(0, owner, out[:len(owner)])
+    return sums.to(torch.float32)
+
+
+def _scalars(hp, sgd_lr: float = 0.0, sgd_decay: float = 0.0) -> ctypes.Array:
+    clip = math.inf if hp.exp_clip is None else hp.exp_clip
+    low = -math.inf if hp.gain_min is None else hp.gain_min
+    high = math.inf if hp.gain_max is None else hp.gain_max
+    return (ctypes.c_double * 8)(hp.beta, clip, low, high, hp.momentum, hp.lr, sgd_lr, sgd_decay)
+
+
+def _flags(hp, direct: bool = False, sgd_decay: float = 0.0) -> int:
+    fresh = hp.momentum == 0.0 and hp.lr == 1.0
+    return (_DIRECT if direct else 0) | (_FRESH_VELOCITY if fresh else 0) | (_SGD_DECAY if sgd_decay != 0.0 else 0)
+
+
+def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tensor],
+          coefficients: Sequence[float], hp, *, direct: bool = False, sgd_lr: float = 0.0,
+          sgd_decay: float = 0.0) -> None:
+    """Gains ``p ← clamp(p·exp(clip(c·m ⊙ g)))`` with each tensor's ``c`` in ``coefficients``, then
+    ``m ← lerp(m, g, 1 − β)``; then ``saved ← θ`` or, ``direct``, the plain SGD step
+    ``d = lr·(g + λθ)``, ``ν ← μν + η·p ⊙ d``, ``θ ← θ − s·ν`` (the scales already updated)."""
+    table = _table(params, grads, states, saved)
+    coefs = torch.tensor(list(coefficients), dtype=torch.float64)
+    cpu_launcher.run(_function("optimfx_eg_adapt"), table, [p.numel() for p in params],
+                     ctypes.c_void_p(coefs.data_ptr()), _scalars(hp, sgd_lr, sgd_decay),
+                     _flags(hp, direct, sgd_decay))
+
+
+def apply(params: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tensor], hp) -> None:
+    """After the base's step (``params`` hold ``θ − d``): ``d = saved − θ``, ``ν ← μν + η·p ⊙ d``,
+    ``θ ← θ + (d − s·ν)``."""
+    table = _table(params, params, states, saved)
+    cpu_launcher.run(_function("optimfx_eg_apply"), table, [p.numel() for p in params], _scalars(hp), _flags(hp))

@@ -1,0 +1,95 @@
+"""Run a C kernel over a list of tensors on several CPU threads.
+
+A call covers ``T`` tensors, described to the kernel by an int64 table (one row per tensor: its
+pointers and per-tensor values, the kernel's own columns). The work is cut into *tasks*, rows
+``(tensor, start, end)`` of an int64 ``[n_tasks, 3]`` table: the elements of all tensors, in order,
+split into one contiguous share per thread (a tensor may be split between two threads, at an even
+element, or a multiple of a kernel's chunk). Thread ``k`` gets one kernel call on its run of tasks; ``ctypes`` releases the GIL for
+the call, so the threads run the kernel in parallel. The number of threads is torch's
+(``torch.get_num_threads()``); a call under :data:`MIN_ELEMENTS_PER_THREAD` elements per thread
+takes fewer threads, down to the calling one alone.
+
+Task tables depend only on the tensors' sizes and the thread count, and are cached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+#: below this many elements per thread a thread's start costs more than its share of the work
+MIN_ELEMENTS_PER_THREAD = 1 << 16
+#: columns of the task table
+TASK_COLUMNS = 3
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads for this process (a forked child makes its own)."""
+    global _pool, _pool_key
+    with _pool_lock:
+        pid, size = _pool_key
+        if _pool is None or pid != os.getpid() or size < workers:
+            if _pool is not None and pid == os.getpid():
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="optimfx-cpu")
+            _pool_key = (os.getpid(), workers)
+        return _pool
+
+
+def threads_for(total: int) -> int:
+    return max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=256)
+def task_tables(numels: tuple[int, ...], threads: int, align: int = 2) -> tuple[Tensor, ...]:
+    """One ``[n, 3]`` int64 task table per thread: all elements in order, in ``threads`` shares of
+    about equal size, a tensor cut only at multiples of ``align`` elements (even)."""
+    total = sum(numels)
+    share = -(-total // threads)
+    tables: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    thread, room = 0, share
+    for index, n in enumerate(numels):
+        start = 0
+        while start < n:
+            take = n - start
+            if thread < threads - 1 and take > room:
+                take = min(take, -(-room // align) * align)
+            tables[thread].append((index, start, start + take))
+            start += take
+            room -= take
+            if room <= 0 and thread < threads - 1:
+                thread, room = thread + 1, share
+    return tuple(torch.tensor(rows, dtype=torch.int64).reshape(-1, TASK_COLUMNS) for rows in tables if rows)
+
+
+def run(kernel: Callable[..., None], table: Tensor, numels: Sequence[int], *args: object, align: int = 2) -> None:
+    """Call ``kernel(table_ptr, tasks_ptr, n_tasks, *args)`` once per thread's share of the elements
+    of tensors ``numels`` (``table`` is the kernel's per-tensor table, kept alive for the calls),
+    tensors cut at multiples of ``align`` elements."""
+    numels = tuple(numels)
+    total = sum(numels)
+    if total == 0:
+        return
+    tasks = task_tables(numels, threads_for(total), align)
+    table_ptr = ctypes.c_void_p(table.data_ptr())
+    calls = [(table_ptr, ctypes.c_void_p(t.data_ptr()), t.shape[0], *args) for t in tasks]
+    if len(calls) == 1:
+        kernel(*calls[0])
+        return
+    pool = _executor(len(calls) - 1)
+    futures = [pool.submit(kernel, *call) for call in calls[1:]]
+    kernel(*calls[0])
+    for f in futures:
+        f.result()
