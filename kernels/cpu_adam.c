@@ -114,9 +114,9 @@ static void task_bernoulli(const int64_t *t, int64_t s, int64_t e, const adam_sc
     }
 }
 
-/* Step the tasks tasks[0 .. n_tasks): see the top of this file. */
-void optimfx_adam_tasks(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
-                        int64_t flags) {
+/* Step the tasks tasks[0 .. n_tasks) of one share: see the top of this file. */
+static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
+                       int64_t flags) {
     const int mode = (int)((flags >> 8) & 0xFF);
     adam_scalars sc;
     sc.lr = (float)scalars[S_LR];
@@ -142,4 +142,12 @@ void optimfx_adam_tasks(const int64_t *tensors, const int64_t *tasks, int64_t n_
         else
             task_plain(t, task[K_START], task[K_END], &sc);
     }
+}
+
+/* Every share (rows of `shares`: task table pointer, task count), one per thread. */
+void optimfx_adam_tasks(const int64_t *tensors, const int64_t *shares, int64_t n_shares, const double *scalars,
+                        int64_t flags) {
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        adam_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], scalars, flags);
 }

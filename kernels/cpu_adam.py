@@ -25,10 +25,11 @@ MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
 _DECOUPLED, _MAXIMIZE = 1, 2
 _MASK_DTYPES = (torch.uint8, torch.bool)
 _kernel_fn: Optional[ctypes._CFuncPtr] = None
+_openmp = False
 
 
 def _kernel() -> Optional[ctypes._CFuncPtr]:
-    global _kernel_fn
+    global _kernel_fn, _openmp
     if _kernel_fn is None:
         lib = cpu_build.load(NAME)
         if lib is None:
@@ -36,6 +37,7 @@ def _kernel() -> Optional[ctypes._CFuncPtr]:
         fn = lib.optimfx_adam_tasks
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = None
+        _openmp = cpu_build.uses_openmp(lib)
         _kernel_fn = fn
     return _kernel_fn
 
@@ -76,4 +78,4 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     table = torch.tensor(rows, dtype=torch.int64)
     scalars = (ctypes.c_double * 6)(lr, beta1, beta2, weight_decay, eps, keep_scale)
     flags = (_DECOUPLED if decoupled else 0) | (_MAXIMIZE if maximize else 0) | (mask_mode << 8) | (threshold << 16)
-    cpu_launcher.run(_kernel(), table, [p.numel() for p in params], scalars, flags)
+    cpu_launcher.run(_kernel(), _openmp, table, [p.numel() for p in params], scalars, flags)

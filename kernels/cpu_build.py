@@ -83,6 +83,21 @@ def isa_flags() -> tuple[str, ...]:
     return ()
 
 
+def openmp_runtime() -> Optional[str]:
+    """The GNU OpenMP runtime torch has loaded (Linux builds of torch run ATen's threads on it), or
+    ``None``. Kernels built with ``-fopenmp`` link it by its soname, ``libgomp.so.1``, which the
+    loader resolves to the copy already in the process: they run on torch's own worker threads,
+    warm and not competing with them for the cores."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
 def _compiler_identity(cc: list[str]) -> str:
     try:
         out = subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=30)
@@ -136,14 +151,20 @@ def _build_and_load(name: str) -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     source = (_SOURCES / f"{name}.c").read_bytes()
     headers = [h.read_bytes() for h in sorted(_SOURCES.glob("*.h"))]
-    flags = BASE_FLAGS + isa_flags() + (f"-I{_SOURCES}",)
+    openmp = ("-fopenmp",) if openmp_runtime() is not None else ()
+    flags = BASE_FLAGS + isa_flags() + openmp + (f"-I{_SOURCES}",)
     digest = hashlib.sha256(b"\0".join([source, *headers, " ".join(cc).encode(), _compiler_identity(cc).encode(),
-                                        " ".join(BASE_FLAGS + isa_flags()).encode(),
+                                        " ".join(BASE_FLAGS + isa_flags() + openmp).encode(),
                                         platform.machine().encode()])).hexdigest()
     target = cache_dir() / f"{name}-{digest[:20]}.so"
     if not target.exists():
         _compile(cc, flags, source, target)
     return ctypes.CDLL(str(target))
+
+
+def uses_openmp(lib: ctypes.CDLL) -> bool:
+    """Whether ``lib`` runs its shares on OpenMP threads itself (else one call per thread)."""
+    return bool(lib.optimfx_openmp())
 
 
 def _compile(cc: list[str], flags: tuple[str, ...], source: bytes, target: Path) -> None:

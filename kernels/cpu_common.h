@@ -11,4 +11,14 @@ static inline float lerp_f32(float start, float end, float w, float w_minus_one,
     return small ? fmaf(w, end - start, start) : fmaf(w_minus_one, end - start, end);
 }
 
+/* 1 when built with OpenMP (the runtime torch has loaded: the kernels then run their shares on
+ * torch's own threads), 0 when the caller runs each share on a thread of its own. */
+int optimfx_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #endif

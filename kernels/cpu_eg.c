@@ -150,11 +150,12 @@ static void chunk_sums(const float *restrict nu, const float *restrict g, const 
 }
 
 /* out[chunk_base + k] for every chunk k of each task (tasks start at chunk boundaries) */
-void optimfx_eg_sums(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, double *out) {
+static void sums_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, double *out) {
     for (int64_t k = 0; k < n_tasks; ++k) {
         const int64_t *task = tasks + k * K_COLUMNS;
         const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
-        const float *nu = (const float *)t[T_VELOCITY], *g = (const float *)t[T_GRAD], *m = (const float *)t[T_AVG_GRAD];
+        const float *nu = (const float *)t[T_VELOCITY], *g = (const float *)t[T_GRAD];
+        const float *m = (const float *)t[T_AVG_GRAD];
         for (int64_t s = task[K_START]; s < task[K_END]; s += CHUNK) {
             const int64_t n = task[K_END] - s < CHUNK ? task[K_END] - s : CHUNK;
             chunk_sums(nu + s, g + s, m + s, n, out + 4 * (t[T_CHUNK_BASE] + s / CHUNK));
@@ -168,7 +169,8 @@ static inline __attribute__((always_inline)) void adapt_span(
     float *restrict theta, const float *restrict g, float *restrict p, float *restrict nu, float *restrict m,
     float *restrict saved, int64_t n, float coef, float scale, const eg_scalars *e, const int direct,
     const int fresh, const int decay, const int bounded) {
-    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip, gmin = e->gain_min, gmax = e->gain_max;
+    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip;
+    const float gmin = e->gain_min, gmax = e->gain_max;
     const float mu = e->momentum, eta = e->eta, lr = e->sgd_lr, wd = e->sgd_decay;
     const int small = e->small_weight;
     for (int64_t i = 0; i < n; ++i) {
@@ -193,7 +195,7 @@ static inline __attribute__((always_inline)) void adapt_span(
     }
 }
 
-void optimfx_eg_adapt(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
+static void adapt_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
                       const double *scalars, int64_t flags) {
     const eg_scalars e = unpack(scalars, flags);
     /* a clipped exponent needs no range checks in exp */
@@ -225,7 +227,7 @@ void optimfx_eg_adapt(const int64_t *tensors, const int64_t *tasks, int64_t n_ta
 
 /* ---- apply (after the base step) ---- */
 
-void optimfx_eg_apply(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
+static void apply_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
                       int64_t flags) {
     const eg_scalars e = unpack(scalars, flags);
     const float mu = e.momentum, eta = e.eta;
@@ -250,4 +252,26 @@ void optimfx_eg_apply(const int64_t *tensors, const int64_t *tasks, int64_t n_ta
             }
         }
     }
+}
+
+/* ---- entry points: every share (rows of `shares`: task table pointer, task count), one per thread ---- */
+
+void optimfx_eg_sums(const int64_t *tensors, const int64_t *shares, int64_t n_shares, double *out) {
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        sums_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], out);
+}
+
+void optimfx_eg_adapt(const int64_t *tensors, const int64_t *shares, int64_t n_shares, const double *coefs,
+                      const double *scalars, int64_t flags) {
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        adapt_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, flags);
+}
+
+void optimfx_eg_apply(const int64_t *tensors, const int64_t *shares, int64_t n_shares, const double *scalars,
+                      int64_t flags) {
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        apply_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], scalars, flags);
 }

@@ -33,6 +33,7 @@ CHUNK = 16384
 _DIRECT, _FRESH_VELOCITY, _SGD_DECAY = 1, 2, 4
 _STATE_KEYS = ("gains", "velocity", "avg_grad")
 _functions: dict[str, ctypes._CFuncPtr] = {}
+_openmp = False
 _SIGNATURES = {
     "optimfx_eg_sums": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
     "optimfx_eg_adapt": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -42,10 +43,12 @@ _SIGNATURES = {
 
 
 def _function(name: str) -> Optional[ctypes._CFuncPtr]:
+    global _openmp
     if not _functions:
         lib = cpu_build.load(NAME)
         if lib is None:
             return None
+        _openmp = cpu_build.uses_openmp(lib)
         for fn_name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = argtypes, None
@@ -95,7 +98,8 @@ def alignment_parts(grads: Sequence[Tensor], states: Sequence[dict]) -> Tensor:
     chunks = [-(-n // CHUNK) for n in numels]
     out = torch.zeros(max(sum(chunks), 1), 4, dtype=torch.float64)
     table = _table(grads, grads, states)
-    cpu_launcher.run(_function("optimfx_eg_sums"), table, numels, ctypes.c_void_p(out.data_ptr()), align=CHUNK)
+    kernel = _function("optimfx_eg_sums")
+    cpu_launcher.run(kernel, _openmp, table, numels, ctypes.c_void_p(out.data_ptr()), align=CHUNK)
     owner = _chunk_owners(tuple(chunks))
     sums = torch.zeros(len(grads), 4, dtype=torch.float64).index_add_(0, owner, out[:len(owner)])
     return sums.to(torch.float32)
@@ -121,7 +125,8 @@ def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     ``d = lr·(g + λθ)``, ``ν ← μν + η·p ⊙ d``, ``θ ← θ − s·ν`` (the scales already updated)."""
     table = _table(params, grads, states, saved)
     coefs = torch.tensor(list(coefficients), dtype=torch.float64)
-    cpu_launcher.run(_function("optimfx_eg_adapt"), table, [p.numel() for p in params],
+    kernel = _function("optimfx_eg_adapt")
+    cpu_launcher.run(kernel, _openmp, table, [p.numel() for p in params],
                      ctypes.c_void_p(coefs.data_ptr()), _scalars(hp, sgd_lr, sgd_decay),
                      _flags(hp, direct, sgd_decay))
 
@@ -130,4 +135,5 @@ def apply(params: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tens
     """After the base's step (``params`` hold ``θ − d``): ``d = saved − θ``, ``ν ← μν + η·p ⊙ d``,
     ``θ ← θ + (d − s·ν)``."""
     table = _table(params, params, states, saved)
-    cpu_launcher.run(_function("optimfx_eg_apply"), table, [p.numel() for p in params], _scalars(hp), _flags(hp))
+    kernel = _function("optimfx_eg_apply")
+    cpu_launcher.run(kernel, _openmp, table, [p.numel() for p in params], _scalars(hp), _flags(hp))

@@ -2,14 +2,16 @@
 
 A call covers ``T`` tensors, described to the kernel by an int64 table (one row per tensor: its
 pointers and per-tensor values, the kernel's own columns). The work is cut into *tasks*, rows
-``(tensor, start, end)`` of an int64 ``[n_tasks, 3]`` table: the elements of all tensors, in order,
-split into one contiguous share per thread (a tensor may be split between two threads, at an even
-element, or a multiple of a kernel's chunk). Thread ``k`` gets one kernel call on its run of tasks; ``ctypes`` releases the GIL for
-the call, so the threads run the kernel in parallel. The number of threads is torch's
+``(tensor, start, end)`` of int64 ``[n_tasks, 3]`` tables: the elements of all tensors, in order,
+split into one contiguous *share* per thread (a tensor may be split between two shares, at an even
+element, or a multiple of a kernel's chunk). The number of shares is torch's thread count
 (``torch.get_num_threads()``); a call under :data:`MIN_ELEMENTS_PER_THREAD` elements per thread
-takes fewer threads, down to the calling one alone.
+takes fewer, down to one.
 
-Task tables depend only on the tensors' sizes and the thread count, and are cached.
+Where the kernels are built with OpenMP (Linux: the runtime torch runs ATen's threads on, see
+``cpu_build.openmp_runtime``) one call takes every share and runs them on torch's own threads;
+elsewhere each share is one call on a thread of a pool here (``ctypes`` releases the GIL). Task
+tables depend only on the tensors' sizes and the thread count, and are cached.
 """
 
 from __future__ import annotations
@@ -74,22 +76,36 @@ def task_tables(numels: tuple[int, ...], threads: int, align: int = 2) -> tuple[
     return tuple(torch.tensor(rows, dtype=torch.int64).reshape(-1, TASK_COLUMNS) for rows in tables if rows)
 
 
-def run(kernel: Callable[..., None], table: Tensor, numels: Sequence[int], *args: object, align: int = 2) -> None:
-    """Call ``kernel(table_ptr, tasks_ptr, n_tasks, *args)`` once per thread's share of the elements
-    of tensors ``numels`` (``table`` is the kernel's per-tensor table, kept alive for the calls),
-    tensors cut at multiples of ``align`` elements."""
+def run(kernel: Callable[..., None], openmp: bool, table: Tensor, numels: Sequence[int], *args: object,
+        align: int = 2) -> None:
+    """Call ``kernel(table_ptr, shares_ptr, n_shares, *args)`` on the elements of tensors ``numels``
+    (``table`` is the kernel's per-tensor table, kept alive for the calls), tensors cut at multiples
+    of ``align`` elements. ``shares`` is int64 ``[n, 2]``: each share's task table and task count.
+    An ``openmp`` kernel takes every share in one call and runs them on torch's OpenMP threads; else
+    each share is one call, on threads of this module's pool."""
     numels = tuple(numels)
     total = sum(numels)
     if total == 0:
         return
     tasks = task_tables(numels, threads_for(total), align)
+    shares = _shares(tasks)
     table_ptr = ctypes.c_void_p(table.data_ptr())
-    calls = [(table_ptr, ctypes.c_void_p(t.data_ptr()), t.shape[0], *args) for t in tasks]
-    if len(calls) == 1:
-        kernel(*calls[0])
+    if openmp or len(tasks) == 1:
+        kernel(table_ptr, ctypes.c_void_p(shares.data_ptr()), len(tasks), *args)
         return
+    calls = [(table_ptr, ctypes.c_void_p(shares[k].data_ptr()), 1, *args) for k in range(len(tasks))]
     pool = _executor(len(calls) - 1)
     futures = [pool.submit(kernel, *call) for call in calls[1:]]
     kernel(*calls[0])
     for f in futures:
         f.result()
+
+
+@functools.lru_cache(maxsize=256)
+def _shares_of(tasks: tuple[Tensor, ...]) -> Tensor:
+    return torch.tensor([[t.data_ptr(), t.shape[0]] for t in tasks], dtype=torch.int64)
+
+
+def _shares(tasks: tuple[Tensor, ...]) -> Tensor:
+    """int64 ``[n, 2]``: the address and row count of each task table (cached with the tables)."""
+    return _shares_of(tasks)

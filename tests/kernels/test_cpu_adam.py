@@ -115,8 +115,12 @@ def test_non_finite_gradients_propagate_as_in_the_reference():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_thread_split(threads, monkeypatch):
-    """Shares cut tensors at arbitrary even elements; every element is computed alike."""
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+def test_results_do_not_depend_on_the_thread_split(threads, openmp, monkeypatch):
+    """Shares cut tensors at arbitrary even elements; every element is computed alike, whether the
+    shares run on torch's OpenMP threads or on Python threads."""
+    if openmp and not cpu_adam._openmp:
+        pytest.skip("the kernels are built without OpenMP here")
     def run():
         torch.manual_seed(1)
         shapes = [(1000,), (3, 7), (5001,), (2,), (12_345,)]
@@ -130,6 +134,7 @@ def test_results_do_not_depend_on_the_thread_split(threads, monkeypatch):
         return ps + ms + vs
 
     alone = run()
+    monkeypatch.setattr(cpu_adam, "_openmp", openmp)
     monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 100)
     torch.set_num_threads(threads)
     try:

@@ -53,7 +53,8 @@ def _clone(states):
     return [{k: v.clone() for k, v in s.items()} for s in states]
 
 
-def test_sums_equal_a_float64_oracle_and_do_not_depend_on_the_thread_split(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+def test_sums_equal_a_float64_oracle_and_do_not_depend_on_the_thread_split(openmp, monkeypatch):
     _, grads, states = _tensors()
     got = cpu_eg.alignment_parts(grads, states)
     for row, g, s in zip(got, grads, states):
@@ -62,6 +63,9 @@ def test_sums_equal_a_float64_oracle_and_do_not_depend_on_the_thread_split(monke
         # 16 fp32 lanes of at most 1024 terms per chunk: ~sqrt(1024)·eps typical error (1e-5 allows
         # 2.5x that); the reference's fp32 BLAS sums run a whole tensor in fp32 lanes
         torch.testing.assert_close(row, want.float(), rtol=1e-5, atol=0.0)
+    if openmp and not cpu_eg._openmp:
+        pytest.skip("the kernels are built without OpenMP here")
+    monkeypatch.setattr(cpu_eg, "_openmp", openmp)
     monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 64)
     torch.set_num_threads(3)
     try:
