@@ -44,7 +44,7 @@ WARMUP_STEPS = 20
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def _per_tensor_masked_step(params, grads, states, args, mask) -> None:
+def _per_tensor_masked_step(params, grads, states, args, mask, step) -> None:
     """One kernel call for the group after masking every tensor on its own."""
     masked = [ct.mask_grad(g, s, mask) for g, s in zip(grads, states)]
     aten_fused._call(params, masked, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], args)

@@ -48,11 +48,17 @@ def available() -> bool:
 
 
 def takes(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Optional[Tensor] = None) -> bool:
-    """fp32 CPU tensors, contiguous, and a stored mask of one byte per element, contiguous."""
+    """fp32 CPU tensors, contiguous, and a stored mask :func:`takes_mask` takes."""
     tensors = (param, grad, exp_avg, exp_avg_sq)
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
         return False
-    return mask is None or (mask.dtype in _MASK_DTYPES and mask.is_contiguous() and mask.numel() == param.numel())
+    return mask is None or takes_mask(mask, param)
+
+
+def takes_mask(mask: Tensor, param: Tensor) -> bool:
+    """A stored 0/1 mask of one byte per element of ``param``, contiguous on the CPU."""
+    return (mask.dtype in _MASK_DTYPES and mask.device.type == "cpu" and mask.is_contiguous()
+            and mask.numel() == param.numel())
 
 
 def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

@@ -106,12 +106,12 @@ def step_group(arguments: ArgumentsMap, params: list[Tensor], grads: list[Tensor
             continue
         idx = [i for i in idx if params[i].numel()]  # an empty tensor's step changes nothing
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        _step_masked(pick(params), pick(grads), pick(states), args, getattr(hyper, "mask", ct.NO_MASK))
+        _step_masked(pick(params), pick(grads), pick(states), args, getattr(hyper, "mask", ct.NO_MASK), step)
     return sorted(alone)
 
 
 def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], args: FusedAdamArguments,
-                 mask: ct.MaskHyper) -> None:
+                 mask: ct.MaskHyper, step: int) -> None:
     """One kernel call for the whole list, or with ChildTuning masks one per batch of segments
     (``batched_masks.py``): each batch's gradients are masked into a reused buffer (the gradients are
     only read), then the kernel steps the matching slices of parameters and moments while the masked
@@ -121,7 +121,7 @@ def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     if not (mask.bernoulli or mask.mode == "D"):
         _call(params, grads, exp_avgs, exp_avg_sqs, args)
         return
-    if _step_in_cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, states, args, mask):
+    if _step_in_cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, states, args, mask, step):
         return
     flat = lambda ts: [t.view(-1) for t in ts]  # noqa: E731
     params, grads, exp_avgs, exp_avg_sqs = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
@@ -134,18 +134,21 @@ def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], 
 
 def _step_in_cpu_kernel(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], states: list[dict], args: FusedAdamArguments,
-                        mask: ct.MaskHyper) -> bool:
+                        mask: ct.MaskHyper, step: int) -> bool:
     """The masked step in one pass per element (``optimfx._kernels.cpu_adam``: the mask computed
-    where the gradient is loaded), when that kernel is built and takes every tensor; ``False``
-    (nothing done) otherwise."""
-    masks = [s.get("child_mask") for s in states] if mask.mode == "D" else [None] * len(params)
-    if not all(map(cpu_adam.takes, params, grads, exp_avgs, exp_avg_sqs, masks)) or not cpu_adam.available():
+    where the gradient is loaded), when that kernel is built and takes every stored mask (the other
+    tensors passed :func:`takes`); ``False`` (nothing done) otherwise. ``step`` is every tensor's
+    step count."""
+    if not cpu_adam.available():
         return False
     if mask.bernoulli:
         kw = dict(mask_mode=cpu_adam.MASK_BERNOULLI, threshold=ct.keep_threshold(mask.reserve_p),
                   keep_scale=ct.keep_scale(mask.reserve_p), offsets=[ct.element_offset(s) for s in states],
-                  keys=[ct.mask_key(mask.seed, int(s["mask_stream"]), int(s["step"])) for s in states])
+                  keys=[ct.mask_key(mask.seed, int(s["mask_stream"]), step) for s in states])
     else:
+        masks = [s.get("child_mask") for s in states]
+        if not all(m is None or cpu_adam.takes_mask(m, p) for m, p in zip(masks, params)):
+            return False
         kw = dict(mask_mode=cpu_adam.MASK_STORED, masks=masks)
     cpu_adam.step(params, grads, exp_avgs, exp_avg_sqs, lr=args.lr, beta1=args.beta1, beta2=args.beta2,
                   weight_decay=args.weight_decay, eps=args.eps, decoupled=args.decoupled,
