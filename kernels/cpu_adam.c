@@ -7,6 +7,7 @@
  *     g~ = g * M                 (D: the stored 0/1 mask)
  *     g~ = -g~                   (maximize)
  *     g~ = g~ + wd * p           (Adam mode: coupled L2)   |  p = p * (1 - lr*wd)   (AdamW mode)
+ *                                (neither when wd = 0: ATen skips the term, so an inf parameter stays inf)
  *     m  = lerp(m, g~, 1 - b1)     (ATen's lerp, cpu_common.h)
  *     v  = b2 * v + (1 - b2) * g~ * g~
  *     p  = p - lr * m / (sqrt(v) + eps)
@@ -36,6 +37,7 @@ enum { S_LR, S_BETA1, S_BETA2, S_WEIGHT_DECAY, S_EPS, S_KEEP_SCALE, S_COUNT };
 /* bits of `flags`, and the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
 enum { F_DECOUPLED = 1, F_MAXIMIZE = 2 };
 enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
+enum { DECAY_NONE = 0, DECAY_DECOUPLED = 1, DECAY_COUPLED = 2 };
 
 #define PAIR_MUL_A 0x85EBCA6Bu
 #define PAIR_MUL_B 0xC2B2AE35u
@@ -45,7 +47,7 @@ enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
 
 typedef struct {
     float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay, keep_scale, sign;
-    int decoupled, small_weight;
+    int decay_mode, small_weight;
     uint32_t threshold;
 } adam_scalars;
 
@@ -62,14 +64,16 @@ static void pair_hashes(uint32_t *restrict h, uint64_t q0, int64_t n, uint32_t k
     }
 }
 
-/* n elements from p, g, m, v; `mode` is a constant in each caller, so each mask gets its own loop */
+/* n elements from p, g, m, v; `mode` and `decay` are constants in each caller, so every setting
+ * gets its own loop (a branch on a run-time setting inside a loop stops vectorisation) */
 static inline __attribute__((always_inline)) void update(
     float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
-    const adam_scalars *sc, const int mode, const uint16_t *restrict bits, const uint8_t *restrict stored) {
+    const adam_scalars *sc, const int mode, const int decay_mode, const uint16_t *restrict bits,
+    const uint8_t *restrict stored) {
     const float lr = sc->lr, omb1 = sc->one_minus_beta1, b2 = sc->beta2, omb2 = sc->one_minus_beta2;
     const float wd = sc->weight_decay, eps = sc->eps, decay = sc->decay, scale = sc->keep_scale, sign = sc->sign;
     const uint32_t threshold = sc->threshold;
-    const int decoupled = sc->decoupled, small = sc->small_weight;
+    const int small = sc->small_weight;
     const float wm1 = sc->weight_minus_one;
     for (int64_t i = 0; i < n; ++i) {
         float gi = g[i];
@@ -77,7 +81,8 @@ static inline __attribute__((always_inline)) void update(
         if (mode == MASK_STORED) gi = gi * (float)stored[i];
         gi = gi * sign;
         float pi = p[i];
-        if (decoupled) pi = pi * decay; else gi = gi + wd * pi;
+        if (decay_mode == DECAY_DECOUPLED) pi = pi * decay;
+        if (decay_mode == DECAY_COUPLED) gi = gi + wd * pi;
         const float mi = lerp_f32(m[i], gi, omb1, wm1, small);
         const float vi = b2 * v[i] + omb2 * gi * gi;
         m[i] = mi;
@@ -86,17 +91,16 @@ static inline __attribute__((always_inline)) void update(
     }
 }
 
-static void task_plain(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
-    update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
-           (float *)t[T_EXP_AVG_SQ] + s, e - s, sc, MASK_NONE, 0, 0);
-}
-
-static void task_stored(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
-    update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
-           (float *)t[T_EXP_AVG_SQ] + s, e - s, sc, MASK_STORED, 0, (const uint8_t *)t[T_MASK] + s);
-}
-
-static void task_bernoulli(const int64_t *t, int64_t s, int64_t e, const adam_scalars *sc) {
+/* the update of elements [s, e) of tensor row t, for one constant mask mode and decay mode */
+static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t s, int64_t e,
+                                                        const adam_scalars *sc, const int mode, const int decay_mode) {
+    float *p = (float *)t[T_PARAM], *m = (float *)t[T_EXP_AVG], *v = (float *)t[T_EXP_AVG_SQ];
+    const float *g = (const float *)t[T_GRAD];
+    if (mode != MASK_BERNOULLI) {
+        const uint8_t *stored = mode == MASK_STORED ? (const uint8_t *)t[T_MASK] + s : 0;
+        update(p + s, g + s, m + s, v + s, e - s, sc, mode, decay_mode, 0, stored);
+        return;
+    }
     uint32_t h[BLOCK / 2 + 2];
     const uint64_t key = (uint64_t)t[T_KEY];
     const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
@@ -108,11 +112,17 @@ static void task_bernoulli(const int64_t *t, int64_t s, int64_t e, const adam_sc
         if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
         const uint64_t q1 = (first + (uint64_t)n + 1) >> 1;
         pair_hashes(h, q0, (int64_t)(q1 - q0), k0, k1);
-        update((float *)t[T_PARAM] + s, (const float *)t[T_GRAD] + s, (float *)t[T_EXP_AVG] + s,
-               (float *)t[T_EXP_AVG_SQ] + s, n, sc, MASK_BERNOULLI, (const uint16_t *)h + (first & 1), 0);
+        update(p + s, g + s, m + s, v + s, n, sc, MASK_BERNOULLI, decay_mode, (const uint16_t *)h + (first & 1), 0);
         s += n;
     }
 }
+
+#define TASK_FOR_DECAY(mode)                                                   \
+    switch (sc.decay_mode) {                                                   \
+    case DECAY_DECOUPLED: task(t, start, end, &sc, mode, DECAY_DECOUPLED); break; \
+    case DECAY_COUPLED: task(t, start, end, &sc, mode, DECAY_COUPLED); break;     \
+    default: task(t, start, end, &sc, mode, DECAY_NONE);                        \
+    }
 
 /* Step the tasks tasks[0 .. n_tasks) of one share: see the top of this file. */
 static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
@@ -130,17 +140,20 @@ static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_t
     sc.decay = (float)(1.0 - scalars[S_LR] * scalars[S_WEIGHT_DECAY]);
     sc.keep_scale = (float)scalars[S_KEEP_SCALE];
     sc.sign = (flags & F_MAXIMIZE) ? -1.0f : 1.0f;
-    sc.decoupled = (flags & F_DECOUPLED) != 0;
+    sc.decay_mode = scalars[S_WEIGHT_DECAY] == 0.0 ? DECAY_NONE
+                    : (flags & F_DECOUPLED) ? DECAY_DECOUPLED : DECAY_COUPLED;
     sc.threshold = (uint32_t)((flags >> 16) & 0x1FFFF);
     for (int64_t k = 0; k < n_tasks; ++k) {
-        const int64_t *task = tasks + k * K_COLUMNS;
-        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
-        if (mode == MASK_BERNOULLI)
-            task_bernoulli(t, task[K_START], task[K_END], &sc);
-        else if (mode == MASK_STORED && t[T_MASK] != 0)
-            task_stored(t, task[K_START], task[K_END], &sc);
-        else
-            task_plain(t, task[K_START], task[K_END], &sc);
+        const int64_t *row = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + row[K_TENSOR] * T_COLUMNS;
+        const int64_t start = row[K_START], end = row[K_END];
+        if (mode == MASK_BERNOULLI) {
+            TASK_FOR_DECAY(MASK_BERNOULLI)
+        } else if (mode == MASK_STORED && t[T_MASK] != 0) {
+            TASK_FOR_DECAY(MASK_STORED)
+        } else {
+            TASK_FOR_DECAY(MASK_NONE)
+        }
     }
 }
 

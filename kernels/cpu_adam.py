@@ -12,6 +12,7 @@ so a step equals the per-tensor reference step to rounding.
 from __future__ import annotations
 
 import ctypes
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -43,16 +44,9 @@ def _kernel() -> Optional[ctypes._CFuncPtr]:
 
 
 def available() -> bool:
-    """Whether the kernel is built (building it on the first call) and enabled."""
-    return cpu_build.enabled() and _kernel() is not None
-
-
-def takes(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mask: Optional[Tensor] = None) -> bool:
-    """fp32 CPU tensors, contiguous, and a stored mask :func:`takes_mask` takes."""
-    tensors = (param, grad, exp_avg, exp_avg_sq)
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return False
-    return mask is None or takes_mask(mask, param)
+    """Whether the kernel is built (building it on the first call) and enabled; the F mask's bits
+    are read as little-endian 16-bit halves of each pair's hash."""
+    return sys.byteorder == "little" and cpu_build.enabled() and _kernel() is not None
 
 
 def takes_mask(mask: Tensor, param: Tensor) -> bool:
@@ -66,7 +60,9 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
          eps: float, decoupled: bool, maximize: bool, mask_mode: int = MASK_NONE,
          keys: Optional[Sequence[int]] = None, offsets: Optional[Sequence[int]] = None,
          threshold: int = 0, keep_scale: float = 1.0, masks: Optional[Sequence[Optional[Tensor]]] = None) -> None:
-    """One step of every tensor (all must pass :func:`takes`; :func:`available` must be true).
+    """One step of every tensor: fp32 CPU tensors, contiguous, parameter, gradient and moments of one
+    size (``optimfx.reference.aten_fused.takes``), masks that :func:`takes_mask` takes, and
+    :func:`available` true. The kernel reads raw memory: nothing else is checked here.
 
     ``mask_mode`` :data:`MASK_BERNOULLI` takes each tensor's 64-bit F-mask key in ``keys``, the
     global index of its first element in ``offsets`` (0 but for a shard), the keep threshold ``T``

@@ -85,9 +85,10 @@ def isa_flags() -> tuple[str, ...]:
 
 def openmp_runtime() -> Optional[str]:
     """The GNU OpenMP runtime torch has loaded (Linux builds of torch run ATen's threads on it), or
-    ``None``. Kernels built with ``-fopenmp`` link it by its soname, ``libgomp.so.1``, which the
+    ``None``. Kernels built with ``-fopenmp`` name it by its soname, ``libgomp.so.1``, which the
     loader resolves to the copy already in the process: they run on torch's own worker threads,
-    warm and not competing with them for the cores."""
+    warm and not competing with them for the cores. A runtime under another file name (a wheel's
+    renamed copy) would not be the one found, so then there is none to share."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -95,7 +96,8 @@ def openmp_runtime() -> Optional[str]:
             paths = {line.split()[-1] for line in maps if "libgomp" in line}
     except OSError:
         return None
-    return min(paths) if paths else None
+    shared = sorted(p for p in paths if Path(p).name == "libgomp.so.1")
+    return shared[0] if shared and len(paths) == len(shared) else None
 
 
 def _compiler_identity(cc: list[str]) -> str:
@@ -144,22 +146,26 @@ def status() -> dict[str, str]:
 def _build_and_load(name: str) -> ctypes.CDLL:
     if sys.platform == "win32":
         raise RuntimeError("the CPU kernels are built with a Unix C compiler; none on Windows")
-    if sys.byteorder != "little":
-        raise RuntimeError("the CPU kernels read mask bits as little-endian 16-bit halves")
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     source = (_SOURCES / f"{name}.c").read_bytes()
     headers = [h.read_bytes() for h in sorted(_SOURCES.glob("*.h"))]
+    identity = [source, *headers, " ".join(cc).encode(), _compiler_identity(cc).encode(), platform.machine().encode()]
     openmp = ("-fopenmp",) if openmp_runtime() is not None else ()
-    flags = BASE_FLAGS + isa_flags() + openmp + (f"-I{_SOURCES}",)
-    digest = hashlib.sha256(b"\0".join([source, *headers, " ".join(cc).encode(), _compiler_identity(cc).encode(),
-                                        " ".join(BASE_FLAGS + isa_flags() + openmp).encode(),
-                                        platform.machine().encode()])).hexdigest()
-    target = cache_dir() / f"{name}-{digest[:20]}.so"
-    if not target.exists():
-        _compile(cc, flags, source, target)
-    return ctypes.CDLL(str(target))
+    errors = []
+    # with OpenMP where torch's runtime can be shared, and again without it if that does not build
+    for extra in dict.fromkeys([openmp, ()]):
+        flags = BASE_FLAGS + isa_flags() + extra
+        digest = hashlib.sha256(b"\0".join(identity + [" ".join(flags).encode()])).hexdigest()
+        target = cache_dir() / f"{name}-{digest[:20]}.so"
+        try:
+            if not target.exists():
+                _compile(cc, flags + (f"-I{_SOURCES}",), source, target)
+            return ctypes.CDLL(str(target))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+    raise RuntimeError("; ".join(errors))
 
 
 def uses_openmp(lib: ctypes.CDLL) -> bool:

@@ -36,9 +36,9 @@ enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
 #define MADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-/* e^x for |x| <= 87 (an exponent already clipped): 2^n e^r, |r| <= ln2/2, with no range checks;
- * NaN stays NaN. The reduction and polynomial of exp_f32 below. */
-static inline float exp_small(float x) {
+/* Cephes expf's core: e^x = 2^n e^r with n = round(x / ln2), |r| <= ln2/2 (Cody-Waite reduction,
+ * degree-6 polynomial); returns e^r and sets n. NaN stays NaN. */
+static inline float exp_reduced(float x, float *n_out) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     const float n = (x * 1.44269504088896341f + magic) - magic;
     float r = MADD(n, -0.693359375f, x);
@@ -49,35 +49,35 @@ static inline float exp_small(float x) {
     q = MADD(q, r, 4.1665795894e-2f);
     q = MADD(q, r, 1.6666665459e-1f);
     q = MADD(q, r, 5.0000001201e-1f);
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return (MADD(q, r * r, r) + 1.0f) * scale;
+    *n_out = n;
+    return MADD(q, r * r, r) + 1.0f;
 }
 
-/* Cephes expf: exp(x) = 2^n exp(r), |r| <= ln2/2; NaN stays NaN, overflow gives inf, deep
- * underflow 0, and 2^n is applied in two factors so that subnormal results come out. */
+/* 2^n for an integer n in [-126, 127], from its bits */
+static inline float pow2i(int32_t n) {
+    const int32_t bits = (n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* e^x for |x| <= 87 (an exponent already clipped): no range checks. */
+static inline float exp_small(float x) {
+    float n;
+    const float e = exp_reduced(x, &n);
+    return e * pow2i((int32_t)n);
+}
+
+/* e^x over the whole range: overflow gives inf, deep underflow 0, and 2^n is applied in two
+ * factors so that subnormal results come out. */
 static inline float exp_f32(float x) {
     const float hi = 88.72283935546875f, lo = -103.972084045410f;
     float xc = x > hi ? hi : x;
     xc = xc < lo ? lo : xc;
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const float n = (xc * 1.44269504088896341f + magic) - magic;
-    float r = MADD(n, -0.693359375f, xc);
-    r = MADD(n, 2.12194440e-4f, r);
-    float q = 1.9875691500e-4f;
-    q = MADD(q, r, 1.3981999507e-3f);
-    q = MADD(q, r, 8.3334519073e-3f);
-    q = MADD(q, r, 4.1665795894e-2f);
-    q = MADD(q, r, 1.6666665459e-1f);
-    q = MADD(q, r, 5.0000001201e-1f);
-    float e = MADD(q, r * r, r) + 1.0f;
-    const int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1;
-    const int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &b1, 4);
-    memcpy(&s2, &b2, 4);
-    e = e * s1 * s2;
+    float n;
+    float e = exp_reduced(xc, &n);
+    const int32_t ni = (int32_t)n, n1 = ni >> 1;
+    e = e * pow2i(n1) * pow2i(ni - n1);
     e = x > hi ? INFINITY : e;
     return x < lo ? 0.0f : e;
 }
@@ -187,7 +187,8 @@ static inline __attribute__((always_inline)) void adapt_span(
         if (!direct) {
             saved[i] = theta[i];
         } else {
-            const float d = (decay ? gi + wd * theta[i] : gi) * lr;
+            /* torch.add(g, theta, alpha=wd) fuses its multiply-add */
+            const float d = (decay ? MADD(wd, theta[i], gi) : gi) * lr;
             const float v = fresh ? pi * d : nu[i] * mu + (eta * pi) * d;
             nu[i] = v;
             theta[i] = theta[i] + (-v) * scale;

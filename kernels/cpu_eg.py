@@ -43,16 +43,19 @@ _SIGNATURES = {
 
 
 def _function(name: str) -> Optional[ctypes._CFuncPtr]:
-    global _openmp
+    global _functions, _openmp
     if not _functions:
         lib = cpu_build.load(NAME)
         if lib is None:
             return None
-        _openmp = cpu_build.uses_openmp(lib)
+        functions = {}
         for fn_name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = argtypes, None
-            _functions[fn_name] = fn
+            functions[fn_name] = fn
+        # published whole: another thread sees an empty or a complete table
+        _openmp = cpu_build.uses_openmp(lib)
+        _functions = functions
     return _functions[name]
 
 
@@ -68,10 +71,12 @@ def _plain(t: Tensor) -> bool:
 
 
 def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
-    """fp32 CPU tensors, contiguous: the parameter, its gradient and its EG state."""
-    scale = state["scale"]
-    return (_plain(param) and _plain(grad) and all(_plain(state[k]) for k in _STATE_KEYS)
-            and _plain(scale) and scale.dim() == 0)
+    """fp32 CPU tensors, contiguous and of one size: the parameter, its gradient and its EG state
+    (a state of another size or dtype, loaded from a checkpoint, takes the reference, which says
+    what is wrong)."""
+    scale, n = state["scale"], param.numel()
+    tensors = (param, grad, *(state[k] for k in _STATE_KEYS))
+    return (all(_plain(t) and t.numel() == n for t in tensors) and _plain(scale) and scale.dim() == 0)
 
 
 def _table(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict],
@@ -117,12 +122,15 @@ def _flags(hp, direct: bool = False, sgd_decay: float = 0.0) -> int:
     return (_DIRECT if direct else 0) | (_FRESH_VELOCITY if fresh else 0) | (_SGD_DECAY if sgd_decay != 0.0 else 0)
 
 
-def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tensor],
-          coefficients: Sequence[float], hp, *, direct: bool = False, sgd_lr: float = 0.0,
-          sgd_decay: float = 0.0) -> None:
+def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict],
+          saved: Optional[Sequence[Tensor]], coefficients: Sequence[float], hp, *, direct: bool = False,
+          sgd_lr: float = 0.0, sgd_decay: float = 0.0) -> None:
     """Gains ``p ← clamp(p·exp(clip(c·m ⊙ g)))`` with each tensor's ``c`` in ``coefficients``, then
-    ``m ← lerp(m, g, 1 − β)``; then ``saved ← θ`` or, ``direct``, the plain SGD step
-    ``d = lr·(g + λθ)``, ``ν ← μν + η·p ⊙ d``, ``θ ← θ − s·ν`` (the scales already updated)."""
+    ``m ← lerp(m, g, 1 − β)``; then ``saved ← θ`` or, ``direct`` (``saved`` is ``None``), the
+    plain SGD step ``d = lr·(g + λθ)``, ``ν ← μν + η·p ⊙ d``, ``θ ← θ − s·ν`` (the scales already
+    updated)."""
+    if (saved is None) != direct:
+        raise ValueError("cpu_eg.adapt: saved buffers are written unless the step is direct")
     table = _table(params, grads, states, saved)
     coefs = torch.tensor(list(coefficients), dtype=torch.float64)
     kernel = _function("optimfx_eg_adapt")

@@ -38,13 +38,12 @@ _pool_key: tuple[int, int] = (0, 0)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of at least ``workers`` threads for this process (a forked child makes its own)."""
+    """A pool of at least ``workers`` threads for this process (a forked child makes its own). A
+    pool too small is replaced, not shut down: another thread may still be submitting to it."""
     global _pool, _pool_key
     with _pool_lock:
         pid, size = _pool_key
         if _pool is None or pid != os.getpid() or size < workers:
-            if _pool is not None and pid == os.getpid():
-                _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="optimfx-cpu")
             _pool_key = (os.getpid(), workers)
         return _pool
@@ -102,10 +101,6 @@ def run(kernel: Callable[..., None], openmp: bool, table: Tensor, numels: Sequen
 
 
 @functools.lru_cache(maxsize=256)
-def _shares_of(tasks: tuple[Tensor, ...]) -> Tensor:
-    return torch.tensor([[t.data_ptr(), t.shape[0]] for t in tasks], dtype=torch.int64)
-
-
 def _shares(tasks: tuple[Tensor, ...]) -> Tensor:
     """int64 ``[n, 2]``: the address and row count of each task table (cached with the tables)."""
-    return _shares_of(tasks)
+    return torch.tensor([[t.data_ptr(), t.shape[0]] for t in tasks], dtype=torch.int64)

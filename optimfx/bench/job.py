@@ -80,8 +80,8 @@ def run(plan: Plan) -> int:
     env = report.environment(device)
     log(f"optimfx {optimfx.__version__} | torch {env['torch']} | {env['device_name']} ({device}) | "
         f"{torch.get_num_threads()} threads")
-    missing = {k: v for k, v in env["cpu_kernels"].items() if v != "ready"}
-    if device.type == "cpu" and missing:
+    missing = {k: v for k, v in env.get("cpu_kernels", {}).items() if v != "ready"}
+    if missing:
         log(f"CPU kernels not available ({'; '.join(f'{k}: {v}' for k, v in missing.items())}): ChildTuning-masked "
             "and EG steps take the plain-PyTorch path")
     log(f"workload: {plan.preset.name} scaled x{plan.scale:.3g} -> {shapes.numel:,} params in "

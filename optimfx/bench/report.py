@@ -77,8 +77,10 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "device": str(device),
         "cpus_usable": usable_cpus(),
         "loadavg": load_average(),
-        "cpu_kernels": cpu_build.status(),
     }
+    if device.type == "cpu":
+        # builds them on first use, as the optimizers' first step would
+        env["cpu_kernels"] = cpu_build.status()
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

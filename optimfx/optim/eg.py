@@ -9,6 +9,11 @@ One step, for every param group (all alignments are measured before any paramete
 3. ``after``: ``d = θ_saved − θ_proposed`` in place in the saved buffer, then velocity and parameter
    (the Triton backend runs the gains, velocity, parameter and average-gradient update in one pass).
 
+With a plain SGD base (``momentum="base"``, :func:`Funnel`) the step ``d`` is known, the base does not
+step and nothing is saved. On fp32 CPU tensors the reference backend runs these steps in the C
+kernels of ``optimfx._kernels.cpu_eg`` (sums; gains, average and saved ``θ``; velocity and
+parameter), or, with a plain SGD base, the whole step in its second pass.
+
 On FSDP2 (DTensor) parameters both backends step the local shards: the per-tensor sums are this
 rank's partial sums, completed across ranks (``_distributed.sum_rows_``) before any exponent is
 formed, and the state is created like the parameter (DTensors for the parameter-shaped buffers).
@@ -375,14 +380,17 @@ class EGStepSize(Optimizer):
         for unit, gs, part, exponent, fast in zip(units, grads, parts, exponents, fused):
             numels = torch.tensor([_distributed.global_numel(g, s) for g, s in zip(gs, unit.states)],
                                   dtype=part.dtype, device=part.device)
-            buffers = self._saved_buffers(unit)
             lr, decay = (float(unit.group["lr"]), float(unit.group["weight_decay"])) if direct else (0.0, 0.0)
             if fast:
+                # with a plain SGD base the kernel takes the whole step: nothing is saved
+                buffers = [] if direct else self._saved_buffers(unit)
                 ref.update_scales_(unit.states, exponent)
-                cpu_eg.adapt(unit.params, gs, unit.states, buffers, ref.host_gain_coefficients(part, numels, unit.hp),
-                             unit.hp, direct=direct, sgd_lr=lr, sgd_decay=decay)
+                cpu_eg.adapt(unit.params, gs, unit.states, buffers or None,
+                             ref.host_gain_coefficients(part, numels, unit.hp), unit.hp, direct=direct, sgd_lr=lr,
+                             sgd_decay=decay)
                 saved.append((buffers, True))
                 continue
+            buffers = self._saved_buffers(unit)
             # the saved-parameter buffers are the gains' scratch until θ (or d) is written into them
             ref.adapt_(unit.states, gs, part, exponent, numels, unit.hp, scratches=buffers)
             if direct:

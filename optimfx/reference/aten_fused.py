@@ -30,10 +30,13 @@ tested in ``tests/reference/test_aten_fused.py``).
 Tensors the kernel cannot take go to the per-tensor reference step: anything but fp32 parameters
 with fp32 gradients on CPU (the kernel wants one dtype for parameter, gradient and state, and the
 state is fp32), non-contiguous tensors (it walks memory linearly), and the options a map declines
-(it returns ``None``). ChildTuning masks are applied first, as the reference applies them
-(``p.grad`` is never written): a masked group is stepped in batches of about a million elements
-(``batched_masks.py``), each masked into a reused buffer and stepped by one kernel call on the
-matching slices of parameters and moments while the masked gradients are still in cache.
+(it returns ``None``). ChildTuning masks act on the gradient before the moments, as the reference
+applies them (``p.grad`` is never written). A masked group takes the same step in the C kernel of
+``optimfx._kernels.cpu_adam``, which computes the mask where it loads the gradient (the F mask's
+hash bit for bit the reference's) where that kernel is built; otherwise it is stepped in batches of
+about a million elements (``batched_masks.py``), each masked into a reused buffer by ATen ops and
+stepped by one kernel call on the matching slices of parameters and moments while the masked
+gradients are still in cache.
 """
 
 from __future__ import annotations
@@ -75,12 +78,16 @@ def available() -> bool:
 
 
 def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
-    """Whether the kernel can step this tensor: fp32 on CPU, parameter, gradient and moments
-    contiguous (the kernel walks the four in the same linear order)."""
-    if param.device.type != "cpu" or param.dtype != torch.float32 or grad.dtype != torch.float32:
+    """Whether the kernels (ATen's, and ``optimfx._kernels.cpu_adam`` for masked steps) can step this
+    tensor: parameter, gradient and moments fp32 on CPU, of one size and contiguous (the kernels walk
+    the four in the same linear order). Anything else, a state of another size or dtype loaded from a
+    checkpoint among them, takes the per-tensor step, which says what is wrong."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    if param.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
         return False
-    tensors = (param, grad, state["exp_avg"], state["exp_avg_sq"])
-    return all(t.is_contiguous() for t in tensors)
+    n = param.numel()
+    return all(t.is_contiguous() and t.numel() == n and t.device.type == "cpu" for t in tensors)
 
 
 def step_group(arguments: ArgumentsMap, params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -112,11 +119,12 @@ def step_group(arguments: ArgumentsMap, params: list[Tensor], grads: list[Tensor
 
 def _step_masked(params: list[Tensor], grads: list[Tensor], states: list[dict], args: FusedAdamArguments,
                  mask: ct.MaskHyper, step: int) -> None:
-    """One kernel call for the whole list, or with ChildTuning masks one per batch of segments
+    """One kernel call for the whole list. With ChildTuning masks: one call of the C kernel
+    (:func:`_step_in_cpu_kernel`) where it is built, else one ATen call per batch of segments
     (``batched_masks.py``): each batch's gradients are masked into a reused buffer (the gradients are
     only read), then the kernel steps the matching slices of parameters and moments while the masked
-    rows are in cache. The kernel then negates them for ``maximize`` and adds coupled L2, the
-    reference's order."""
+    rows are in cache. Either kernel then negates them for ``maximize`` and adds coupled L2, the
+    reference's order. ``step`` is every tensor's step count (the F masks' key)."""
     exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     if not (mask.bernoulli or mask.mode == "D"):
         _call(params, grads, exp_avgs, exp_avg_sqs, args)

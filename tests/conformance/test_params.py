@@ -72,7 +72,9 @@ def _has_group_step(opt) -> bool:
     two agree to rounding, not bit for bit. EG is asked about its base, and steps fp32 contiguous CPU
     groups in its own C kernels (``optimfx._kernels.cpu_eg``) where they are built."""
     if isinstance(opt, optimfx.EGStepSize) and cpu_eg.available():
-        return True
+        # the contiguous copies may take the C kernels (fp32 CPU), the originals the reference
+        return all(p.dtype == torch.float32 and p.device.type == "cpu"
+                   for group in opt.param_groups for p in group["params"])
     algorithm = getattr(getattr(opt, "base", opt), "algorithm", None)
     return algorithm is not None and algorithm.group_step is not None
 

@@ -8,6 +8,11 @@ compared bitwise (``torch.equal``, which treats ``−0 = +0``: the reference add
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -158,3 +163,44 @@ def test_task_tables_cover_every_element_once(threads):
         spans = sorted(covered[i])
         assert sum(e - s for s, e in spans) == n
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_state_of_another_dtype_or_size_takes_the_per_tensor_step():
+    """Moments the kernel cannot read as the parameter's twins (bf16, or another size, from a
+    checkpoint of another model) go to the per-tensor step, as without the kernel: bf16 moments step
+    (ATen promotes), the wrong size raises a clear error. In subprocesses: a wrong read would crash."""
+    code = textwrap.dedent("""
+        import torch, optimfx
+        for bad in (dict(exp_avg_sq=torch.zeros(4096, dtype=torch.bfloat16)), dict(exp_avg=torch.zeros(10))):
+            p = torch.nn.Parameter(torch.randn(4096))
+            opt = optimfx.AdamW([p], lr=1e-2, child_tuning_mode="F", reserve_p=0.5)
+            p.grad = torch.randn(4096)
+            opt.step()
+            opt.state[p].update(bad)
+            try:
+                opt.step()
+                print("stepped")
+            except RuntimeError:
+                print("RuntimeError")
+    """)
+    outputs = []
+    for switch in ("1", "0"):
+        env = {**os.environ, "OPTIMFX_CPU_KERNELS": switch}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+                             env=env)
+        assert out.returncode == 0, out.stderr
+        outputs.append(out.stdout.split())
+    assert outputs[0] == outputs[1] == ["stepped", "RuntimeError"]
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_without_weight_decay_an_inf_parameter_stays_inf(decoupled):
+    """ATen skips the decay term when the weight decay is 0: ``0·inf`` would make NaN and poison
+    the moments of a coupled-L2 step."""
+    p = torch.tensor([float("inf"), -float("inf"), 1.0] * 700)
+    g, m, v = torch.ones_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    cpu_adam.step([p], [g], [m], [v], lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                  decoupled=decoupled, maximize=False, mask_mode=cpu_adam.MASK_STORED,
+                  masks=[torch.ones(p.numel(), dtype=torch.uint8)])
+    assert torch.isinf(p[0::3]).all() and torch.isfinite(p[2::3]).all()
+    assert torch.isfinite(m).all() and torch.isfinite(v).all()

@@ -12,6 +12,9 @@ oracle.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -99,7 +102,7 @@ def test_direct_step_equals_the_reference_sgd_step(hp, sgd_decay):
     params, grads, states = _tensors()
     ref_params, ref_states = [p.clone() for p in params], _clone(states)
     coefs = [0.5] * len(params)
-    cpu_eg.adapt(params, grads, states, [torch.empty_like(p) for p in params], coefs, hp, direct=True,
+    cpu_eg.adapt(params, grads, states, None, coefs, hp, direct=True,
                  sgd_lr=0.05, sgd_decay=sgd_decay)
     for p, g, s, c in zip(ref_params, grads, ref_states, coefs):
         ref.update_gains_(s["gains"], s["avg_grad"], g, hp, c)
@@ -204,3 +207,55 @@ def test_kernels_take_only_fp32_contiguous_cpu_tensors():
     assert not cpu_eg.takes(p.t(), g.t(), {k: (v.t() if v.dim() else v) for k, v in state.items()})
     assert not cpu_eg.takes(p.double(), g.double(), ref.init_state(p.double()))
     assert not cpu_eg.takes(p.bfloat16(), g, ref.init_state(p.bfloat16()))
+
+
+def test_one_step_mixing_kernel_and_reference_units_tracks_the_reference(monkeypatch):
+    """scope='global' over an fp32 group (the C kernels) and a float64 group (the reference): the
+    global sums combine both units before either moves."""
+    def make(ps):
+        return optimfx.EGStepSize(optimfx.AdamW([{"params": ps[:3]}, {"params": ps[3:]}], lr=1e-2), scope="global")
+
+    def run(fused: bool):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(cpu_eg, "available", lambda: False)
+            gen = torch.Generator().manual_seed(3)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dt))
+                      for s, dt in [((7,), torch.float32), ((40, 9), torch.float32), ((), torch.float32),
+                                    ((5, 5), torch.float64), ((11,), torch.float64)]]
+            opt = make(params)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) + 0.3
+                opt.step()
+        return params, opt
+
+    calls = []
+    monkeypatch.setattr(cpu_eg, "adapt", lambda *a, _f=cpu_eg.adapt, **k: calls.append(len(a[0])) or _f(*a, **k))
+    fused, fused_opt = run(True)
+    assert calls == [3, 3, 3]  # the fp32 group only
+    plain, plain_opt = run(False)
+    for p, q in zip(fused, plain):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused_opt.state[p]["scale"], plain_opt.state[q]["scale"], rtol=1e-5, atol=0.0)
+
+
+def test_state_of_another_size_or_dtype_takes_the_reference():
+    """A state the kernels cannot read as the parameter's twin (a checkpoint of another model) goes
+    to the reference, which raises a clear error, in a subprocess (a wrong read would crash it)."""
+    code = textwrap.dedent("""
+        import torch, optimfx
+        p = torch.nn.Parameter(torch.randn(100_000))
+        opt = optimfx.EGStepSize(optimfx.AdamW([p], lr=1e-2))
+        p.grad = torch.randn(100_000)
+        opt.step()
+        opt.state[p]["gains"] = torch.ones(10)
+        p.grad = torch.randn(100_000)
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            print("RuntimeError", "size" in str(exc))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "RuntimeError True"
