@@ -64,6 +64,16 @@ static void pair_hashes(uint32_t *restrict h, uint64_t q0, int64_t n, uint32_t k
     }
 }
 
+/* The hashes of the pairs of up to n elements from global index `first` into h (BLOCK / 2 + 2
+ * words); returns how many elements they cover: n, or fewer where the pairs' high word changes
+ * (a block's pairs share it). Element first + i keeps its half ((const uint16_t *)h)[(first & 1) + i]. */
+static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n, uint64_t key) {
+    const uint64_t q0 = first >> 1, word_end = ((q0 >> 32) + 1) << 32;
+    if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
+    pair_hashes(h, q0, (int64_t)(((first + (uint64_t)n + 1) >> 1) - q0), (uint32_t)key, (uint32_t)(key >> 32));
+    return n;
+}
+
 /* n elements from p, g, m, v; `mode` and `decay` are constants in each caller, so every setting
  * gets its own loop (a branch on a run-time setting inside a loop stops vectorisation) */
 static inline __attribute__((always_inline)) void update(
@@ -102,16 +112,9 @@ static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t
         return;
     }
     uint32_t h[BLOCK / 2 + 2];
-    const uint64_t key = (uint64_t)t[T_KEY];
-    const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     while (s < e) {
-        int64_t n = e - s < BLOCK ? e - s : BLOCK;
-        const uint64_t first = (uint64_t)(t[T_OFFSET] + s), q0 = first >> 1;
-        /* a block's pairs share their high word: stop it where the next word starts */
-        const uint64_t word_end = ((q0 >> 32) + 1) << 32;
-        if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
-        const uint64_t q1 = (first + (uint64_t)n + 1) >> 1;
-        pair_hashes(h, q0, (int64_t)(q1 - q0), k0, k1);
+        const uint64_t first = (uint64_t)(t[T_OFFSET] + s);
+        const int64_t n = hash_block(h, first, e - s < BLOCK ? e - s : BLOCK, (uint64_t)t[T_KEY]);
         update(p + s, g + s, m + s, v + s, n, sc, MASK_BERNOULLI, decay_mode, (const uint16_t *)h + (first & 1), 0);
         s += n;
     }
@@ -163,4 +166,47 @@ void optimfx_adam_tasks(const int64_t *tensors, const int64_t *shares, int64_t n
 #pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
     for (int64_t k = 0; k < n_shares; ++k)
         adam_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], scalars, flags);
+}
+
+/* ---- the masked gradient alone, for optimizers that mask outside their update (AdaFactor's steps,
+ * the torch.optim adapter) ---- */
+
+/* The F-masked gradient alone, out = 0 + (keep ? scale : 0) * g, of the n elements of one tensor
+ * whose first element has global index `offset`: the reference's bernoulli_grad bit for bit (its
+ * addcmul onto +0 gives +0 where an element is dropped). Blocks run on `threads` OpenMP threads. */
+void optimfx_bernoulli_grad(const float *g, float *out, int64_t n, int64_t offset, int64_t key, int64_t threshold,
+                            double keep_scale, int64_t threads) {
+    const float scale = (float)keep_scale;
+    const uint32_t t = (uint32_t)threshold;
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        uint32_t h[BLOCK / 2 + 2];
+        int64_t s = b * BLOCK;
+        const int64_t e = s + BLOCK < n ? s + BLOCK : n;
+        while (s < e) {
+            const uint64_t first = (uint64_t)(offset + s);
+            const int64_t m = hash_block(h, first, e - s, (uint64_t)key);
+            const uint16_t *restrict bits = (const uint16_t *)h + (first & 1);
+            const float *restrict src = g + s;
+            float *restrict dst = out + s;
+            for (int64_t i = 0; i < m; ++i)
+                dst[i] = 0.0f + ((((uint32_t)bits[i] ^ 0x8000u) < t) ? scale : 0.0f) * src[i];
+            s += m;
+        }
+    }
+}
+
+/* The D-masked gradient alone, out = g * M (M one byte, 0 or 1, per element): the reference's
+ * apply_mask bit for bit. Blocks run on `threads` OpenMP threads. */
+void optimfx_stored_mask_grad(const float *g, const uint8_t *mask, float *out, int64_t n, int64_t threads) {
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t s = b * BLOCK, e = s + BLOCK < n ? s + BLOCK : n;
+        const float *restrict src = g + s;
+        const uint8_t *restrict keep = mask + s;
+        float *restrict dst = out + s;
+        for (int64_t i = 0; i < e - s; ++i) dst[i] = src[i] * (float)keep[i];
+    }
 }

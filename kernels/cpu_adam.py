@@ -26,19 +26,28 @@ MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
 _DECOUPLED, _MAXIMIZE = 1, 2
 _MASK_DTYPES = (torch.uint8, torch.bool)
 _kernel_fn: Optional[ctypes._CFuncPtr] = None
+_mask_fn: Optional[ctypes._CFuncPtr] = None
+_stored_fn: Optional[ctypes._CFuncPtr] = None
 _openmp = False
 
 
 def _kernel() -> Optional[ctypes._CFuncPtr]:
-    global _kernel_fn, _openmp
+    global _kernel_fn, _mask_fn, _stored_fn, _openmp
     if _kernel_fn is None:
         lib = cpu_build.load(NAME)
         if lib is None:
             return None
+        mask_fn = lib.optimfx_bernoulli_grad
+        mask_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_double, ctypes.c_int64]
+        mask_fn.restype = None
+        stored_fn = lib.optimfx_stored_mask_grad
+        stored_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+        stored_fn.restype = None
         fn = lib.optimfx_adam_tasks
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = None
         _openmp = cpu_build.uses_openmp(lib)
+        _mask_fn, _stored_fn = mask_fn, stored_fn
         _kernel_fn = fn
     return _kernel_fn
 
@@ -81,3 +90,32 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     scalars = (ctypes.c_double * 6)(lr, beta1, beta2, weight_decay, eps, keep_scale)
     flags = (_DECOUPLED if decoupled else 0) | (_MAXIMIZE if maximize else 0) | (mask_mode << 8) | (threshold << 16)
     cpu_launcher.run(_kernel(), _openmp, table, [p.numel() for p in params], scalars, flags)
+
+
+def bernoulli_grad(grad: Tensor, key: int, offset: int, threshold: int, keep_scale: float) -> Optional[Tensor]:
+    """``0 + g ⊙ keep · keep_scale`` as a new tensor, bitwise
+    :func:`optimfx.reference.child_tuning.bernoulli_grad` (one pass instead of its dozen ATen ops), or
+    ``None`` when the kernel cannot take ``grad`` (not a contiguous fp32 CPU tensor, or not built)."""
+    if not (grad.device.type == "cpu" and grad.dtype == torch.float32 and grad.is_contiguous()
+            and grad.numel() and available()):
+        return None
+    out = torch.empty_like(grad)
+    _mask_fn(grad.data_ptr(), out.data_ptr(), grad.numel(), offset, key - (1 << 64) if key >> 63 else key,
+             threshold, keep_scale, _threads(grad.numel()))
+    return out
+
+
+def stored_mask_grad(grad: Tensor, mask: Tensor) -> Optional[Tensor]:
+    """``g ⊙ M`` as a new tensor, bitwise ``optimfx.reference.child_tuning.apply_mask(grad, M, 1)``
+    (one pass, no cast of the mask), or ``None`` when the kernel cannot take them (a contiguous fp32
+    CPU gradient and a contiguous one-byte mask of its size, the kernel built)."""
+    if not (grad.device.type == "cpu" and grad.dtype == torch.float32 and grad.is_contiguous()
+            and grad.numel() and takes_mask(mask, grad) and available()):
+        return None
+    out = torch.empty_like(grad)
+    _stored_fn(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), _threads(grad.numel()))
+    return out
+
+
+def _threads(numel: int) -> int:
+    return cpu_launcher.threads_for(numel) if _openmp else 1

@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 
 from .._distributed import SHARD_KEY as _SHARD_KEY
+from .._kernels import cpu_adam
 
 MODES = (None, "F", "D")
 _OFFICIAL_MODE_NAMES = {"ChildTuning-F": "F", "ChildTuning-D": "D"}
@@ -335,11 +336,17 @@ def mask_grad(grad32: torch.Tensor, state: dict, hp: MaskHyper) -> torch.Tensor:
     F mode: ``g ⊙ keep / p`` with the counter-based mask of ``(seed, state["step"],
     state["mask_stream"])``; D mode: ``g ⊙ state["child_mask"]`` when the tensor has a mask. The
     result is a new tensor whenever it differs from ``grad32``; ``grad32`` is never written. Runs
-    eagerly under ``torch.compile`` (the integer hash stays bit-identical to the kernels').
+    eagerly under ``torch.compile`` (the integer hash stays bit-identical to the kernels'). On a
+    contiguous fp32 CPU gradient the masks are applied by the C kernels of
+    ``optimfx._kernels.cpu_adam``, bitwise :func:`bernoulli_grad` and :func:`apply_mask` (tested).
     """
     if hp.bernoulli:
-        key = mask_key(hp.seed, int(state["mask_stream"]), int(state["step"]))
-        return bernoulli_grad(grad32, hp.reserve_p, key, element_offset(state))
+        key, offset = mask_key(hp.seed, int(state["mask_stream"]), int(state["step"])), element_offset(state)
+        # the CPU path's C kernel gives the same tensor bit for bit, in one pass (where it is built)
+        fast = cpu_adam.bernoulli_grad(grad32, key, offset, keep_threshold(hp.reserve_p), keep_scale(hp.reserve_p))
+        return fast if fast is not None else bernoulli_grad(grad32, hp.reserve_p, key, offset)
     if hp.mode == "D" and "child_mask" in state:
-        return apply_mask(grad32, state["child_mask"].view(grad32.shape), 1.0)
+        mask = state["child_mask"].view(grad32.shape)
+        fast = cpu_adam.stored_mask_grad(grad32, mask)
+        return fast if fast is not None else apply_mask(grad32, mask, 1.0)
     return grad32

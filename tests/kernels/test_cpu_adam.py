@@ -204,3 +204,50 @@ def test_without_weight_decay_an_inf_parameter_stays_inf(decoupled):
                   masks=[torch.ones(p.numel(), dtype=torch.uint8)])
     assert torch.isinf(p[0::3]).all() and torch.isfinite(p[2::3]).all()
     assert torch.isfinite(m).all() and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "one-thread"])
+@pytest.mark.parametrize("n, offset", [(1, 0), (7, 1), (5001, 3), (300_001, 12_345), (10_000, 2**33 - 4097)])
+def test_masked_gradient_alone_is_bitwise_the_reference(n, offset, openmp, monkeypatch):
+    """``cpu_adam.bernoulli_grad`` (what ``mask_grad`` uses for AdaFactor and the torch.optim adapter)
+    against ``child_tuning.bernoulli_grad`` bit for bit, signs of zero included, NaN where it has NaN."""
+    if openmp and not cpu_adam._openmp:
+        pytest.skip("the kernels are built without OpenMP here")
+    monkeypatch.setattr(cpu_adam, "_openmp", openmp)
+    monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 1000)
+    key = ct.mask_key(seed=3, stream=1, step=7)
+    grad = torch.randn(n)
+    grad[::97] = -0.0
+    grad[5::101] = float("inf")
+    grad[7::103] = float("nan")
+    got = cpu_adam.bernoulli_grad(grad, key, offset, ct.keep_threshold(0.3), ct.keep_scale(0.3))
+    want = ct.bernoulli_grad(grad, 0.3, key, offset)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+
+
+def test_mask_grad_takes_the_kernel_only_for_contiguous_fp32_cpu_gradients():
+    key = ct.mask_key(0, 0, 1)
+    assert cpu_adam.bernoulli_grad(torch.randn(8, 4).t(), key, 0, 100, 1.0) is None
+    assert cpu_adam.bernoulli_grad(torch.randn(8, dtype=torch.float64), key, 0, 100, 1.0) is None
+    assert cpu_adam.bernoulli_grad(torch.randn(0), key, 0, 100, 1.0) is None
+    state = {"mask_stream": torch.tensor(2), "step": torch.tensor(5)}
+    hp = ct.MaskHyper("F", 0.4, 11)
+    for grad in (torch.randn(33, 65), torch.randn(65, 33).t()):
+        torch.testing.assert_close(ct.mask_grad(grad, state, hp),
+                                   ct.bernoulli_grad(grad, 0.4, ct.mask_key(11, 2, 5)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool])
+@pytest.mark.parametrize("n", [1, 2049, 300_001])
+def test_stored_masked_gradient_alone_is_bitwise_the_reference(n, dtype):
+    grad = torch.randn(n)
+    grad[::97] = -0.0
+    grad[5::101] = float("inf")
+    mask = (torch.rand(n) < 0.3).to(dtype)
+    got, want = cpu_adam.stored_mask_grad(grad, mask), ct.apply_mask(grad, mask, 1.0)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+    assert cpu_adam.stored_mask_grad(grad, mask[:-1] if n > 1 else mask.to(torch.float32)) is None
