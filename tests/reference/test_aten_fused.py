@@ -7,6 +7,9 @@ differs by a rounding or two. Observed after 20 steps: parameters within 0.7 fp3
 largest parameter, moments within 2e-7 relative. Allowed: ``atol = 2^3·eps·max|θ|`` on parameters
 and ``rtol = 2^4·eps`` (1.9e-6) plus ``atol = 2^4·eps`` on the moments (``m`` may nearly cancel),
 while a wrong scalar map (a missed bias correction, ``ε`` on the wrong side) is off by percents.
+Masked groups take the C kernel of ``optimfx._kernels.cpu_adam`` where it is built (the same formula,
+its own roundings) and are held to the same bounds: observed after 20 steps, parameters within 0.66
+ulp of the largest parameter, moments within 3.3e-7 relative where they do not nearly cancel.
 """
 
 from __future__ import annotations
