@@ -89,3 +89,18 @@ def test_installed_wheel_builds_its_cpu_kernels(dist, tmp_path):
                          env={**os.environ, "OPTIMFX_CACHE_DIR": str(tmp_path / "cache")})
     assert str(env_dir) in out.stdout.splitlines()[0]
     assert out.stdout.splitlines()[1] == "{'cpu_adam': 'ready', 'cpu_eg': 'ready'}"
+
+
+def test_a_source_checkout_imports_its_kernels():
+    """Run from the repository root without an installed optimfx (``python -m optimfx bench`` in a
+    checkout after a regular install imports the checkout's ``optimfx/``): ``kernels/`` is
+    ``optimfx._kernels`` there too, and the CPU kernels load from it."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()"
+            " and 'editable' not in type(f).__name__.lower()];"
+            f"sys.path.insert(0, {str(ROOT)!r});"
+            "import optimfx, optimfx._kernels as k; from optimfx._kernels import cpu_build;"
+            "print(optimfx.__file__); print(k.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(ROOT / "optimfx" / "__init__.py")
+    assert lines[1] == str(ROOT / "kernels" / "__init__.py")
