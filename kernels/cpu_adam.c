@@ -39,40 +39,13 @@ enum { F_DECOUPLED = 1, F_MAXIMIZE = 2 };
 enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
 enum { DECAY_NONE = 0, DECAY_DECOUPLED = 1, DECAY_COUPLED = 2 };
 
-#define PAIR_MUL_A 0x85EBCA6Bu
-#define PAIR_MUL_B 0xC2B2AE35u
-#define PAIR_MUL_C 0x7FEB352Du
-#define GOLDEN 0x9E3779B9u
-#define BLOCK 2048
+#define BLOCK HASH_BLOCK
 
 typedef struct {
     float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay, keep_scale, sign;
     int decay_mode, small_weight;
     uint32_t threshold;
 } adam_scalars;
-
-static inline uint32_t xorshift16(uint32_t x) { return x ^ (x >> 16); }
-
-/* hashes of pairs q0 .. q0 + n - 1 (all sharing the high word hi) into h */
-static void pair_hashes(uint32_t *restrict h, uint64_t q0, int64_t n, uint32_t k0, uint32_t k1) {
-    const uint32_t base = (uint32_t)q0 + k0;
-    const uint32_t k1h = k1 ^ ((uint32_t)(q0 >> 32) * GOLDEN);
-    for (int64_t j = 0; j < n; ++j) {
-        uint32_t x = xorshift16((base + (uint32_t)j) * PAIR_MUL_A);
-        x = xorshift16((x + k1h) * PAIR_MUL_B);
-        h[j] = xorshift16(x * PAIR_MUL_C);
-    }
-}
-
-/* The hashes of the pairs of up to n elements from global index `first` into h (BLOCK / 2 + 2
- * words); returns how many elements they cover: n, or fewer where the pairs' high word changes
- * (a block's pairs share it). Element first + i keeps its half ((const uint16_t *)h)[(first & 1) + i]. */
-static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n, uint64_t key) {
-    const uint64_t q0 = first >> 1, word_end = ((q0 >> 32) + 1) << 32;
-    if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
-    pair_hashes(h, q0, (int64_t)(((first + (uint64_t)n + 1) >> 1) - q0), (uint32_t)key, (uint32_t)(key >> 32));
-    return n;
-}
 
 /* n elements from p, g, m, v; `mode` and `decay` are constants in each caller, so every setting
  * gets its own loop (a branch on a run-time setting inside a loop stops vectorisation) */

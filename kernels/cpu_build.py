@@ -134,7 +134,7 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 #: the C kernels of the CPU path
-KERNELS = ("cpu_adam", "cpu_eg")
+KERNELS = ("cpu_adam", "cpu_adafactor", "cpu_eg")
 
 
 def status() -> dict[str, str]:

@@ -3,6 +3,8 @@
 #define OPTIMFX_CPU_COMMON_H
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 /* ATen's vectorised lerp, start + w*(end - start), bit for bit: one fused multiply-add from the
  * start for a weight below 0.5, from the end otherwise (exact at w = 1; accurate where start nearly
@@ -20,5 +22,50 @@ int optimfx_openmp(void) {
     return 0;
 #endif
 }
+
+/* ChildTuning's F mask (optimfx/reference/child_tuning.py), bit for bit: pair q = e >> 1 of global
+ * element e hashes to 32 bits; element e keeps r = (x >> 16*(e & 1)) & 0xFFFF when (r ^ 0x8000) < T.
+ * A span is hashed HASH_BLOCK elements at a time (uint32 lanes), and read as 16-bit halves
+ * (little-endian: the low half is the even element). */
+#define HASH_BLOCK 2048
+#define PAIR_MUL_A 0x85EBCA6Bu
+#define PAIR_MUL_B 0xC2B2AE35u
+#define PAIR_MUL_C 0x7FEB352Du
+#define GOLDEN 0x9E3779B9u
+
+static inline uint32_t xorshift16(uint32_t x) { return x ^ (x >> 16); }
+
+/* hashes of pairs q0 .. q0 + n - 1 (all sharing the high word hi) into h */
+static void pair_hashes(uint32_t *restrict h, uint64_t q0, int64_t n, uint32_t k0, uint32_t k1) {
+    const uint32_t base = (uint32_t)q0 + k0;
+    const uint32_t k1h = k1 ^ ((uint32_t)(q0 >> 32) * GOLDEN);
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t x = xorshift16((base + (uint32_t)j) * PAIR_MUL_A);
+        x = xorshift16((x + k1h) * PAIR_MUL_B);
+        h[j] = xorshift16(x * PAIR_MUL_C);
+    }
+}
+
+/* The hashes of the pairs of up to n elements from global index `first` into h (HASH_BLOCK / 2 + 2
+ * words); returns how many elements they cover: n, or fewer where the pairs' high word changes
+ * (a block's pairs share it). Element first + i keeps its half ((const uint16_t *)h)[(first & 1) + i]. */
+static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n, uint64_t key) {
+    const uint64_t q0 = first >> 1, word_end = ((q0 >> 32) + 1) << 32;
+    if (((first + (uint64_t)n + 1) >> 1) > word_end) n = (int64_t)(2 * word_end - first);
+    pair_hashes(h, q0, (int64_t)(((first + (uint64_t)n + 1) >> 1) - q0), (uint32_t)key, (uint32_t)(key >> 32));
+    return n;
+}
+
+/* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
+ * the compiler keeps a scalar reduction in source order otherwise). */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) f32x8 load_f32x8(const float *src) {
+    f32x8 v;
+    memcpy(&v, src, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void store_f32x8(float *dst, f32x8 v) { memcpy(dst, &v, sizeof v); }
 
 #endif

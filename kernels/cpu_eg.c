@@ -107,18 +107,9 @@ static eg_scalars unpack(const double *s, int64_t flags) {
 
 /* ---- sums ---- */
 
-/* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
- * the compiler keeps a scalar reduction in source order otherwise). A chunk's sums run in 16 fp32
- * lanes (two accumulators of eight), 1024 terms each, and the lanes are added in double: closer
- * than the reference's fp32 BLAS sums, which accumulate a whole tensor in fp32 lanes. */
-typedef float f32x8 __attribute__((vector_size(32)));
-
-static inline __attribute__((always_inline)) f32x8 load_f32x8(const float *src) {
-    f32x8 v;
-    memcpy(&v, src, sizeof v);
-    return v;
-}
-
+/* A chunk's sums run in 16 fp32 lanes (two f32x8 accumulators), 1024 terms each, and the lanes
+ * are added in double: closer than the reference's fp32 BLAS sums, which accumulate a whole tensor
+ * in fp32 lanes. */
 static void chunk_sums(const float *restrict nu, const float *restrict g, const float *restrict m, int64_t n,
                        double *restrict out) {
     f32x8 acc[4][2] = {{{0}}};

@@ -21,7 +21,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -53,20 +53,25 @@ def threads_for(total: int) -> int:
     return max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
 
 
+Align = Union[int, tuple[int, ...]]
+
+
 @functools.lru_cache(maxsize=256)
-def task_tables(numels: tuple[int, ...], threads: int, align: int = 2) -> tuple[Tensor, ...]:
+def task_tables(numels: tuple[int, ...], threads: int, align: Align = 2) -> tuple[Tensor, ...]:
     """One ``[n, 3]`` int64 task table per thread: all elements in order, in ``threads`` shares of
-    about equal size, a tensor cut only at multiples of ``align`` elements (even)."""
+    about equal size, a tensor cut only at multiples of ``align`` elements (one value for all
+    tensors, or one per tensor)."""
     total = sum(numels)
     share = -(-total // threads)
     tables: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
     thread, room = 0, share
-    for index, n in enumerate(numels):
+    aligns = align if isinstance(align, tuple) else (align,) * len(numels)
+    for index, (n, unit) in enumerate(zip(numels, aligns)):
         start = 0
         while start < n:
             take = n - start
             if thread < threads - 1 and take > room:
-                take = min(take, -(-room // align) * align)
+                take = min(take, -(-room // unit) * unit)
             tables[thread].append((index, start, start + take))
             start += take
             room -= take
@@ -76,12 +81,12 @@ def task_tables(numels: tuple[int, ...], threads: int, align: int = 2) -> tuple[
 
 
 def run(kernel: Callable[..., None], openmp: bool, table: Tensor, numels: Sequence[int], *args: object,
-        align: int = 2) -> None:
+        align: Align = 2) -> None:
     """Call ``kernel(table_ptr, shares_ptr, n_shares, *args)`` on the elements of tensors ``numels``
     (``table`` is the kernel's per-tensor table, kept alive for the calls), tensors cut at multiples
-    of ``align`` elements. ``shares`` is int64 ``[n, 2]``: each share's task table and task count.
-    An ``openmp`` kernel takes every share in one call and runs them on torch's OpenMP threads; else
-    each share is one call, on threads of this module's pool."""
+    of ``align`` elements (one value, or one per tensor). ``shares`` is int64 ``[n, 2]``: each
+    share's task table and task count. An ``openmp`` kernel takes every share in one call and runs
+    them on torch's OpenMP threads; else each share is one call, on threads of this module's pool."""
     numels = tuple(numels)
     total = sum(numels)
     if total == 0:

@@ -22,9 +22,14 @@ class Algorithm:
         group_step: ``(params, grads, states, steps, hyper, lr, scalars_of, stochastic_bf16) ->
             indices left``, or ``None``: the reference backend's step of the tensors of a group it
             can take together, faster than one by one and equal to the reference step to rounding
-            (AdaFactor: stacks of small same-shape tensors, ``optimfx/reference/stacking.py``;
+            (AdaFactor: its C kernel on CPU, ``optimfx/reference/adafactor_cpu.py``, and stacks of
+            small same-shape tensors, ``optimfx/reference/stacking.py``;
             AdaX and AdamW: ATen's fused Adam kernel on CPU, ``optimfx/reference/aten_fused.py``).
             The tensors whose indices it returns take ``reference_step`` one by one.
+        group_step_checks_finite: ``group_step`` also takes ``check_finite``: with it set, it makes
+            sure that no gradient of the group holds inf/NaN (its kernel's first pass reading them
+            anyway, AdaFactor's on CPU) and returns ``None``, having written nothing, when one does;
+            the dispatch then does not read the gradients once more for the group's check.
     """
 
     name: str
@@ -32,4 +37,5 @@ class Algorithm:
     hyper: Callable[[dict], Any]
     scalars: Callable[[int, Any], Any]
     reference_step: Callable[..., None]
-    group_step: Optional[Callable[..., list[int]]] = None
+    group_step: Optional[Callable[..., Optional[list[int]]]] = None
+    group_step_checks_finite: bool = False

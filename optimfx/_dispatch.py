@@ -180,16 +180,20 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
             _run_triton(algo, params, grads, states, step_counts, hyper, lr, skip_nonfinite, grad_scale,
                         found_inf, rounding_seed)
         return True
+    compiled = backend == "compiled"
+    group_step = None if compiled else algo.group_step
+    # the group step's kernel checks the gradients in a pass it makes anyway
+    check_in_group = (skip_nonfinite and found_inf is None and group_step is not None
+                      and algo.group_step_checks_finite)
     if found_inf is not None:
         if bool(found_inf):
             return True
-    elif skip_nonfinite and not all_finite(grads):
+    elif skip_nonfinite and not check_in_group and not all_finite(grads):
         return False
     if grad_scale is not None:
         grads = _unscaled(grads, grad_scale)
     step_counts.advance()
-    step_fn = _compiled_step(algo) if backend == "compiled" else algo.reference_step
-    compiled = backend == "compiled"
+    step_fn = _compiled_step(algo) if compiled else algo.reference_step
     lr_f = _graph_scalar(lr) if compiled else _host_lr(lr)
     scalars: dict[int, Any] = {}
 
@@ -202,9 +206,14 @@ def run(algo: Algorithm, backend: str, params: list[Tensor], grads: list[Tensor]
 
     steps = step_counts.values()
     todo: Iterable[int] = range(len(params))
-    if not compiled and algo.group_step is not None:
-        todo = algo.group_step(params, grads, states, steps, hyper, lr_f, scalars_of,
-                               stochastic_bf16=rounding_seed is not None)
+    if group_step is not None:
+        check = {"check_finite": True} if check_in_group else {}
+        left = group_step(params, grads, states, steps, hyper, lr_f, scalars_of,
+                          stochastic_bf16=rounding_seed is not None, **check)
+        if left is None:  # a gradient holds inf/NaN: nothing was written
+            step_counts.advance(-1)
+            return False
+        todo = left
     for i in todo:
         p, g, state, step = params[i], grads[i], states[i], steps[i]
         sc = scalars_of(step)

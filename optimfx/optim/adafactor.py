@@ -14,7 +14,7 @@ from .._algorithm import Algorithm
 from .._precision import compute_dtype
 from .._validation import check_choice, check_nonnegative, check_range, check_torch_flags
 from ..reference import adafactor as ref
-from ..reference.stacking import step_stacks
+from ..reference import adafactor_cpu
 from . import adafactor_checkpoints
 from .base import FxOptimizer, _checked_lr
 from .gradient_masks import MASK_GROUP_CHECKS, GradientMaskMixin, documented
@@ -27,7 +27,8 @@ ADAFACTOR = Algorithm(
     hyper=ref.AdaFactorHyper.from_group,
     scalars=ref.host_scalars,
     reference_step=ref.step_,
-    group_step=functools.partial(step_stacks, functools.partial(ref.step_, stacked=True)),
+    group_step=functools.partial(adafactor_cpu.step_group, functools.partial(ref.step_, stacked=True)),
+    group_step_checks_finite=True,
 )
 
 

@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .. import _distributed
+from .._kernels import cpu_adafactor
 from .._precision import compute_dtype, working_copy, write_back_
 from . import batched_masks
 from . import child_tuning as ct
@@ -215,10 +216,11 @@ _SCRATCH = _Scratch()
 
 
 def free_scratch() -> None:
-    """Release this thread's reusable buffers, the ChildTuning batch buffers included (the next step
-    allocates them again)."""
+    """Release this thread's reusable buffers, the ChildTuning batch buffers and the C kernel's
+    cached scratch included (the next step allocates them again)."""
     _SCRATCH.__init__()
     batched_masks.free_scratch()
+    cpu_adafactor.free_scratch()
 
 
 def load_grad(grad: Tensor, param32: Tensor, state: dict[str, Tensor], hp: AdaFactorHyper) -> Tensor:

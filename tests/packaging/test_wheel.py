@@ -34,7 +34,8 @@ def test_wheel_layout(dist):
     assert "optimfx/_kernels/__init__.py" in names
     assert "optimfx/_kernels/adax.py" in names and "optimfx/_kernels/_launcher.py" in names
     # the CPU kernels' sources, compiled where the package is used
-    assert {"optimfx/_kernels/cpu_adam.c", "optimfx/_kernels/cpu_eg.c", "optimfx/_kernels/cpu_common.h"} <= set(names)
+    assert {"optimfx/_kernels/cpu_adam.c", "optimfx/_kernels/cpu_adafactor.c", "optimfx/_kernels/cpu_eg.c",
+            "optimfx/_kernels/cpu_common.h"} <= set(names)
     assert "optimfx/py.typed" in names
     assert "kernels" not in top_level and "tests" not in top_level and "benches" not in top_level
     assert not any(n.endswith(".pyc") for n in names)
@@ -88,7 +89,7 @@ def test_installed_wheel_builds_its_cpu_kernels(dist, tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True,
                          env={**os.environ, "OPTIMFX_CACHE_DIR": str(tmp_path / "cache")})
     assert str(env_dir) in out.stdout.splitlines()[0]
-    assert out.stdout.splitlines()[1] == "{'cpu_adam': 'ready', 'cpu_eg': 'ready'}"
+    assert out.stdout.splitlines()[1] == "{'cpu_adam': 'ready', 'cpu_adafactor': 'ready', 'cpu_eg': 'ready'}"
 
 
 def test_a_source_checkout_imports_its_kernels():

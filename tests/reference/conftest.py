@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimfx._kernels import cpu_adam, cpu_build
+from optimfx._kernels import cpu_adafactor, cpu_adam, cpu_build
 from optimfx.reference import aten_fused
 
 
@@ -42,3 +42,10 @@ def masked_path(request, monkeypatch) -> str:
     if request.param == "aten-masks":
         monkeypatch.setattr(aten_fused, "_step_in_cpu_kernel", lambda *args: False)
     return request.param
+
+
+@pytest.fixture
+def without_adafactor_kernel(monkeypatch) -> None:
+    """AdaFactor's groups take the stacked and per-tensor reference steps, as where no C compiler is
+    found (``optimfx/reference/adafactor_cpu.py``)."""
+    monkeypatch.setattr(cpu_adafactor, "available", lambda: False)

@@ -8,7 +8,8 @@ while a wrong per-slice scale (a stack-wide RMS) is off by percents. bf16 parame
 the neighbouring bf16 value when the fp32 results differ in the last bits: one bf16 ulp (2^-7
 relative) is allowed there. Momentum entries that nearly cancel get a large *relative* error from
 an absolute one of a few ulps of the tensor's scale (observed ≤ 1e-9 on entries up to 7e-3), hence
-``atol=1e-8`` for the state.
+``atol=1e-8`` for the state. The C kernel, which takes fp32 groups before any stacking where it is
+built, is switched off here (``test_adafactor_cpu_kernel.py`` tests it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 import optimfx
 from optimfx.reference import stacking
+
+pytestmark = pytest.mark.usefixtures("without_adafactor_kernel")
 
 #: several tensors per shape (stacked), shapes met once (stepped alone), one over the stacking size
 SHAPES = [(16, 24)] * 5 + [()] * 3 + [(3, 5, 7)] * 4 + [(40,)] * 6 + [(1, 9)] * 3 + [(9, 1)] * 2 + [(130, 7)] + [(400, 400)]

@@ -1,0 +1,424 @@
+/* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in three passes per element, for
+ * fp32 CPU tensors. Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
+ *
+ *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (G - G), and for a
+ *                                 factored tensor its rows' sums of G^2 and the block's column sums
+ *   finish 1  (per tensor)        s = max(eps2, RMS(theta));  R <- lerp(R, rowsum/n_c + eps1, w),
+ *                                 C <- lerp(C, colsum/n_r + eps1, w);  a2_i = min(mean(R)/R_i, 1/tiny),
+ *                                 b2_j = 1/C_j
+ *   pass 2    (reads G)           factored: sum U^2 = sum_i a2_i sum_j G_ij^2 b2_j;
+ *                                 unfactored: V <- lerp(V, G^2 + eps1, w), sum U^2 = sum (G/sqrt(V))^2
+ *   finish 2  (per tensor)        k = 1/max(1, RMS(U)/d);  a_i = sqrt(a2_i),  b_j = sqrt(b2_j)*k*s
+ *   pass 3    (reads G, theta, M) U' = (G*a_i)*b_j  (unfactored: (G/sqrt(V))*k*s);
+ *                                 theta <- theta*decay - rho*U',  or with momentum
+ *                                 M <- beta1*M + ((1 - beta1)*rho)*U',  theta <- theta*decay - M
+ *
+ * A factored tensor [B, n_r, n_c] (leading axes flattened into B) is cut into blocks of whole rows
+ * of one slice; an unfactored one into blocks of CHUNK elements. Every sum is taken per block, in
+ * fp32 lanes per row (per piece of a row) added in double, and the blocks' sums are added in order
+ * in the finishes: results do not depend on how the blocks are shared between threads. Work arrives
+ * as tasks (tensor, first element, end) that start at block boundaries. The passes write nothing
+ * but scratch until finish 1 has seen every probe: a step with an inf/NaN gradient changes nothing.
+ *
+ * No fast-math (IEEE semantics: inf/NaN propagate as in the reference) and no FMA contraction;
+ * the only fmaf is ATen's lerp (cpu_common.h). The update equals the reference's ATen ops to
+ * rounding: its sums are BLAS/ATen reductions in another order and precision.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_common.h"
+
+/* one row per tensor of the call, all int64 (pointers as integers) */
+enum {
+    T_PARAM, T_GRAD,
+    T_ROW,      /* R [B, n_r] (factored), or V (unfactored) */
+    T_COL,      /* C [B, n_c] (factored), 0 */
+    T_EXP_AVG,  /* M, or 0 without momentum */
+    T_MASK,     /* ChildTuning-D byte mask, or 0 */
+    T_OFFSET, T_KEY, /* ChildTuning-F: global index of the first element, 64-bit key */
+    T_NUMEL,
+    T_ROWS, T_COLS, /* n_r, n_c of a factored tensor; 0, 0 for an unfactored one */
+    T_BLOCK,    /* elements per block: whole rows (factored) or CHUNK */
+    T_A,        /* float [B*n_r]: row sums of G^2, then a2, then a */
+    T_B,        /* float [B*n_c]: column sums, then b2, then b (k*s folded in) */
+    T_COLPART,  /* float [n_blocks * n_c]: each block's column sums (factored) */
+    T_PARTS,    /* double [n_blocks * P_COUNT]: each block's partial sums */
+    T_SCALARS,  /* double [X_COUNT]: the tensor's scalars from the finishes */
+    T_COLUMNS
+};
+enum { K_TENSOR, K_START, K_END, K_COLUMNS };
+enum { P_PARAM_SQ, P_PROBE, P_UPDATE_SQ, P_COUNT };
+enum { X_PARAM_SCALE, X_UPDATE_SCALE, X_DECAY, X_COUNT };
+/* the doubles of `scalars` */
+enum { S_WEIGHT, S_EPS1, S_EPS2, S_CLIP, S_STEP, S_LR, S_WEIGHT_DECAY, S_BETA1, S_KEEP_SCALE, S_COUNT };
+/* bits of `flags`; the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
+enum { F_SCALE_PARAMETER = 1, F_MOMENTUM = 2, F_DECAY_TORCH = 4, F_MAXIMIZE = 8 };
+enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
+
+#define CHUNK 16384
+#define PIECE HASH_BLOCK /* elements of a row loaded (and masked) at a time */
+#define LANES 8
+
+typedef struct {
+    float weight, weight_minus_one, eps1, neg_step, momentum_coef, beta1, keep_scale;
+    int small_weight, mask_mode, momentum;
+    uint32_t threshold;
+} af_scalars;
+
+static af_scalars unpack(const double *s, int64_t flags) {
+    af_scalars a;
+    a.weight = (float)s[S_WEIGHT];
+    a.weight_minus_one = a.weight - 1.0f;
+    a.small_weight = fabsf(a.weight) < 0.5f;
+    a.eps1 = (float)s[S_EPS1];
+    /* maximize negates G: (-G*a)*b is -(G*a*b) exactly, so the sign rides on the step's coefficients */
+    const float sign = (flags & F_MAXIMIZE) ? -1.0f : 1.0f;
+    a.neg_step = -(float)s[S_STEP] * sign;
+    a.momentum_coef = (float)((1.0 - s[S_BETA1]) * s[S_STEP]) * sign;
+    a.beta1 = (float)s[S_BETA1];
+    a.momentum = (flags & F_MOMENTUM) != 0;
+    a.keep_scale = (float)s[S_KEEP_SCALE];
+    a.mask_mode = (int)((flags >> 8) & 0xFF);
+    a.threshold = (uint32_t)((flags >> 16) & 0x1FFFF);
+    return a;
+}
+
+/* ---- loading G ---- */
+
+/* G of elements [s, s + n) of tensor row t (n <= PIECE): the gradient itself, or its ChildTuning-
+ * masked copy in buf (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for bit). */
+static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, float *restrict buf,
+                                     const af_scalars *a) {
+    const float *restrict g = (const float *)t[T_GRAD] + s;
+    if (a->mask_mode == MASK_BERNOULLI) {
+        uint32_t h[HASH_BLOCK / 2 + 2];
+        const float scale = a->keep_scale;
+        const uint32_t threshold = a->threshold;
+        int64_t done = 0;
+        while (done < n) {
+            const uint64_t first = (uint64_t)(t[T_OFFSET] + s + done);
+            const int64_t m = hash_block(h, first, n - done, (uint64_t)t[T_KEY]);
+            const uint16_t *restrict bits = (const uint16_t *)h + (first & 1);
+            for (int64_t i = 0; i < m; ++i)
+                buf[done + i] = 0.0f + ((((uint32_t)bits[i] ^ 0x8000u) < threshold) ? scale : 0.0f) * g[done + i];
+            done += m;
+        }
+        return buf;
+    }
+    if (a->mask_mode == MASK_STORED && t[T_MASK] != 0) {
+        const uint8_t *restrict keep = (const uint8_t *)t[T_MASK] + s;
+        for (int64_t i = 0; i < n; ++i) buf[i] = g[i] * (float)keep[i];
+        return buf;
+    }
+    return g;
+}
+
+static inline double lane_total(f32x8 v) {
+    float lanes[LANES];
+    store_f32x8(lanes, v);
+    double total = 0.0;
+    for (int l = 0; l < LANES; ++l) total += lanes[l];
+    return total;
+}
+
+static inline int64_t n_blocks(const int64_t *t) { return (t[T_NUMEL] + t[T_BLOCK] - 1) / t[T_BLOCK]; }
+
+/* ---- pass 1 ---- */
+
+/* sums of one piece: G^2 into *row (and into colpart when given), theta^2 and G - G into *param_sq,
+ * *probe */
+static inline void piece_sums(const float *restrict g, const float *restrict p, float *restrict colpart, int64_t n,
+                              double *row, double *param_sq, double *probe) {
+    f32x8 acc_g = {0}, acc_p = {0}, acc_probe = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const f32x8 gv = load_f32x8(g + i), pv = load_f32x8(p + i), g2 = gv * gv;
+        acc_g += g2;
+        acc_p += pv * pv;
+        acc_probe += gv - gv;
+        if (colpart) store_f32x8(colpart + i, load_f32x8(colpart + i) + g2);
+    }
+    double sg = lane_total(acc_g), sp = lane_total(acc_p), sprobe = lane_total(acc_probe);
+    for (; i < n; ++i) {
+        const float g2 = g[i] * g[i];
+        sg += g2;
+        sp += p[i] * p[i];
+        sprobe += g[i] - g[i];
+        if (colpart) colpart[i] += g2;
+    }
+    *row += sg;
+    *param_sq += sp;
+    *probe += sprobe;
+}
+
+static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+    const int64_t size = t[T_BLOCK], s0 = block * size;
+    const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
+    const float *p = (const float *)t[T_PARAM];
+    double *parts = (double *)t[T_PARTS] + block * P_COUNT;
+    double param_sq = 0.0, probe = 0.0;
+    const int64_t cols = t[T_COLS];
+    if (cols == 0) {
+        double unused = 0.0;
+        for (int64_t s = s0; s < e0; s += PIECE) {
+            const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
+            piece_sums(load_grad(t, s, n, buf, a), p + s, 0, n, &unused, &param_sq, &probe);
+        }
+    } else {
+        float *colpart = (float *)t[T_COLPART] + block * cols;
+        float *rowsum = (float *)t[T_A];
+        memset(colpart, 0, (size_t)cols * sizeof(float));
+        for (int64_t r = s0 / cols; r < e0 / cols; ++r) {
+            double row = 0.0;
+            for (int64_t c = 0; c < cols; c += PIECE) {
+                const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
+                piece_sums(load_grad(t, s, n, buf, a), p + s, colpart + c, n, &row, &param_sq, &probe);
+            }
+            rowsum[r] = (float)row;
+        }
+    }
+    parts[P_PARAM_SQ] = param_sq;
+    parts[P_PROBE] = probe;
+}
+
+/* ---- pass 2 ---- */
+
+static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+    const int64_t size = t[T_BLOCK], s0 = block * size;
+    const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
+    const int64_t cols = t[T_COLS];
+    double total = 0.0;
+    if (cols == 0) {
+        float *restrict v = (float *)t[T_ROW];
+        const float w = a->weight, wm1 = a->weight_minus_one, eps1 = a->eps1;
+        const int small = a->small_weight;
+        for (int64_t s = s0; s < e0; s += PIECE) {
+            const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
+            const float *restrict g = load_grad(t, s, n, buf, a);
+            float *restrict vs = v + s;
+            float u2[PIECE];
+            for (int64_t i = 0; i < n; ++i) {
+                const float vi = lerp_f32(vs[i], g[i] * g[i] + eps1, w, wm1, small);
+                const float u = (1.0f / sqrtf(vi)) * g[i];
+                vs[i] = vi;
+                u2[i] = u * u;
+            }
+            f32x8 acc = {0};
+            int64_t i = 0;
+            for (; i + LANES <= n; i += LANES) acc += load_f32x8(u2 + i);
+            double piece = lane_total(acc);
+            for (; i < n; ++i) piece += u2[i];
+            total += piece;
+        }
+    } else {
+        const float *restrict a2 = (const float *)t[T_A], *restrict b2_all = (const float *)t[T_B];
+        const int64_t rows = t[T_ROWS];
+        for (int64_t r = s0 / cols; r < e0 / cols; ++r) {
+            const float *restrict b2 = b2_all + (r / rows) * cols;
+            double row = 0.0;
+            for (int64_t c = 0; c < cols; c += PIECE) {
+                const int64_t n = cols - c < PIECE ? cols - c : PIECE;
+                const float *restrict g = load_grad(t, r * cols + c, n, buf, a);
+                f32x8 acc = {0};
+                int64_t i = 0;
+                for (; i + LANES <= n; i += LANES) {
+                    const f32x8 gv = load_f32x8(g + i);
+                    acc += (gv * gv) * load_f32x8(b2 + c + i);
+                }
+                double piece = lane_total(acc);
+                for (; i < n; ++i) piece += (g[i] * g[i]) * b2[c + i];
+                row += piece;
+            }
+            total += (double)a2[r] * (double)(float)row;
+        }
+    }
+    ((double *)t[T_PARTS])[block * P_COUNT + P_UPDATE_SQ] = total;
+}
+
+/* ---- pass 3 ---- */
+
+static inline __attribute__((always_inline)) void apply_piece(
+    float *restrict p, float *restrict m, const float *restrict g, const float *restrict b, float a_i, float b_all,
+    int64_t n, float decay, const af_scalars *a, const int momentum, const int decayed, const int per_column) {
+    const float neg_step = a->neg_step, coef = a->momentum_coef, beta1 = a->beta1;
+    /* ATen's addcmul(x, u, v, value=c) is x + (c*u)*v, with u = G*a_i (or U) and v = b_j (or k*s) */
+    for (int64_t i = 0; i < n; ++i) {
+        const float u = g[i] * a_i, v = per_column ? b[i] : b_all;
+        float pi = p[i];
+        if (decayed) pi = pi * decay;
+        if (momentum) {
+            const float mi = m[i] * beta1 + (coef * u) * v;
+            m[i] = mi;
+            p[i] = pi - mi;
+        } else {
+            p[i] = pi + (neg_step * u) * v;
+        }
+    }
+}
+
+/* one loop per setting: a branch on a run-time setting inside a loop stops vectorisation */
+static void apply_span(float *p, float *m, const float *g, const float *b, float a_i, float b_all, int64_t n,
+                       float decay, const af_scalars *a, int decayed, int per_column) {
+#define APPLY(mo, de, pc) apply_piece(p, m, g, b, a_i, b_all, n, decay, a, mo, de, pc)
+    if (per_column) {
+        if (a->momentum) decayed ? APPLY(1, 1, 1) : APPLY(1, 0, 1);
+        else decayed ? APPLY(0, 1, 1) : APPLY(0, 0, 1);
+    } else {
+        if (a->momentum) decayed ? APPLY(1, 1, 0) : APPLY(1, 0, 0);
+        else decayed ? APPLY(0, 1, 0) : APPLY(0, 0, 0);
+    }
+#undef APPLY
+}
+
+static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+    const int64_t size = t[T_BLOCK], s0 = block * size;
+    const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
+    const int64_t cols = t[T_COLS];
+    const double *x = (const double *)t[T_SCALARS];
+    const float decay = (float)x[X_DECAY];
+    const int decayed = decay != 1.0f;
+    float *p = (float *)t[T_PARAM], *m = (float *)t[T_EXP_AVG];
+    if (cols == 0) {
+        const float *restrict v = (const float *)t[T_ROW];
+        const float scale = (float)x[X_UPDATE_SCALE];
+        float u[PIECE];
+        for (int64_t s = s0; s < e0; s += PIECE) {
+            const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
+            const float *restrict g = load_grad(t, s, n, buf, a);
+            for (int64_t i = 0; i < n; ++i) u[i] = (1.0f / sqrtf(v[s + i])) * g[i];
+            apply_span(p + s, m ? m + s : 0, u, 0, 1.0f, scale, n, decay, a, decayed, 0);
+        }
+        return;
+    }
+    const float *a_all = (const float *)t[T_A], *b_all = (const float *)t[T_B];
+    const int64_t rows = t[T_ROWS];
+    for (int64_t r = s0 / cols; r < e0 / cols; ++r) {
+        const float *b = b_all + (r / rows) * cols;
+        for (int64_t c = 0; c < cols; c += PIECE) {
+            const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
+            const float *g = load_grad(t, s, n, buf, a);
+            apply_span(p + s, m ? m + s : 0, g, b + c, a_all[r], 1.0f, n, decay, a, decayed, 1);
+        }
+    }
+}
+
+/* ---- finishes (per tensor) ---- */
+
+/* the parameter scale; for a factored tensor the statistics' update and a2, b2 */
+static void finish1(const int64_t *t, const double *s, int64_t flags) {
+    const int64_t blocks = n_blocks(t), numel = t[T_NUMEL], cols = t[T_COLS], rows = t[T_ROWS];
+    const double *parts = (const double *)t[T_PARTS];
+    double *x = (double *)t[T_SCALARS];
+    double param_sq = 0.0;
+    for (int64_t k = 0; k < blocks; ++k) param_sq += parts[k * P_COUNT + P_PARAM_SQ];
+    const float rms = (float)sqrt(param_sq / (double)numel);
+    const float eps2 = (float)s[S_EPS2];
+    /* the comparisons keep a NaN, as the reference's clamps do */
+    x[X_PARAM_SCALE] = (flags & F_SCALE_PARAMETER) ? (rms < eps2 ? eps2 : rms) : 1.0f;
+    if (cols == 0) return;
+    const float w = (float)s[S_WEIGHT], wm1 = w - 1.0f, eps1 = (float)s[S_EPS1];
+    const int small = fabsf(w) < 0.5f;
+    const float inv_rows = (float)(1.0 / (double)rows), inv_cols = (float)(1.0 / (double)cols);
+    const float cap = 1.0f / 1.17549435e-38f; /* 1/tiny: R̄/R_i stays finite for a zero row */
+    const int64_t slices = numel / (rows * cols), per_slice = blocks / slices;
+    const float *colpart = (const float *)t[T_COLPART];
+    float *row_stat = (float *)t[T_ROW], *col_stat = (float *)t[T_COL];
+    float *a2 = (float *)t[T_A], *b2 = (float *)t[T_B];
+    for (int64_t sl = 0; sl < slices; ++sl) {
+        float *bs = b2 + sl * cols, *cs = col_stat + sl * cols;
+        const float *first = colpart + sl * per_slice * cols;
+        memcpy(bs, first, (size_t)cols * sizeof(float));
+        for (int64_t k = 1; k < per_slice; ++k) {
+            const float *part = first + k * cols;
+            for (int64_t j = 0; j < cols; ++j) bs[j] += part[j];
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+            const float c = lerp_f32(cs[j], bs[j] * inv_rows + eps1, w, wm1, small);
+            cs[j] = c;
+            bs[j] = 1.0f / c;
+        }
+        float *as = a2 + sl * rows, *rs = row_stat + sl * rows;
+        double total = 0.0;
+        for (int64_t i = 0; i < rows; ++i) {
+            const float r = lerp_f32(rs[i], as[i] * inv_cols + eps1, w, wm1, small);
+            rs[i] = r;
+            total += r;
+        }
+        const float mean = (float)(total / (double)rows);
+        for (int64_t i = 0; i < rows; ++i) {
+            const float q = mean / rs[i];
+            as[i] = q > cap ? cap : q;
+        }
+    }
+}
+
+/* the clip, and the per-row / per-column factors of the update */
+static void finish2(const int64_t *t, const double *s, int64_t flags) {
+    const int64_t blocks = n_blocks(t), numel = t[T_NUMEL], cols = t[T_COLS], rows = t[T_ROWS];
+    const double *parts = (const double *)t[T_PARTS];
+    double *x = (double *)t[T_SCALARS];
+    double total = 0.0;
+    for (int64_t k = 0; k < blocks; ++k) total += parts[k * P_COUNT + P_UPDATE_SQ];
+    const float clip = (float)(total / ((double)numel * s[S_CLIP] * s[S_CLIP]));
+    const float inv_clip = 1.0f / sqrtf(clip < 1.0f ? 1.0f : clip);
+    const float pscale = (float)x[X_PARAM_SCALE], scale = inv_clip * pscale;
+    x[X_UPDATE_SCALE] = scale;
+    /* HF/fairseq: theta -= lambda*alpha_t*theta with alpha_t = rho*s; torch: theta *= 1 - lr*lambda */
+    const double wd = s[S_WEIGHT_DECAY];
+    x[X_DECAY] = wd == 0.0 ? 1.0
+                 : (flags & F_DECAY_TORCH) ? (double)(float)(1.0 - wd * s[S_LR])
+                                           : (double)(1.0f - (float)wd * (pscale * (float)s[S_STEP]));
+    if (cols == 0) return;
+    const int64_t slices = numel / (rows * cols);
+    float *a = (float *)t[T_A], *b = (float *)t[T_B];
+    for (int64_t i = 0; i < slices * rows; ++i) a[i] = sqrtf(a[i]);
+    for (int64_t j = 0; j < slices * cols; ++j) b[j] = sqrtf(b[j]) * scale;
+}
+
+/* ---- entry points ---- */
+
+static void pass_share(int pass, const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const af_scalars *a) {
+    float buf[PIECE];
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        const int64_t size = t[T_BLOCK];
+        for (int64_t block = task[K_START] / size; block * size < task[K_END]; ++block) {
+            if (pass == 1) pass1_block(t, block, a, buf);
+            else if (pass == 2) pass2_block(t, block, a, buf);
+            else pass3_block(t, block, a, buf);
+        }
+    }
+}
+
+/* Pass 1, 2 or 3 of every share (rows of `shares`: task table pointer, task count), one per thread. */
+void optimfx_adafactor_pass(const int64_t *tensors, const int64_t *shares, int64_t n_shares, int64_t pass,
+                            const double *scalars, int64_t flags) {
+    const af_scalars a = unpack(scalars, flags);
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        pass_share((int)pass, tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], &a);
+}
+
+/* Finish 1 (after checking every probe: returns 1, having written nothing, when a gradient holds
+ * inf/NaN and `check` is set) or finish 2, of tensors [0, n_tensors), on up to `threads` threads. */
+int64_t optimfx_adafactor_finish(const int64_t *tensors, int64_t n_tensors, int64_t finish, const double *scalars,
+                                 int64_t flags, int64_t check, int64_t threads) {
+    if (finish == 1 && check) {
+        double probe = 0.0;
+        for (int64_t k = 0; k < n_tensors; ++k) {
+            const int64_t *t = tensors + k * T_COLUMNS;
+            const double *parts = (const double *)t[T_PARTS];
+            for (int64_t b = 0; b < n_blocks(t); ++b) probe += parts[b * P_COUNT + P_PROBE];
+        }
+        if (probe != 0.0) return 1; /* NaN: some G - G was not 0 */
+    }
+#pragma omp parallel for num_threads((int)threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_tensors; ++k) {
+        if (finish == 1) finish1(tensors + k * T_COLUMNS, scalars, flags);
+        else finish2(tensors + k * T_COLUMNS, scalars, flags);
+    }
+    return 0;
+}

@@ -1,0 +1,253 @@
+"""Host side of ``cpu_adafactor.c``: AdaFactor's step in three passes per element for fp32 CPU tensors.
+
+The reference takes about ten ATen passes per tensor and step (the squared gradient, its row and
+column sums, ``ΣU²``, the update, the parameter), and on many small tensors mostly per-op cost; the
+C kernel reads the gradient three times and the parameter twice, for every tensor of a group in one
+call per pass, with the ChildTuning mask computed where the gradient is loaded and the inf/NaN
+check of the group riding on the first pass. Between the passes two short *finishes* per tensor
+(the statistics' update, the clip) run in C too. The paper's ε form only (``eps_mode="paper"``
+with ``ε1`` at least the smallest normal fp32 number); everything else takes the reference.
+
+Scratch per call (cached with the call's layout, :data:`_PLANS`): per tensor its row and column
+vectors and the column sums of each block of rows, at most 1/64 of the parameter's elements
+(:func:`block_rows`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import cpu_build, cpu_launcher
+
+Tensor = torch.Tensor
+NAME = "cpu_adafactor"
+#: elements per block of an unfactored tensor (``CHUNK`` in ``cpu_adafactor.c``)
+CHUNK = 16384
+#: a factored tensor's blocks hold at least this many rows (the column sums of a block are one
+#: row's worth of scratch) and at least :data:`CHUNK` elements
+MIN_BLOCK_ROWS = 64
+#: mask modes of the kernel
+MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
+_SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
+# columns of the per-tensor table (the T_* enum of cpu_adafactor.c)
+(T_PARAM, T_GRAD, T_ROW, T_COL, T_EXP_AVG, T_MASK, T_OFFSET, T_KEY, T_NUMEL, T_ROWS, T_COLS, T_BLOCK,
+ T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_COLUMNS) = range(18)
+_PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 3
+_MASK_DTYPES = (torch.uint8, torch.bool)
+_functions: dict[str, ctypes._CFuncPtr] = {}
+_openmp = False
+_SIGNATURES = {
+    "optimfx_adafactor_pass": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                ctypes.c_int64], None),
+    "optimfx_adafactor_finish": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_int64], ctypes.c_int64),
+}
+
+
+def _function(name: str) -> Optional[ctypes._CFuncPtr]:
+    global _functions, _openmp
+    if not _functions:
+        lib = cpu_build.load(NAME)
+        if lib is None:
+            return None
+        functions = {}
+        for fn_name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(lib, fn_name)
+            fn.argtypes, fn.restype = argtypes, restype
+            functions[fn_name] = fn
+        # published whole: another thread sees an empty or a complete table
+        _openmp = cpu_build.uses_openmp(lib)
+        _functions = functions
+    return _functions[name]
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call) and enabled."""
+    return cpu_build.enabled() and _function("optimfx_adafactor_pass") is not None
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain(t: Tensor) -> bool:
+    # a tensor subclass (DTensor, ...) may not hold its elements at data_ptr()
+    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and type(t) in _PLAIN_TYPES
+
+
+def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
+    """Contiguous fp32 CPU tensors, not empty: the parameter, its gradient and its state in the layout
+    ``reference.adafactor.init_state`` gives (a state of another shape or dtype, loaded from a
+    checkpoint, takes the reference, which says what is wrong), a ChildTuning-D mask, if any, of one
+    byte per element."""
+    shape = param.shape
+    if not (_plain(param) and _plain(grad) and grad.shape == shape and param.numel() > 0):
+        return False
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        if not (_plain(row) and _plain(col) and row.shape == shape[:-1] and col.shape == shape[:-2] + shape[-1:]):
+            return False
+    elif not (_plain(state["exp_avg_sq"]) and state["exp_avg_sq"].shape == shape):
+        return False
+    avg = state.get("exp_avg")
+    if avg is not None and not (_plain(avg) and avg.shape == shape):
+        return False
+    mask = state.get("child_mask")
+    return mask is None or (mask.dtype in _MASK_DTYPES and mask.is_cpu and mask.is_contiguous()
+                            and mask.numel() == param.numel())
+
+
+def block_rows(slices: int, rows: int, cols: int) -> int:
+    """Rows per block of a factored ``[slices, rows, cols]`` tensor: at least :data:`MIN_BLOCK_ROWS` rows
+    and :data:`CHUNK` elements. The blocks of a slice must not reach into the next one: with several
+    slices a block is a divisor of ``rows`` (or a whole slice, where no divisor near the target exists)."""
+    target = max(MIN_BLOCK_ROWS, -(-CHUNK // cols))
+    if rows <= target or slices == 1:
+        return min(rows, target)
+    divisor = max(d for d in range(1, target + 1) if rows % d == 0)
+    return divisor if divisor * 4 >= target else rows
+
+
+class _Plan(NamedTuple):
+    """A call's per-tensor table and scratch, for one layout of tensors."""
+
+    table: Tensor  # int64 [T, T_COLUMNS]
+    floats: Tensor  # fp32 scratch: row and column vectors, blocks' column sums
+    doubles: Tensor  # float64 scratch: blocks' partial sums, per-tensor scalars
+    numels: tuple[int, ...]
+    aligns: tuple[int, ...]
+
+
+#: recent layouts (a layout: the tensors' addresses and shapes) → their plan
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_PLAN_LIMIT = 8
+_plans_lock = threading.Lock()
+
+
+def free_scratch() -> None:
+    """Drop the cached plans and their scratch (the next step builds them again)."""
+    with _plans_lock:
+        _PLANS.clear()
+
+
+def _geometry(param: Tensor, factored: bool) -> tuple[int, int, int]:
+    """``(rows, cols, block)``: a factored tensor's last two sizes and elements per block; ``(0, 0,
+    CHUNK)`` for an unfactored one."""
+    if not factored:
+        return 0, 0, CHUNK
+    rows, cols = param.shape[-2], param.shape[-1]
+    slices = param.numel() // (rows * cols)
+    return rows, cols, block_rows(slices, rows, cols) * cols
+
+
+def _plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
+    """The plan of these tensors: cached by their addresses and shapes (the gradients, whose
+    addresses change from step to step, are written into the table by each call)."""
+    layout = tuple(map(_address, params, states))
+    with _plans_lock:
+        plan = _PLANS.get(layout)
+        if plan is not None:
+            _PLANS.move_to_end(layout)
+            return plan
+    plan = _build_plan(params, states)
+    with _plans_lock:
+        _PLANS[layout] = plan
+        while len(_PLANS) > _PLAN_LIMIT:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _address(param: Tensor, state: dict) -> tuple[int, ...]:
+    """Where a tensor's parameter and state buffers are: with :func:`takes` having checked their
+    shapes against the parameter's, the layout of its row of the table."""
+    get = state.get
+    row, col, avg, mask = get("exp_avg_sq_row"), get("exp_avg_sq_col"), get("exp_avg"), get("child_mask")
+    return (param.data_ptr(), (row if row is not None else state["exp_avg_sq"]).data_ptr(),
+            0 if col is None else col.data_ptr(), 0 if avg is None else avg.data_ptr(),
+            0 if mask is None else mask.data_ptr())
+
+
+def _build_plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
+    geometry = [_geometry(p, "exp_avg_sq_row" in s) for p, s in zip(params, states)]
+    float_sizes, double_sizes = [], []
+    for p, (rows, cols, block) in zip(params, geometry):
+        blocks = -(-p.numel() // block)
+        slices = p.numel() // (rows * cols) if cols else 0
+        float_sizes.append((slices * rows, slices * cols, blocks * cols))
+        double_sizes.append((blocks * _PARTS_PER_BLOCK, _SCALARS_PER_TENSOR))
+    floats = torch.empty(max(1, sum(map(sum, float_sizes))), dtype=torch.float32)
+    doubles = torch.empty(sum(map(sum, double_sizes)), dtype=torch.float64)
+    f_at, d_at = floats.data_ptr(), doubles.data_ptr()
+    rows_out = []
+    for p, s, (rows, cols, block), fs, ds in zip(params, states, geometry, float_sizes, double_sizes):
+        row = s.get("exp_avg_sq_row", s.get("exp_avg_sq"))
+        col, avg, mask = s.get("exp_avg_sq_col"), s.get("exp_avg"), s.get("child_mask")
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        a, b, colpart = f_at, f_at + 4 * fs[0], f_at + 4 * (fs[0] + fs[1])
+        f_at += 4 * sum(fs)
+        parts, scalars = d_at, d_at + 8 * ds[0]
+        d_at += 8 * sum(ds)
+        rows_out.append((p.data_ptr(), 0, row.data_ptr(), ptr(col), ptr(avg), ptr(mask), 0, 0,
+                         p.numel(), rows, cols, block, a, b, colpart, parts, scalars))
+    table = torch.tensor(rows_out, dtype=torch.int64).reshape(-1, T_COLUMNS)
+    return _Plan(table, floats, doubles, tuple(p.numel() for p in params), tuple(blk for _, _, blk in geometry))
+
+
+class Options(NamedTuple):
+    """A step's scalars and switches (host floats in float64)."""
+
+    weight: float  # w_t, the EMA weight of the new statistic
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    step: float  # ρ_t times the lr: α_t before the parameter scale
+    lr: float  # the group's lr (torch's decay mode)
+    weight_decay: float
+    beta1: Optional[float]
+    scale_parameter: bool
+    decay_torch: bool
+    maximize: bool
+
+
+def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], options: Options, *,
+         check_finite: bool, mask_mode: int = MASK_NONE, keys: Optional[Sequence[int]] = None,
+         offsets: Optional[Sequence[int]] = None, threshold: int = 0, keep_scale: float = 1.0) -> bool:
+    """One AdaFactor step of every tensor (all taken by :func:`takes`, with :func:`available` true);
+    returns ``False``, having written nothing, when ``check_finite`` and a gradient holds inf/NaN.
+
+    ``mask_mode`` :data:`MASK_BERNOULLI` takes each tensor's F-mask key in ``keys``, the global index
+    of its first element in ``offsets``, the keep threshold and the rescale of kept entries;
+    :data:`MASK_STORED` reads each state's ``child_mask`` (a tensor without one is unmasked).
+    ``grads`` are only read.
+    """
+    plan = _plan(params, states)
+    table = plan.table
+    table[:, T_GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    if mask_mode == MASK_BERNOULLI:
+        n = len(params)
+        table[:, T_KEY] = torch.tensor([k - (1 << 64) if k >> 63 else k for k in keys], dtype=torch.int64)
+        table[:, T_OFFSET] = torch.tensor(list(offsets) if offsets is not None else [0] * n, dtype=torch.int64)
+    o = options
+    scalars = (ctypes.c_double * 9)(o.weight, o.eps1, o.eps2, o.clip_threshold, o.step, o.lr, o.weight_decay,
+                                    0.0 if o.beta1 is None else o.beta1, keep_scale)
+    flags = ((_SCALE_PARAMETER if o.scale_parameter else 0) | (_MOMENTUM if o.beta1 is not None else 0)
+             | (_DECAY_TORCH if o.decay_torch else 0) | (_MAXIMIZE if o.maximize else 0)
+             | (mask_mode << 8) | (threshold << 16))
+    pass_fn, finish_fn = _function("optimfx_adafactor_pass"), _function("optimfx_adafactor_finish")
+    threads = cpu_launcher.threads_for(sum(plan.numels)) if _openmp else 1
+    table_ptr, n_tensors = ctypes.c_void_p(table.data_ptr()), len(params)
+
+    def run_pass(number: int) -> None:
+        cpu_launcher.run(pass_fn, _openmp, table, plan.numels, number, scalars, flags, align=plan.aligns)
+
+    run_pass(1)
+    if finish_fn(table_ptr, n_tensors, 1, scalars, flags, int(check_finite), threads):
+        return False
+    run_pass(2)
+    finish_fn(table_ptr, n_tensors, 2, scalars, flags, 0, threads)
+    run_pass(3)
+    return True

@@ -1,0 +1,239 @@
+"""AdaFactor's C kernel on CPU (``optimfx/reference/adafactor_cpu.py``) against the per-tensor reference.
+
+Both runs take the same gradients; the reference run has the kernel and the stacking switched off.
+The kernel sums rows, columns and RMS values in fp32 lanes added in double, the reference in ATen's
+and BLAS's orders, so results agree to rounding, not bitwise: ``rtol=1e-5`` (~80 fp32 ulps) leaves
+room for a few steps of reordered sums while a wrong statistic, scale or mask is off by percents;
+elements near 0 are compared with an absolute tolerance scaled to the tensor's update (``_ATOL``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import optimfx
+from optimfx._kernels import cpu_adafactor, cpu_build
+from optimfx.reference import stacking
+
+pytestmark = pytest.mark.skipif(not cpu_adafactor.available(),
+                                reason=f"CPU kernels unavailable: {cpu_build.unavailable_reason('cpu_adafactor')}")
+
+#: factored and unfactored tensors of every geometry the kernel cuts differently: one block and
+#: many (a short last block), slices whose block is a divisor of the rows (300 → 150) or the whole
+#: slice (257 rows, prime), rows longer than a piece (2500 > 2048 columns), a 1-D tensor of several
+#: chunks, size-1 axes, a 0-d tensor, and a group large enough to be shared between threads
+SHAPES = ([(16, 24)] * 3 + [()] + [(3, 5, 7)] * 2 + [(40,), (1, 9), (9, 1), (700, 100), (400, 400),
+          (2, 300, 64), (2, 257, 64), (3, 2500), (40000,), (4, 3, 3, 3)])
+
+CONFIGS = {
+    "paper": dict(),
+    "momentum-decay": dict(beta1=0.9, weight_decay=0.1),
+    "fixed-lr": dict(lr=1e-3, relative_step=False, scale_parameter=False),
+    "torch-decay": dict(lr=1e-2, relative_step=False, decay_mode="torch", weight_decay=0.05),
+    "warmup-cap-clip": dict(warmup_init=True, beta2_cap=0.9, clip_threshold=0.5),
+    "partly-unfactored": dict(min_dim_size_to_factor=8),
+    "child-tuning-F": dict(child_tuning_mode="F", reserve_p=0.4, seed=3),
+    "child-tuning-D": dict(child_tuning_mode="D", beta1=0.5),
+    "maximize-momentum": dict(maximize=True, beta1=0.9, weight_decay=0.01),
+}
+
+
+def _params(shapes=SHAPES) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _grads(step: int, shapes=SHAPES) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    grads[0][3] = 0.0  # a zero row
+    grads[1].zero_()  # a whole zero tensor
+    return grads
+
+
+def _d_masks(params) -> dict:
+    gen = torch.Generator().manual_seed(7)
+    return {p: torch.rand(p.shape, generator=gen) < 0.3 for p in params[::2]}
+
+
+def _run(kwargs: dict, steps: int = 5, frozen_at: int | None = None, shapes=SHAPES):
+    params = _params(shapes)
+    opt = optimfx.AdaFactor(params, **kwargs)
+    if kwargs.get("child_tuning_mode") == "D":
+        opt.set_gradient_mask(_d_masks(params))
+    for t in range(steps):
+        for i, (p, g) in enumerate(zip(params, _grads(t, shapes))):
+            # a tensor without a gradient at one step falls one step behind: one kernel call per step count
+            p.grad = None if t == frozen_at and i % 2 else g
+        opt.step()
+    return params, opt
+
+
+def _reference_run(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        return _run(*args, **kwargs)
+
+
+def _assert_same_run(fast, slow, shapes=SHAPES):
+    (pf, opt_f), (ps, opt_s) = fast, slow
+    for a, b, start in zip(pf, ps, _params(shapes)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=_ATOL * _scale(b - start))
+    for a, b in zip(pf, ps):
+        sa, sb = opt_f.state[a], opt_s.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor) and sa[key].is_floating_point():
+                torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=_ATOL * _scale(sb[key]), msg=key)
+
+
+#: an element that nearly cancels (a parameter crossing 0, a momentum entry) gets a large relative
+#: error from an absolute one of a few roundings of the tensor's update: allowed up to 1e-5 of the
+#: largest change of the tensor (observed: 3e-7 of it), while a wrong mask, scale or statistic is
+#: off by a whole update
+_ATOL = 1e-5
+
+
+def _scale(x: torch.Tensor) -> float:
+    return float(x.detach().abs().max()) if x.numel() else 0.0
+
+
+@pytest.fixture
+def kernel_numels(monkeypatch) -> list[int]:
+    """The tensors' sizes of every kernel call (the tests would prove nothing if it never ran)."""
+    seen: list[int] = []
+    original = cpu_adafactor.step
+
+    def spy(params, *args, **kwargs):
+        seen.extend(p.numel() for p in params)
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_adafactor, "step", spy)
+    return seen
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_kernel_step_equals_reference_step(config, monkeypatch, kernel_numels):
+    fast = _run(config)
+    assert sorted(kernel_numels) == sorted([p.numel() for p in fast[0]] * 5)
+    _assert_same_run(fast, _reference_run(monkeypatch, config))
+
+
+def test_tensors_at_different_step_counts(monkeypatch, kernel_numels):
+    config = CONFIGS["momentum-decay"]
+    _assert_same_run(_run(config, frozen_at=2), _reference_run(monkeypatch, config, frozen_at=2))
+    assert len(kernel_numels) > 5 * len(SHAPES) - len(SHAPES)  # the frozen tensors' later steps too
+
+
+def test_options_the_kernel_does_not_compute_take_the_reference(monkeypatch, kernel_numels):
+    for config in (dict(lr=1e-2, eps=(None, 1e-3), lr_mode="rho_max", eps_mode="torch"), dict(eps=(0.0, 1e-3))):
+        _assert_same_run(_run(config, steps=2), _reference_run(monkeypatch, config, steps=2))
+    assert kernel_numels == []
+
+
+def test_results_do_not_depend_on_threads(monkeypatch):
+    """Blocks are fixed by the shapes: one thread, torch's threads, and the launcher's own thread
+    pool (the path of a kernel built without OpenMP) give the same bits."""
+    config = dict(beta1=0.9, child_tuning_mode="F", reserve_p=0.5)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n, openmp in ((1, cpu_adafactor._openmp), (max(threads, 2), cpu_adafactor._openmp), (2, False)):
+            torch.set_num_threads(n)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_adafactor, "_openmp", openmp)
+                runs.append(_run(config, steps=3)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_gradients_are_only_read():
+    params = _params()
+    opt = optimfx.AdaFactor(params, child_tuning_mode="F", reserve_p=0.5, maximize=True)
+    grads = _grads(0)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["kernel-tensor", "reference-tensor", "behind-one-step"])
+@pytest.mark.parametrize("kernel", ["built", "unavailable"])
+def test_a_nonfinite_gradient_skips_the_whole_group(bad, where, kernel, kernel_numels, monkeypatch):
+    """The kernel's first pass checks its tensors; the others (here a bf16 parameter, which the
+    kernel does not take) are checked before it runs; without the kernel, all of them are checked
+    before the stacked reference step. Nothing of the group changes."""
+    if kernel == "unavailable":
+        monkeypatch.setattr(cpu_adafactor, "available", lambda: False)
+    params = _params()
+    params.append(torch.nn.Parameter(torch.randn(6, 5).bfloat16()))
+    opt = optimfx.AdaFactor(params, beta1=0.9)
+    grads = _grads(0) + [torch.randn(6, 5).bfloat16()]
+    if where == "behind-one-step":  # two step counts: every gradient is checked before the kernel runs
+        params[0].grad = grads[0]
+        opt.step()
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state_before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    bad_grads = _grads(1) + [torch.randn(6, 5).bfloat16()]
+    target = {"kernel-tensor": 9, "reference-tensor": -1, "behind-one-step": 9}[where]
+    bad_grads[target].view(-1)[5] = bad
+    for p, g in zip(params, bad_grads):
+        p.grad = g
+    calls = len(kernel_numels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert any("inf/NaN" in str(w.message) for w in caught)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for p in params:
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[id(p)][k]), k
+    if where == "kernel-tensor" and kernel == "built":
+        assert len(kernel_numels) > calls  # the kernel's own pass found it
+    assert (len(kernel_numels) > 0) == (kernel == "built")
+
+
+def test_noncontiguous_gradient_takes_the_reference(monkeypatch, kernel_numels):
+    shapes = [(30, 20), (30, 20), (20, 30)]
+    params = _params(shapes)
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref_opt = optimfx.AdaFactor(params), optimfx.AdaFactor(ref_params)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s[::-1], generator=gen).t() if i == 0 else torch.randn(s, generator=gen)
+             for i, s in enumerate(shapes)]
+    for p, q, g in zip(params, ref_params, grads):
+        p.grad, q.grad = g, g.contiguous()
+    opt.step()
+    assert sorted(kernel_numels) == [600, 600]
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        ref_opt.step()
+    _assert_same_run((params, opt), (ref_params, ref_opt), shapes)
+
+
+@pytest.mark.parametrize("slices,rows,cols", [(1, 10, 5), (1, 5000, 3), (1, 3, 50000), (4, 300, 64), (4, 257, 64),
+                                              (7, 9, 9), (2, 1024, 1024)])
+def test_blocks_are_whole_rows_of_one_slice(slices, rows, cols):
+    block = cpu_adafactor.block_rows(slices, rows, cols)
+    assert 1 <= block <= rows
+    assert block >= min(rows, cpu_adafactor.MIN_BLOCK_ROWS)
+    if slices > 1:
+        assert rows % block == 0
+    # the column sums of all blocks: at most 1/64 of the elements, or one slice's columns
+    blocks = slices * -(-rows // block)
+    assert blocks * cols <= max(slices * rows * cols // cpu_adafactor.MIN_BLOCK_ROWS, slices * cols)
+
