@@ -1,24 +1,27 @@
-/* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in three passes per element, for
- * fp32 CPU tensors. Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
+/* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in two or three passes per element,
+ * for fp32 CPU tensors. Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
  *
- *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (G - G), and for a
- *                                 factored tensor its rows' sums of G^2 and the block's column sums
- *   finish 1  (per tensor)        s = max(eps2, RMS(theta));  R <- lerp(R, rowsum/n_c + eps1, w),
- *                                 C <- lerp(C, colsum/n_r + eps1, w);  a2_i = min(mean(R)/R_i, 1/tiny),
- *                                 b2_j = 1/C_j
- *   pass 2    (reads G)           factored: sum U^2 = sum_i a2_i sum_j G_ij^2 b2_j;
- *                                 unfactored: V <- lerp(V, G^2 + eps1, w), sum U^2 = sum (G/sqrt(V))^2
+ *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (G - G); for a
+ *                                 factored tensor, per row i: its new statistic
+ *                                 R'_i = lerp(R_i, sum_j G_ij^2 / n_c + eps1, w), and per block the
+ *                                 column sums of G^2 and of G^2 / R'_i (the row again, from cache)
+ *   finish 1  (per tensor)        s = max(eps2, RMS(theta));  R <- R',  C <- lerp(C, colsum/n_r + eps1, w);
+ *                                 a2_i = min(mean(R)/R_i, 1/tiny),  b2_j = 1/C_j;
+ *                                 sum U^2 = sum_i a2_i sum_j G_ij^2 b2_j = mean(R) sum_j b2_j sum_i G_ij^2/R_i
+ *                                 (where no a2_i reaches the cap: else pass 2 sums it as written)
+ *   pass 2    (reads G)           unfactored: V <- lerp(V, G^2 + eps1, w), sum U^2 = sum (G/sqrt(V))^2;
+ *                                 factored, only where a row's a2 is capped: the sum as written above
  *   finish 2  (per tensor)        k = 1/max(1, RMS(U)/d);  a_i = sqrt(a2_i),  b_j = sqrt(b2_j)*k*s
  *   pass 3    (reads G, theta, M) U' = (G*a_i)*b_j  (unfactored: (G/sqrt(V))*k*s);
  *                                 theta <- theta*decay - rho*U',  or with momentum
  *                                 M <- beta1*M + ((1 - beta1)*rho)*U',  theta <- theta*decay - M
  *
  * A factored tensor [B, n_r, n_c] (leading axes flattened into B) is cut into blocks of whole rows
- * of one slice; an unfactored one into blocks of CHUNK elements. Every sum is taken per block, in
- * fp32 lanes per row (per piece of a row) added in double, and the blocks' sums are added in order
- * in the finishes: results do not depend on how the blocks are shared between threads. Work arrives
- * as tasks (tensor, first element, end) that start at block boundaries. The passes write nothing
- * but scratch until finish 1 has seen every probe: a step with an inf/NaN gradient changes nothing.
+ * of one slice; an unfactored one into blocks of CHUNK elements. Every sum is taken per block (per
+ * row), in fp32 lanes added in double, and the blocks' sums are added in order in the finishes:
+ * results do not depend on how the blocks are shared between threads. Work arrives as tasks
+ * (tensor, first element, end) that start at block boundaries. Nothing but scratch is written until
+ * finish 1 has seen every probe: a step with an inf/NaN gradient changes nothing.
  *
  * No fast-math (IEEE semantics: inf/NaN propagate as in the reference) and no FMA contraction;
  * the only fmaf is ATen's lerp (cpu_common.h). The update equals the reference's ATen ops to
@@ -41,16 +44,16 @@ enum {
     T_NUMEL,
     T_ROWS, T_COLS, /* n_r, n_c of a factored tensor; 0, 0 for an unfactored one */
     T_BLOCK,    /* elements per block: whole rows (factored) or CHUNK */
-    T_A,        /* float [B*n_r]: row sums of G^2, then a2, then a */
+    T_A,        /* float [B*n_r]: the rows' new statistics R', then a2, then a */
     T_B,        /* float [B*n_c]: column sums, then b2, then b (k*s folded in) */
-    T_COLPART,  /* float [n_blocks * n_c]: each block's column sums (factored) */
+    T_COLPART,  /* float [n_blocks * 2*n_c]: each block's column sums of G^2 and of G^2/R' (factored) */
     T_PARTS,    /* double [n_blocks * P_COUNT]: each block's partial sums */
     T_SCALARS,  /* double [X_COUNT]: the tensor's scalars from the finishes */
     T_COLUMNS
 };
 enum { K_TENSOR, K_START, K_END, K_COLUMNS };
 enum { P_PARAM_SQ, P_PROBE, P_UPDATE_SQ, P_COUNT };
-enum { X_PARAM_SCALE, X_UPDATE_SCALE, X_DECAY, X_COUNT };
+enum { X_PARAM_SCALE, X_UPDATE_SCALE, X_DECAY, X_UPDATE_SQ, X_SUMMED_IN_PASS_2, X_COUNT };
 /* the doubles of `scalars` */
 enum { S_WEIGHT, S_EPS1, S_EPS2, S_CLIP, S_STEP, S_LR, S_WEIGHT_DECAY, S_BETA1, S_KEEP_SCALE, S_COUNT };
 /* bits of `flags`; the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
@@ -63,6 +66,7 @@ enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
 
 typedef struct {
     float weight, weight_minus_one, eps1, neg_step, momentum_coef, beta1, keep_scale;
+    float inv_cols; /* of the tensor at hand (pass 1) */
     int small_weight, mask_mode, momentum;
     uint32_t threshold;
 } af_scalars;
@@ -153,6 +157,31 @@ static inline void piece_sums(const float *restrict g, const float *restrict p, 
     *probe += sprobe;
 }
 
+/* the new statistic of row r and its share of the block's column sums of G^2 / R' */
+static void pass1_row(const int64_t *t, int64_t r, const af_scalars *a, float *buf, float *colpart,
+                      double *param_sq, double *probe) {
+    const int64_t cols = t[T_COLS];
+    const float *p = (const float *)t[T_PARAM];
+    double row = 0.0;
+    const float *g = 0;
+    for (int64_t c = 0; c < cols; c += PIECE) {
+        const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
+        g = load_grad(t, s, n, buf, a);
+        piece_sums(g, p + s, colpart + c, n, &row, param_sq, probe);
+    }
+    const float stat = lerp_f32(((const float *)t[T_ROW])[r], (float)row * a->inv_cols + a->eps1, a->weight,
+                                a->weight_minus_one, a->small_weight);
+    ((float *)t[T_A])[r] = stat;
+    const float inv = 1.0f / stat;
+    float *restrict scaled = colpart + cols;
+    /* the row again: from the buffer (one piece) or from cache */
+    for (int64_t c = 0; c < cols; c += PIECE) {
+        const int64_t n = cols - c < PIECE ? cols - c : PIECE;
+        const float *restrict gp = cols <= PIECE ? g : load_grad(t, r * cols + c, n, buf, a);
+        for (int64_t i = 0; i < n; ++i) scaled[c + i] += (gp[i] * gp[i]) * inv;
+    }
+}
+
 static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
     const int64_t size = t[T_BLOCK], s0 = block * size;
     const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
@@ -167,17 +196,11 @@ static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, fl
             piece_sums(load_grad(t, s, n, buf, a), p + s, 0, n, &unused, &param_sq, &probe);
         }
     } else {
-        float *colpart = (float *)t[T_COLPART] + block * cols;
-        float *rowsum = (float *)t[T_A];
-        memset(colpart, 0, (size_t)cols * sizeof(float));
-        for (int64_t r = s0 / cols; r < e0 / cols; ++r) {
-            double row = 0.0;
-            for (int64_t c = 0; c < cols; c += PIECE) {
-                const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
-                piece_sums(load_grad(t, s, n, buf, a), p + s, colpart + c, n, &row, &param_sq, &probe);
-            }
-            rowsum[r] = (float)row;
-        }
+        af_scalars row_scalars = *a;
+        row_scalars.inv_cols = (float)(1.0 / (double)cols);
+        float *colpart = (float *)t[T_COLPART] + block * 2 * cols;
+        memset(colpart, 0, (size_t)(2 * cols) * sizeof(float));
+        for (int64_t r = s0 / cols; r < e0 / cols; ++r) pass1_row(t, r, &row_scalars, buf, colpart, &param_sq, &probe);
     }
     parts[P_PARAM_SQ] = param_sq;
     parts[P_PROBE] = probe;
@@ -189,6 +212,7 @@ static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, fl
     const int64_t size = t[T_BLOCK], s0 = block * size;
     const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
     const int64_t cols = t[T_COLS];
+    if (cols != 0 && ((const double *)t[T_SCALARS])[X_SUMMED_IN_PASS_2] == 0.0) return;
     double total = 0.0;
     if (cols == 0) {
         float *restrict v = (float *)t[T_ROW];
@@ -306,8 +330,9 @@ static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, fl
 
 /* ---- finishes (per tensor) ---- */
 
-/* the parameter scale; for a factored tensor the statistics' update and a2, b2 */
-static void finish1(const int64_t *t, const double *s, int64_t flags) {
+/* the parameter scale; for a factored tensor the statistics' update, a2, b2 and sum U^2 (or the
+ * mark that pass 2 sums it); returns whether the tensor takes pass 2 */
+static int finish1(const int64_t *t, const double *s, int64_t flags) {
     const int64_t blocks = n_blocks(t), numel = t[T_NUMEL], cols = t[T_COLS], rows = t[T_ROWS];
     const double *parts = (const double *)t[T_PARTS];
     double *x = (double *)t[T_SCALARS];
@@ -317,41 +342,59 @@ static void finish1(const int64_t *t, const double *s, int64_t flags) {
     const float eps2 = (float)s[S_EPS2];
     /* the comparisons keep a NaN, as the reference's clamps do */
     x[X_PARAM_SCALE] = (flags & F_SCALE_PARAMETER) ? (rms < eps2 ? eps2 : rms) : 1.0f;
-    if (cols == 0) return;
+    x[X_SUMMED_IN_PASS_2] = 1.0;
+    if (cols == 0) return 1;
     const float w = (float)s[S_WEIGHT], wm1 = w - 1.0f, eps1 = (float)s[S_EPS1];
     const int small = fabsf(w) < 0.5f;
-    const float inv_rows = (float)(1.0 / (double)rows), inv_cols = (float)(1.0 / (double)cols);
-    const float cap = 1.0f / 1.17549435e-38f; /* 1/tiny: R̄/R_i stays finite for a zero row */
+    const float inv_rows = (float)(1.0 / (double)rows);
+    const float cap = 1.0f / 1.17549435e-38f; /* 1/tiny: mean(R)/R_i stays finite for a zero row */
     const int64_t slices = numel / (rows * cols), per_slice = blocks / slices;
     const float *colpart = (const float *)t[T_COLPART];
     float *row_stat = (float *)t[T_ROW], *col_stat = (float *)t[T_COL];
     float *a2 = (float *)t[T_A], *b2 = (float *)t[T_B];
+    double update_sq = 0.0;
+    int capped = 0;
     for (int64_t sl = 0; sl < slices; ++sl) {
         float *bs = b2 + sl * cols, *cs = col_stat + sl * cols;
-        const float *first = colpart + sl * per_slice * cols;
-        memcpy(bs, first, (size_t)cols * sizeof(float));
-        for (int64_t k = 1; k < per_slice; ++k) {
-            const float *part = first + k * cols;
-            for (int64_t j = 0; j < cols; ++j) bs[j] += part[j];
-        }
-        for (int64_t j = 0; j < cols; ++j) {
-            const float c = lerp_f32(cs[j], bs[j] * inv_rows + eps1, w, wm1, small);
-            cs[j] = c;
-            bs[j] = 1.0f / c;
+        const float *first = colpart + sl * per_slice * 2 * cols;
+        double slice_sq = 0.0;
+        /* the blocks' column sums in order, PIECE columns at a time */
+        for (int64_t c0 = 0; c0 < cols; c0 += PIECE) {
+            const int64_t n = cols - c0 < PIECE ? cols - c0 : PIECE;
+            float scaled[PIECE];
+            memcpy(bs + c0, first + c0, (size_t)n * sizeof(float));
+            memcpy(scaled, first + cols + c0, (size_t)n * sizeof(float));
+            for (int64_t k = 1; k < per_slice; ++k) {
+                const float *part = first + k * 2 * cols;
+                for (int64_t j = 0; j < n; ++j) {
+                    bs[c0 + j] += part[c0 + j];
+                    scaled[j] += part[cols + c0 + j];
+                }
+            }
+            for (int64_t j = 0; j < n; ++j) {
+                const float c = lerp_f32(cs[c0 + j], bs[c0 + j] * inv_rows + eps1, w, wm1, small);
+                cs[c0 + j] = c;
+                bs[c0 + j] = 1.0f / c;
+                slice_sq += (double)(bs[c0 + j] * scaled[j]);
+            }
         }
         float *as = a2 + sl * rows, *rs = row_stat + sl * rows;
         double total = 0.0;
         for (int64_t i = 0; i < rows; ++i) {
-            const float r = lerp_f32(rs[i], as[i] * inv_cols + eps1, w, wm1, small);
-            rs[i] = r;
-            total += r;
+            rs[i] = as[i];
+            total += as[i];
         }
         const float mean = (float)(total / (double)rows);
         for (int64_t i = 0; i < rows; ++i) {
             const float q = mean / rs[i];
+            capped |= q > cap;
             as[i] = q > cap ? cap : q;
         }
+        update_sq += (double)mean * slice_sq;
     }
+    x[X_UPDATE_SQ] = update_sq;
+    x[X_SUMMED_IN_PASS_2] = capped;
+    return capped;
 }
 
 /* the clip, and the per-row / per-column factors of the update */
@@ -359,8 +402,11 @@ static void finish2(const int64_t *t, const double *s, int64_t flags) {
     const int64_t blocks = n_blocks(t), numel = t[T_NUMEL], cols = t[T_COLS], rows = t[T_ROWS];
     const double *parts = (const double *)t[T_PARTS];
     double *x = (double *)t[T_SCALARS];
-    double total = 0.0;
-    for (int64_t k = 0; k < blocks; ++k) total += parts[k * P_COUNT + P_UPDATE_SQ];
+    double total = x[X_UPDATE_SQ];
+    if (x[X_SUMMED_IN_PASS_2] != 0.0) {
+        total = 0.0;
+        for (int64_t k = 0; k < blocks; ++k) total += parts[k * P_COUNT + P_UPDATE_SQ];
+    }
     const float clip = (float)(total / ((double)numel * s[S_CLIP] * s[S_CLIP]));
     const float inv_clip = 1.0f / sqrtf(clip < 1.0f ? 1.0f : clip);
     const float pscale = (float)x[X_PARAM_SCALE], scale = inv_clip * pscale;
@@ -402,8 +448,9 @@ void optimfx_adafactor_pass(const int64_t *tensors, const int64_t *shares, int64
         pass_share((int)pass, tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], &a);
 }
 
-/* Finish 1 (after checking every probe: returns 1, having written nothing, when a gradient holds
- * inf/NaN and `check` is set) or finish 2, of tensors [0, n_tensors), on up to `threads` threads. */
+/* Finish 1 or 2 of tensors [0, n_tensors), on up to `threads` threads. Finish 1 first checks every
+ * probe when `check` is set, and returns -1, having written nothing, when a gradient holds inf/NaN;
+ * else the number of tensors that take pass 2. Finish 2 returns 0. */
 int64_t optimfx_adafactor_finish(const int64_t *tensors, int64_t n_tensors, int64_t finish, const double *scalars,
                                  int64_t flags, int64_t check, int64_t threads) {
     if (finish == 1 && check) {
@@ -413,12 +460,13 @@ int64_t optimfx_adafactor_finish(const int64_t *tensors, int64_t n_tensors, int6
             const double *parts = (const double *)t[T_PARTS];
             for (int64_t b = 0; b < n_blocks(t); ++b) probe += parts[b * P_COUNT + P_PROBE];
         }
-        if (probe != 0.0) return 1; /* NaN: some G - G was not 0 */
+        if (probe != 0.0) return -1; /* NaN: some G - G was not 0 */
     }
-#pragma omp parallel for num_threads((int)threads) schedule(dynamic, 1)
+    int64_t second_pass = 0;
+#pragma omp parallel for num_threads((int)threads) schedule(dynamic, 1) reduction(+ : second_pass)
     for (int64_t k = 0; k < n_tensors; ++k) {
-        if (finish == 1) finish1(tensors + k * T_COLUMNS, scalars, flags);
+        if (finish == 1) second_pass += finish1(tensors + k * T_COLUMNS, scalars, flags);
         else finish2(tensors + k * T_COLUMNS, scalars, flags);
     }
-    return 0;
+    return second_pass;
 }

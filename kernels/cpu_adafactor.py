@@ -1,15 +1,22 @@
-"""Host side of ``cpu_adafactor.c``: AdaFactor's step in three passes per element for fp32 CPU tensors.
+"""Host side of ``cpu_adafactor.c``: AdaFactor's step in two passes per element (three for 1-D
+tensors) for fp32 CPU tensors.
 
 The reference takes about ten ATen passes per tensor and step (the squared gradient, its row and
 column sums, ``ΣU²``, the update, the parameter), and on many small tensors mostly per-op cost; the
-C kernel reads the gradient three times and the parameter twice, for every tensor of a group in one
-call per pass, with the ChildTuning mask computed where the gradient is loaded and the inf/NaN
-check of the group riding on the first pass. Between the passes two short *finishes* per tensor
-(the statistics' update, the clip) run in C too. The paper's ε form only (``eps_mode="paper"``
-with ``ε1`` at least the smallest normal fp32 number); everything else takes the reference.
+C kernel steps every tensor of a group in one call per pass:
+
+1. reads ``G`` and ``θ``: ``Σθ²``, the rows' new statistics and the column sums of ``G²`` and of
+   ``G²/R_i`` (from which ``ΣU²`` follows without another read), and the inf/NaN check of the group;
+2. (unfactored tensors only) the second moment ``V`` and ``ΣU²``;
+3. reads ``G`` and ``θ`` (and ``M``), writes ``θ`` (and ``M``): the update.
+
+Two short *finishes* per tensor (the statistics and ``ΣU²``; the clip) run in C between them. The
+ChildTuning mask is computed where the gradient is loaded. The paper's ε form only
+(``eps_mode="paper"`` with ``ε1`` at least the smallest normal fp32 number); everything else takes
+the reference.
 
 Scratch per call (cached with the call's layout, :data:`_PLANS`): per tensor its row and column
-vectors and the column sums of each block of rows, at most 1/64 of the parameter's elements
+vectors and two column sums per block of rows, at most 1/32 of the parameter's elements
 (:func:`block_rows`).
 """
 
@@ -37,7 +44,7 @@ _SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
 # columns of the per-tensor table (the T_* enum of cpu_adafactor.c)
 (T_PARAM, T_GRAD, T_ROW, T_COL, T_EXP_AVG, T_MASK, T_OFFSET, T_KEY, T_NUMEL, T_ROWS, T_COLS, T_BLOCK,
  T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_COLUMNS) = range(18)
-_PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 3
+_PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 5
 _MASK_DTYPES = (torch.uint8, torch.bool)
 _functions: dict[str, ctypes._CFuncPtr] = {}
 _openmp = False
@@ -177,7 +184,7 @@ def _build_plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
     for p, (rows, cols, block) in zip(params, geometry):
         blocks = -(-p.numel() // block)
         slices = p.numel() // (rows * cols) if cols else 0
-        float_sizes.append((slices * rows, slices * cols, blocks * cols))
+        float_sizes.append((slices * rows, slices * cols, blocks * 2 * cols))
         double_sizes.append((blocks * _PARTS_PER_BLOCK, _SCALARS_PER_TENSOR))
     floats = torch.empty(max(1, sum(map(sum, float_sizes))), dtype=torch.float32)
     doubles = torch.empty(sum(map(sum, double_sizes)), dtype=torch.float64)
@@ -245,9 +252,11 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
         cpu_launcher.run(pass_fn, _openmp, table, plan.numels, number, scalars, flags, align=plan.aligns)
 
     run_pass(1)
-    if finish_fn(table_ptr, n_tensors, 1, scalars, flags, int(check_finite), threads):
+    second_pass = finish_fn(table_ptr, n_tensors, 1, scalars, flags, int(check_finite), threads)
+    if second_pass < 0:
         return False
-    run_pass(2)
+    if second_pass:
+        run_pass(2)
     finish_fn(table_ptr, n_tensors, 2, scalars, flags, 0, threads)
     run_pass(3)
     return True

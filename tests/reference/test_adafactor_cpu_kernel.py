@@ -237,3 +237,28 @@ def test_blocks_are_whole_rows_of_one_slice(slices, rows, cols):
     blocks = slices * -(-rows // block)
     assert blocks * cols <= max(slices * rows * cols // cpu_adafactor.MIN_BLOCK_ROWS, slices * cols)
 
+
+
+def test_rows_whose_factor_is_capped(monkeypatch, kernel_numels):
+    """A zero row next to large gradients: ``mean(R)/R_i`` passes the cap ``1/tiny``, and the kernel
+    sums that tensor's ``ΣU²`` in a second pass, with the capped factor (its first pass's sum
+    assumes no cap)."""
+    shapes = [(16, 24), (2, 8, 12), (40,)]
+
+    def run():
+        params = _params(shapes)
+        opt = optimfx.AdaFactor(params)
+        for t in range(3):
+            for p, g in zip(params, _grads(t, shapes)):
+                p.grad = g * 1e7  # G² ≈ 1e10 per entry: mean(R) / ε1 > 1/tiny beside a zero row
+            opt.step()
+        return params, opt
+
+    fast = run()
+    assert kernel_numels
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        slow = run()
+    _assert_same_run(fast, slow, shapes)
+    assert float(fast[1].state[fast[0][0]]["exp_avg_sq_row"][3]) < 1e-29  # the zero row
