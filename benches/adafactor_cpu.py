@@ -5,7 +5,8 @@ on its own copy of the same parameters and gradients, and reports medians and th
 contender's median to that of ``optimfx.AdaFactor``:
 
 * ``optimfx``: ``optimfx.AdaFactor(params)`` (the default: relative step, ``backend="auto"``, which is
-  the reference on CPU), also with ``skip_nonfinite=False`` (the share of the inf/NaN check);
+  the reference backend on CPU, its C kernel for fp32 tensors), also with ``skip_nonfinite=False``
+  (the share of the inf/NaN check) and ``without C kernel`` (plain PyTorch, as without a compiler);
 * ``optimfx@<ref>``: the same, with the reference step of git revision ``<ref>`` (``--base``; read
   with ``git show``), the before/after comparison;
 * ``transformers``: ``transformers.optimization.Adafactor(params)`` (its defaults: the same paper
@@ -23,6 +24,8 @@ Timings on a shared machine are noisy: compare ratios from one run, not medians 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib.util
 import json
 import platform
@@ -38,6 +41,8 @@ import optimfx
 from optimfx._algorithm import Algorithm
 from optimfx.bench.presets import get_preset, make_params
 from optimfx.bench.timing import quantile
+from optimfx.reference import adafactor as adafactor_ref
+from optimfx.reference.stacking import step_stacks
 
 PRESETS = ("transformer-50m", "many-small", "matrices")
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -64,10 +69,21 @@ def _optimizer_at(ref: str) -> type:
     return type(f"AdaFactorAt{ref}", (optimfx.AdaFactor,), {"algorithm": algorithm})
 
 
+def _optimizer_without_c_kernel() -> type:
+    """``optimfx.AdaFactor`` stepping in plain PyTorch (stacks of small tensors, then tensor by
+    tensor), as where no C compiler is found."""
+    algorithm = dataclasses.replace(
+        optimfx.AdaFactor.algorithm, group_step_checks_finite=False,
+        group_step=functools.partial(step_stacks, functools.partial(adafactor_ref.step_, stacked=True)))
+    return type("AdaFactorPlainPyTorch", (optimfx.AdaFactor,), {"algorithm": algorithm})
+
+
 def contenders(base: str | None) -> dict[str, Factory]:
+    plain = _optimizer_without_c_kernel()
     out: dict[str, Factory] = {
         "optimfx": lambda ps: optimfx.AdaFactor(ps),
         "optimfx skip_nonfinite=False": lambda ps: optimfx.AdaFactor(ps, skip_nonfinite=False),
+        "optimfx without C kernel": lambda ps: plain(ps),
     }
     if base is not None:
         cls = _optimizer_at(base)
