@@ -46,36 +46,13 @@ _SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
  T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_COLUMNS) = range(18)
 _PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 5
 _MASK_DTYPES = (torch.uint8, torch.bool)
-_functions: dict[str, ctypes._CFuncPtr] = {}
-_openmp = False
-_SIGNATURES = {
+_LIB = cpu_build.Library(NAME, {
     "optimfx_adafactor_pass": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                 ctypes.c_int64], None),
     "optimfx_adafactor_finish": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_int64, ctypes.c_int64], ctypes.c_int64),
-}
-
-
-def _function(name: str) -> Optional[ctypes._CFuncPtr]:
-    global _functions, _openmp
-    if not _functions:
-        lib = cpu_build.load(NAME)
-        if lib is None:
-            return None
-        functions = {}
-        for fn_name, (argtypes, restype) in _SIGNATURES.items():
-            fn = getattr(lib, fn_name)
-            fn.argtypes, fn.restype = argtypes, restype
-            functions[fn_name] = fn
-        # published whole: another thread sees an empty or a complete table
-        _openmp = cpu_build.uses_openmp(lib)
-        _functions = functions
-    return _functions[name]
-
-
-def available() -> bool:
-    """Whether the kernel is built (building it on the first call) and enabled."""
-    return cpu_build.enabled() and _function("optimfx_adafactor_pass") is not None
+})
+available = _LIB.available
 
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -244,12 +221,12 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
     flags = ((_SCALE_PARAMETER if o.scale_parameter else 0) | (_MOMENTUM if o.beta1 is not None else 0)
              | (_DECAY_TORCH if o.decay_torch else 0) | (_MAXIMIZE if o.maximize else 0)
              | (mask_mode << 8) | (threshold << 16))
-    pass_fn, finish_fn = _function("optimfx_adafactor_pass"), _function("optimfx_adafactor_finish")
-    threads = cpu_launcher.threads_for(sum(plan.numels)) if _openmp else 1
+    pass_fn, finish_fn = _LIB.function("optimfx_adafactor_pass"), _LIB.function("optimfx_adafactor_finish")
+    threads = _LIB.threads(sum(plan.numels))
     table_ptr, n_tensors = ctypes.c_void_p(table.data_ptr()), len(params)
 
     def run_pass(number: int) -> None:
-        cpu_launcher.run(pass_fn, _openmp, table, plan.numels, number, scalars, flags, align=plan.aligns)
+        cpu_launcher.run(pass_fn, _LIB.openmp, table, plan.numels, number, scalars, flags, align=plan.aligns)
 
     run_pass(1)
     second_pass = finish_fn(table_ptr, n_tensors, 1, scalars, flags, int(check_finite), threads)

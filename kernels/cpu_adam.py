@@ -25,37 +25,18 @@ NAME = "cpu_adam"
 MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
 _DECOUPLED, _MAXIMIZE = 1, 2
 _MASK_DTYPES = (torch.uint8, torch.bool)
-_kernel_fn: Optional[ctypes._CFuncPtr] = None
-_mask_fn: Optional[ctypes._CFuncPtr] = None
-_stored_fn: Optional[ctypes._CFuncPtr] = None
-_openmp = False
-
-
-def _kernel() -> Optional[ctypes._CFuncPtr]:
-    global _kernel_fn, _mask_fn, _stored_fn, _openmp
-    if _kernel_fn is None:
-        lib = cpu_build.load(NAME)
-        if lib is None:
-            return None
-        mask_fn = lib.optimfx_bernoulli_grad
-        mask_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_double, ctypes.c_int64]
-        mask_fn.restype = None
-        stored_fn = lib.optimfx_stored_mask_grad
-        stored_fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-        stored_fn.restype = None
-        fn = lib.optimfx_adam_tasks
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-        fn.restype = None
-        _openmp = cpu_build.uses_openmp(lib)
-        _mask_fn, _stored_fn = mask_fn, stored_fn
-        _kernel_fn = fn
-    return _kernel_fn
+_LIB = cpu_build.Library(NAME, {
+    "optimfx_adam_tasks": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64], None),
+    "optimfx_bernoulli_grad": ([ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                               + [ctypes.c_double, ctypes.c_int64], None),
+    "optimfx_stored_mask_grad": ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None),
+})
 
 
 def available() -> bool:
     """Whether the kernel is built (building it on the first call) and enabled; the F mask's bits
     are read as little-endian 16-bit halves of each pair's hash."""
-    return sys.byteorder == "little" and cpu_build.enabled() and _kernel() is not None
+    return sys.byteorder == "little" and _LIB.available()
 
 
 def takes_mask(mask: Tensor, param: Tensor) -> bool:
@@ -89,7 +70,8 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     table = torch.tensor(rows, dtype=torch.int64)
     scalars = (ctypes.c_double * 6)(lr, beta1, beta2, weight_decay, eps, keep_scale)
     flags = (_DECOUPLED if decoupled else 0) | (_MAXIMIZE if maximize else 0) | (mask_mode << 8) | (threshold << 16)
-    cpu_launcher.run(_kernel(), _openmp, table, [p.numel() for p in params], scalars, flags)
+    cpu_launcher.run(_LIB.function("optimfx_adam_tasks"), _LIB.openmp, table, [p.numel() for p in params], scalars,
+                     flags)
 
 
 def bernoulli_grad(grad: Tensor, key: int, offset: int, threshold: int, keep_scale: float) -> Optional[Tensor]:
@@ -100,8 +82,9 @@ def bernoulli_grad(grad: Tensor, key: int, offset: int, threshold: int, keep_sca
             and grad.numel() and available()):
         return None
     out = torch.empty_like(grad)
-    _mask_fn(grad.data_ptr(), out.data_ptr(), grad.numel(), offset, key - (1 << 64) if key >> 63 else key,
-             threshold, keep_scale, _threads(grad.numel()))
+    _LIB.function("optimfx_bernoulli_grad")(grad.data_ptr(), out.data_ptr(), grad.numel(), offset,
+                                             key - (1 << 64) if key >> 63 else key, threshold, keep_scale,
+                                             _LIB.threads(grad.numel()))
     return out
 
 
@@ -113,9 +96,7 @@ def stored_mask_grad(grad: Tensor, mask: Tensor) -> Optional[Tensor]:
             and grad.numel() and takes_mask(mask, grad) and available()):
         return None
     out = torch.empty_like(grad)
-    _stored_fn(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), _threads(grad.numel()))
+    _LIB.function("optimfx_stored_mask_grad")(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(),
+                                               _LIB.threads(grad.numel()))
     return out
 
-
-def _threads(numel: int) -> int:
-    return cpu_launcher.threads_for(numel) if _openmp else 1

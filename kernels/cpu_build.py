@@ -31,9 +31,11 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+from . import cpu_launcher
 
 #: IEEE semantics kept (no fast-math): ``errno`` and traps are not needed, and ``a*b + c`` is never
 #: contracted into an FMA (only an explicit ``fmaf`` fuses), so the vectorised body and the scalar
@@ -171,6 +173,51 @@ def _build_and_load(name: str) -> ctypes.CDLL:
 def uses_openmp(lib: ctypes.CDLL) -> bool:
     """Whether ``lib`` runs its shares on OpenMP threads itself (else one call per thread)."""
     return bool(lib.optimfx_openmp())
+
+
+#: a C function's ctypes signature: argument types and result type
+Signature = tuple[list[Any], Any]
+
+
+class Library:
+    """The functions of one kernel library (``<name>.c``), bound with their ctypes signatures on
+    first use (building the library then, if needed).
+
+    Attributes:
+        openmp: whether the library runs its shares on torch's OpenMP threads itself (set when the
+            library is bound; the launcher then makes one call per pass).
+    """
+
+    def __init__(self, name: str, signatures: dict[str, Signature]) -> None:
+        self.name = name
+        self.signatures = signatures
+        self.openmp = False
+        self._functions: dict[str, ctypes._CFuncPtr] = {}
+
+    def function(self, fn_name: str) -> Optional[ctypes._CFuncPtr]:
+        """The bound C function ``fn_name``, or ``None`` when the library cannot be had."""
+        if not self._functions:
+            lib = load(self.name)
+            if lib is None:
+                return None
+            functions = {}
+            for name, (argtypes, restype) in self.signatures.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = argtypes, restype
+                functions[name] = fn
+            self.openmp = uses_openmp(lib)
+            # published whole: another thread sees an empty or a complete table
+            self._functions = functions
+        return self._functions[fn_name]
+
+    def available(self) -> bool:
+        """Whether the library is built (building it on the first call) and enabled."""
+        return enabled() and self.function(next(iter(self.signatures))) is not None
+
+    def threads(self, numel: int) -> int:
+        """Threads for one call of a function that splits ``numel`` elements itself (one when the
+        library has no OpenMP)."""
+        return cpu_launcher.threads_for(numel) if self.openmp else 1
 
 
 def _compile(cc: list[str], flags: tuple[str, ...], source: bytes, target: Path) -> None:

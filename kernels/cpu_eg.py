@@ -32,36 +32,13 @@ NAME = "cpu_eg"
 CHUNK = 16384
 _DIRECT, _FRESH_VELOCITY, _SGD_DECAY = 1, 2, 4
 _STATE_KEYS = ("gains", "velocity", "avg_grad")
-_functions: dict[str, ctypes._CFuncPtr] = {}
-_openmp = False
-_SIGNATURES = {
-    "optimfx_eg_sums": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
-    "optimfx_eg_adapt": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_int64],
-    "optimfx_eg_apply": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
-}
-
-
-def _function(name: str) -> Optional[ctypes._CFuncPtr]:
-    global _functions, _openmp
-    if not _functions:
-        lib = cpu_build.load(NAME)
-        if lib is None:
-            return None
-        functions = {}
-        for fn_name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, fn_name)
-            fn.argtypes, fn.restype = argtypes, None
-            functions[fn_name] = fn
-        # published whole: another thread sees an empty or a complete table
-        _openmp = cpu_build.uses_openmp(lib)
-        _functions = functions
-    return _functions[name]
-
-
-def available() -> bool:
-    """Whether the kernels are built (building them on the first call) and enabled."""
-    return cpu_build.enabled() and _function("optimfx_eg_sums") is not None
+_LIB = cpu_build.Library(NAME, {
+    "optimfx_eg_sums": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None),
+    "optimfx_eg_adapt": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_int64], None),
+    "optimfx_eg_apply": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64], None),
+})
+available = _LIB.available
 
 
 def _plain(t: Tensor) -> bool:
@@ -103,8 +80,8 @@ def alignment_parts(grads: Sequence[Tensor], states: Sequence[dict]) -> Tensor:
     chunks = [-(-n // CHUNK) for n in numels]
     out = torch.zeros(max(sum(chunks), 1), 4, dtype=torch.float64)
     table = _table(grads, grads, states)
-    kernel = _function("optimfx_eg_sums")
-    cpu_launcher.run(kernel, _openmp, table, numels, ctypes.c_void_p(out.data_ptr()), align=CHUNK)
+    kernel = _LIB.function("optimfx_eg_sums")
+    cpu_launcher.run(kernel, _LIB.openmp, table, numels, ctypes.c_void_p(out.data_ptr()), align=CHUNK)
     owner = _chunk_owners(tuple(chunks))
     sums = torch.zeros(len(grads), 4, dtype=torch.float64).index_add_(0, owner, out[:len(owner)])
     return sums.to(torch.float32)
@@ -133,8 +110,8 @@ def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
         raise ValueError("cpu_eg.adapt: saved buffers are written unless the step is direct")
     table = _table(params, grads, states, saved)
     coefs = torch.tensor(list(coefficients), dtype=torch.float64)
-    kernel = _function("optimfx_eg_adapt")
-    cpu_launcher.run(kernel, _openmp, table, [p.numel() for p in params],
+    kernel = _LIB.function("optimfx_eg_adapt")
+    cpu_launcher.run(kernel, _LIB.openmp, table, [p.numel() for p in params],
                      ctypes.c_void_p(coefs.data_ptr()), _scalars(hp, sgd_lr, sgd_decay),
                      _flags(hp, direct, sgd_decay))
 
@@ -143,5 +120,5 @@ def apply(params: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tens
     """After the base's step (``params`` hold ``θ − d``): ``d = saved − θ``, ``ν ← μν + η·p ⊙ d``,
     ``θ ← θ + (d − s·ν)``."""
     table = _table(params, params, states, saved)
-    kernel = _function("optimfx_eg_apply")
-    cpu_launcher.run(kernel, _openmp, table, [p.numel() for p in params], _scalars(hp), _flags(hp))
+    kernel = _LIB.function("optimfx_eg_apply")
+    cpu_launcher.run(kernel, _LIB.openmp, table, [p.numel() for p in params], _scalars(hp), _flags(hp))

@@ -124,7 +124,7 @@ def test_non_finite_gradients_propagate_as_in_the_reference():
 def test_results_do_not_depend_on_the_thread_split(threads, openmp, monkeypatch):
     """Shares cut tensors at arbitrary even elements; every element is computed alike, whether the
     shares run on torch's OpenMP threads or on Python threads."""
-    if openmp and not cpu_adam._openmp:
+    if openmp and not cpu_adam._LIB.openmp:
         pytest.skip("the kernels are built without OpenMP here")
     def run():
         torch.manual_seed(1)
@@ -139,7 +139,7 @@ def test_results_do_not_depend_on_the_thread_split(threads, openmp, monkeypatch)
         return ps + ms + vs
 
     alone = run()
-    monkeypatch.setattr(cpu_adam, "_openmp", openmp)
+    monkeypatch.setattr(cpu_adam._LIB, "openmp", openmp)
     monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 100)
     torch.set_num_threads(threads)
     try:
@@ -211,9 +211,9 @@ def test_without_weight_decay_an_inf_parameter_stays_inf(decoupled):
 def test_masked_gradient_alone_is_bitwise_the_reference(n, offset, openmp, monkeypatch):
     """``cpu_adam.bernoulli_grad`` (what ``mask_grad`` uses for AdaFactor and the torch.optim adapter)
     against ``child_tuning.bernoulli_grad`` bit for bit, signs of zero included, NaN where it has NaN."""
-    if openmp and not cpu_adam._openmp:
+    if openmp and not cpu_adam._LIB.openmp:
         pytest.skip("the kernels are built without OpenMP here")
-    monkeypatch.setattr(cpu_adam, "_openmp", openmp)
+    monkeypatch.setattr(cpu_adam._LIB, "openmp", openmp)
     monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 1000)
     key = ct.mask_key(seed=3, stream=1, step=7)
     grad = torch.randn(n)

@@ -66,9 +66,9 @@ def test_sums_equal_a_float64_oracle_and_do_not_depend_on_the_thread_split(openm
         # 16 fp32 lanes of at most 1024 terms per chunk: ~sqrt(1024)·eps typical error (1e-5 allows
         # 2.5x that); the reference's fp32 BLAS sums run a whole tensor in fp32 lanes
         torch.testing.assert_close(row, want.float(), rtol=1e-5, atol=0.0)
-    if openmp and not cpu_eg._openmp:
+    if openmp and not cpu_eg._LIB.openmp:
         pytest.skip("the kernels are built without OpenMP here")
-    monkeypatch.setattr(cpu_eg, "_openmp", openmp)
+    monkeypatch.setattr(cpu_eg._LIB, "openmp", openmp)
     monkeypatch.setattr(cpu_launcher, "MIN_ELEMENTS_PER_THREAD", 64)
     torch.set_num_threads(3)
     try:
