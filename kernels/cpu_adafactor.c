@@ -62,6 +62,7 @@ enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
 
 #define CHUNK 16384
 #define PIECE HASH_BLOCK /* elements of a row loaded (and masked) at a time */
+#define APPLY_PIECE 512 /* the same in pass 3, which needs no whole row: a masked piece stays in L1 with its operands */
 #define LANES 8
 
 typedef struct {
@@ -320,8 +321,8 @@ static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, fl
     const int64_t rows = t[T_ROWS];
     for (int64_t r = s0 / cols; r < e0 / cols; ++r) {
         const float *b = b_all + (r / rows) * cols;
-        for (int64_t c = 0; c < cols; c += PIECE) {
-            const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
+        for (int64_t c = 0; c < cols; c += APPLY_PIECE) {
+            const int64_t n = cols - c < APPLY_PIECE ? cols - c : APPLY_PIECE, s = r * cols + c;
             const float *g = load_grad(t, s, n, buf, a);
             apply_span(p + s, m ? m + s : 0, g, b + c, a_all[r], 1.0f, n, decay, a, decayed, 1);
         }
@@ -469,4 +470,11 @@ int64_t optimfx_adafactor_finish(const int64_t *tensors, int64_t n_tensors, int6
         else finish2(tensors + k * T_COLUMNS, scalars, flags);
     }
     return second_pass;
+}
+
+/* The F-mask keys of n tensors into keys[k * stride] (a column of the tensor table), from their
+ * stream numbers and the step's words (f_mask_key). */
+void optimfx_adafactor_mask_keys(const int64_t *streams, int64_t n, int64_t s0, int64_t b, int64_t *keys,
+                                 int64_t stride) {
+    for (int64_t k = 0; k < n; ++k) keys[k * stride] = (int64_t)f_mask_key(streams[k], (uint32_t)s0, (uint32_t)b);
 }

@@ -51,6 +51,8 @@ _LIB = cpu_build.Library(NAME, {
                                 ctypes.c_int64], None),
     "optimfx_adafactor_finish": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_int64, ctypes.c_int64], ctypes.c_int64),
+    "optimfx_adafactor_mask_keys": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                     ctypes.c_int64], None),
 })
 available = _LIB.available
 
@@ -197,24 +199,37 @@ class Options(NamedTuple):
     maximize: bool
 
 
+class FMask(NamedTuple):
+    """A step's ChildTuning-F masks: the words of their keys (:func:`optimfx.reference.child_tuning.mask_key`
+    of each tensor's stream) and the keep rule. Every tensor is whole (the kernel takes no shards):
+    its elements' global indices start at 0."""
+
+    seed_word: int  # s0 of the seed
+    step_word: int  # b of the step
+    streams: Tensor  # int64 [T]: each tensor's mask stream
+    threshold: int
+    keep_scale: float
+
+
 def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], options: Options, *,
-         check_finite: bool, mask_mode: int = MASK_NONE, keys: Optional[Sequence[int]] = None,
-         offsets: Optional[Sequence[int]] = None, threshold: int = 0, keep_scale: float = 1.0) -> bool:
+         check_finite: bool, f_mask: Optional[FMask] = None, stored_masks: bool = False) -> bool:
     """One AdaFactor step of every tensor (all taken by :func:`takes`, with :func:`available` true);
     returns ``False``, having written nothing, when ``check_finite`` and a gradient holds inf/NaN.
 
-    ``mask_mode`` :data:`MASK_BERNOULLI` takes each tensor's F-mask key in ``keys``, the global index
-    of its first element in ``offsets``, the keep threshold and the rescale of kept entries;
-    :data:`MASK_STORED` reads each state's ``child_mask`` (a tensor without one is unmasked).
-    ``grads`` are only read.
+    ``f_mask`` draws ChildTuning-F masks (their keys formed in C from the tensors' streams);
+    ``stored_masks`` reads each state's ChildTuning-D ``child_mask`` (a tensor without one is
+    unmasked). ``grads`` are only read.
     """
     plan = _plan(params, states)
     table = plan.table
     table[:, T_GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-    if mask_mode == MASK_BERNOULLI:
-        n = len(params)
-        table[:, T_KEY] = torch.tensor([k - (1 << 64) if k >> 63 else k for k in keys], dtype=torch.int64)
-        table[:, T_OFFSET] = torch.tensor(list(offsets) if offsets is not None else [0] * n, dtype=torch.int64)
+    mask_mode, threshold, keep_scale = (MASK_STORED if stored_masks else MASK_NONE), 0, 1.0
+    if f_mask is not None:
+        mask_mode, threshold, keep_scale = MASK_BERNOULLI, f_mask.threshold, f_mask.keep_scale
+        streams = f_mask.streams.contiguous()
+        _LIB.function("optimfx_adafactor_mask_keys")(
+            streams.data_ptr(), len(params), f_mask.seed_word, f_mask.step_word,
+            table.data_ptr() + 8 * T_KEY, T_COLUMNS)
     o = options
     scalars = (ctypes.c_double * 9)(o.weight, o.eps1, o.eps2, o.clip_threshold, o.step, o.lr, o.weight_decay,
                                     0.0 if o.beta1 is None else o.beta1, keep_scale)

@@ -56,6 +56,24 @@ static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n
     return n;
 }
 
+/* The 64-bit key (k1 << 32) | k0 of a tensor's F mask at a step (child_tuning.mask_key): from the
+ * tensor's stream number, the seed's low word s0 and the step's word b = mix32(step ^ s1). */
+#define MIX_A 0x7FEB352Du
+#define MIX_B 0x846CA68Bu
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= MIX_A;
+    x ^= x >> 15;
+    x *= MIX_B;
+    return x ^ (x >> 16);
+}
+
+static inline uint64_t f_mask_key(int64_t stream, uint32_t s0, uint32_t b) {
+    const uint32_t a = mix32((uint32_t)stream ^ s0);
+    return ((uint64_t)mix32((a + b) ^ GOLDEN) << 32) | mix32(a ^ b);
+}
+
 /* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
  * the compiler keeps a scalar reduction in source order otherwise). */
 typedef float f32x8 __attribute__((vector_size(32)));

@@ -263,3 +263,19 @@ def test_rows_whose_factor_is_capped(monkeypatch, kernel_numels):
         slow = run()
     _assert_same_run(fast, slow, shapes)
     assert float(fast[1].state[fast[0][0]]["exp_avg_sq_row"][3]) < 1e-29  # the zero row
+
+
+def test_f_mask_keys_formed_in_c_are_the_reference_keys():
+    """The kernel forms each tensor's F-mask key from its stream (``child_tuning.mask_key``): for
+    seeds and streams past 32 and 63 bits and any step."""
+    from optimfx.reference import child_tuning as ct
+
+    streams = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 + 3, 2**40 + 1, 2**62 + 9], dtype=torch.int64)
+    form = cpu_adafactor._LIB.function("optimfx_adafactor_mask_keys")
+    for seed in (0, 3, 2**32 + 17, 2**63 + 11):
+        for step in (1, 2, 1000, 2**32 + 1):
+            keys = torch.zeros(len(streams), 2, dtype=torch.int64)
+            form(streams.data_ptr(), len(streams), ct.seed_words(seed)[0], ct.step_word(seed, step),
+                 keys.data_ptr() + 8, 2)
+            assert [k % (1 << 64) for k in keys[:, 1].tolist()] == [ct.mask_key(seed, s, step) for s in streams.tolist()]
+            assert not keys[:, 0].any()  # the stride is kept
