@@ -1,8 +1,9 @@
 /* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in two or three passes per element,
  * for fp32 CPU tensors. Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
  *
- *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (G - G); for a
- *                                 factored tensor, per row i: its new statistic
+ *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (g - g) of the
+ *                                 gradient before its mask; for a factored tensor, per row i: its
+ *                                 new statistic
  *                                 R'_i = lerp(R_i, sum_j G_ij^2 / n_c + eps1, w), and per block the
  *                                 column sums of G^2 and of G^2 / R'_i (the row again, from cache)
  *   finish 1  (per tensor)        s = max(eps2, RMS(theta));  R <- R',  C <- lerp(C, colsum/n_r + eps1, w);
@@ -132,17 +133,18 @@ static inline int64_t n_blocks(const int64_t *t) { return (t[T_NUMEL] + t[T_BLOC
 
 /* ---- pass 1 ---- */
 
-/* sums of one piece: G^2 into *row (and into colpart when given), theta^2 and G - G into *param_sq,
- * *probe */
-static inline void piece_sums(const float *restrict g, const float *restrict p, float *restrict colpart, int64_t n,
-                              double *row, double *param_sq, double *probe) {
+/* sums of one piece: G^2 into *row (and into colpart when given), theta^2 into *param_sq, and the
+ * probe raw - raw of the gradient as the user gave it (the reference checks it before any mask: a
+ * finite gradient that a mask's 1/p scales past the float range is stepped, as there) into *probe */
+static inline void piece_sums(const float *restrict g, const float *restrict raw, const float *restrict p,
+                              float *restrict colpart, int64_t n, double *row, double *param_sq, double *probe) {
     f32x8 acc_g = {0}, acc_p = {0}, acc_probe = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        const f32x8 gv = load_f32x8(g + i), pv = load_f32x8(p + i), g2 = gv * gv;
+        const f32x8 gv = load_f32x8(g + i), pv = load_f32x8(p + i), rv = load_f32x8(raw + i), g2 = gv * gv;
         acc_g += g2;
         acc_p += pv * pv;
-        acc_probe += gv - gv;
+        acc_probe += rv - rv;
         if (colpart) store_f32x8(colpart + i, load_f32x8(colpart + i) + g2);
     }
     double sg = lane_total(acc_g), sp = lane_total(acc_p), sprobe = lane_total(acc_probe);
@@ -150,7 +152,7 @@ static inline void piece_sums(const float *restrict g, const float *restrict p, 
         const float g2 = g[i] * g[i];
         sg += g2;
         sp += p[i] * p[i];
-        sprobe += g[i] - g[i];
+        sprobe += raw[i] - raw[i];
         if (colpart) colpart[i] += g2;
     }
     *row += sg;
@@ -168,7 +170,7 @@ static void pass1_row(const int64_t *t, int64_t r, const af_scalars *a, float *b
     for (int64_t c = 0; c < cols; c += PIECE) {
         const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
         g = load_grad(t, s, n, buf, a);
-        piece_sums(g, p + s, colpart + c, n, &row, param_sq, probe);
+        piece_sums(g, (const float *)t[T_GRAD] + s, p + s, colpart + c, n, &row, param_sq, probe);
     }
     const float stat = lerp_f32(((const float *)t[T_ROW])[r], (float)row * a->inv_cols + a->eps1, a->weight,
                                 a->weight_minus_one, a->small_weight);
@@ -194,7 +196,8 @@ static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, fl
         double unused = 0.0;
         for (int64_t s = s0; s < e0; s += PIECE) {
             const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
-            piece_sums(load_grad(t, s, n, buf, a), p + s, 0, n, &unused, &param_sq, &probe);
+            piece_sums(load_grad(t, s, n, buf, a), (const float *)t[T_GRAD] + s, p + s, 0, n, &unused, &param_sq,
+                       &probe);
         }
     } else {
         af_scalars row_scalars = *a;

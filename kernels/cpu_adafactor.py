@@ -23,6 +23,7 @@ vectors and two column sums per block of rows, at most 1/32 of the parameter's e
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
@@ -54,7 +55,12 @@ _LIB = cpu_build.Library(NAME, {
     "optimfx_adafactor_mask_keys": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_int64], None),
 })
-available = _LIB.available
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call) and enabled; the F mask's bits
+    are read as little-endian 16-bit halves of each pair's hash."""
+    return sys.byteorder == "little" and _LIB.available()
 
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -65,11 +71,12 @@ def _plain(t: Tensor) -> bool:
     return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and type(t) in _PLAIN_TYPES
 
 
-def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
+def takes(param: Tensor, grad: Tensor, state: dict, momentum: bool) -> bool:
     """Contiguous fp32 CPU tensors, not empty: the parameter, its gradient and its state in the layout
-    ``reference.adafactor.init_state`` gives (a state of another shape or dtype, loaded from a
-    checkpoint, takes the reference, which says what is wrong), a ChildTuning-D mask, if any, of one
-    byte per element."""
+    ``reference.adafactor.init_state`` gives for the group's options (``momentum``: ``beta1`` set, so
+    an ``exp_avg`` is needed), a ChildTuning-D mask, if any, of one byte per element. Anything else (a
+    state of another shape or dtype loaded from a checkpoint, momentum switched on after the state
+    was made) takes the reference, which says what is wrong."""
     shape = param.shape
     if not (_plain(param) and _plain(grad) and grad.shape == shape and param.numel() > 0):
         return False
@@ -80,6 +87,8 @@ def takes(param: Tensor, grad: Tensor, state: dict) -> bool:
     elif not (_plain(state["exp_avg_sq"]) and state["exp_avg_sq"].shape == shape):
         return False
     avg = state.get("exp_avg")
+    if momentum and avg is None:
+        return False
     if avg is not None and not (_plain(avg) and avg.shape == shape):
         return False
     mask = state.get("child_mask")
@@ -148,11 +157,11 @@ def _plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
 
 
 def _address(param: Tensor, state: dict) -> tuple[int, ...]:
-    """Where a tensor's parameter and state buffers are: with :func:`takes` having checked their
-    shapes against the parameter's, the layout of its row of the table."""
+    """Where a tensor's parameter and state buffers are, and its shape: with :func:`takes` having
+    checked the buffers' shapes against the parameter's, the layout of its row of the table."""
     get = state.get
     row, col, avg, mask = get("exp_avg_sq_row"), get("exp_avg_sq_col"), get("exp_avg"), get("child_mask")
-    return (param.data_ptr(), (row if row is not None else state["exp_avg_sq"]).data_ptr(),
+    return (param.data_ptr(), param.shape, (row if row is not None else state["exp_avg_sq"]).data_ptr(),
             0 if col is None else col.data_ptr(), 0 if avg is None else avg.data_ptr(),
             0 if mask is None else mask.data_ptr())
 
@@ -226,7 +235,7 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
     mask_mode, threshold, keep_scale = (MASK_STORED if stored_masks else MASK_NONE), 0, 1.0
     if f_mask is not None:
         mask_mode, threshold, keep_scale = MASK_BERNOULLI, f_mask.threshold, f_mask.keep_scale
-        streams = f_mask.streams.contiguous()
+        streams = f_mask.streams.to(torch.int64).contiguous()
         _LIB.function("optimfx_adafactor_mask_keys")(
             streams.data_ptr(), len(params), f_mask.seed_word, f_mask.step_word,
             table.data_ptr() + 8 * T_KEY, T_COLUMNS)
@@ -251,4 +260,8 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
         run_pass(2)
     finish_fn(table_ptr, n_tensors, 2, scalars, flags, 0, threads)
     run_pass(3)
+    cpu_build.written([*params, *(s[k] for s in states for k in _STATE_BUFFERS if k in s)])
     return True
+
+
+_STATE_BUFFERS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")

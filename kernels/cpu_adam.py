@@ -72,6 +72,7 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     flags = (_DECOUPLED if decoupled else 0) | (_MAXIMIZE if maximize else 0) | (mask_mode << 8) | (threshold << 16)
     cpu_launcher.run(_LIB.function("optimfx_adam_tasks"), _LIB.openmp, table, [p.numel() for p in params], scalars,
                      flags)
+    cpu_build.written([*params, *exp_avgs, *exp_avg_sqs])
 
 
 def bernoulli_grad(grad: Tensor, key: int, offset: int, threshold: int, keep_scale: float) -> Optional[Tensor]:

@@ -175,6 +175,12 @@ def uses_openmp(lib: ctypes.CDLL) -> bool:
     return bool(lib.optimfx_openmp())
 
 
+def written(tensors: list[torch.Tensor]) -> None:
+    """Tell autograd that a kernel wrote ``tensors`` in place through their pointers: a graph that
+    saved one of them then refuses to run backward, as after any in-place op."""
+    torch.autograd.graph.increment_version(tensors)
+
+
 #: a C function's ctypes signature: argument types and result type
 Signature = tuple[list[Any], Any]
 

@@ -114,6 +114,7 @@ def adapt(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     cpu_launcher.run(kernel, _LIB.openmp, table, [p.numel() for p in params],
                      ctypes.c_void_p(coefs.data_ptr()), _scalars(hp, sgd_lr, sgd_decay),
                      _flags(hp, direct, sgd_decay))
+    cpu_build.written([*params, *(s[k] for s in states for k in _STATE_KEYS), *(saved or ())])
 
 
 def apply(params: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tensor], hp) -> None:
@@ -122,3 +123,4 @@ def apply(params: Sequence[Tensor], states: Sequence[dict], saved: Sequence[Tens
     table = _table(params, params, states, saved)
     kernel = _LIB.function("optimfx_eg_apply")
     cpu_launcher.run(kernel, _LIB.openmp, table, [p.numel() for p in params], _scalars(hp), _flags(hp))
+    cpu_build.written([*params, *(s["velocity"] for s in states)])

@@ -201,10 +201,11 @@ class GradientMaskMixin:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         super().load_state_dict(state_dict)  # type: ignore[misc]
         for p, state in list(self.state.items()):
-            # stream ids are host integers (the base moves non-floating state to the parameter's device)
+            # stream ids are int64 host integers (the base moves non-floating state to the parameter's
+            # device and keeps a converted checkpoint's integer dtype)
             stream = state.get("mask_stream")
-            if isinstance(stream, Tensor) and stream.device.type != "cpu":
-                state["mask_stream"] = stream.cpu()
+            if isinstance(stream, Tensor) and (stream.device.type != "cpu" or stream.dtype != torch.int64):
+                state["mask_stream"] = stream.to("cpu", torch.int64)
             mask = state.get("child_mask")
             if isinstance(mask, Tensor):
                 # the kernels multiply by the stored bytes: keep them 0/1 and contiguous

@@ -41,8 +41,8 @@ def supported(hp: ref.AdaFactorHyper) -> bool:
     return hp.eps_mode == "paper" and hp.eps1 is not None and hp.eps1 >= _TINY
 
 
-def _taken(param: Tensor, grad: Tensor, state: dict) -> bool:
-    return _distributed.SHARD_KEY not in state and cpu_adafactor.takes(param, grad, state)
+def _taken(param: Tensor, grad: Tensor, state: dict, momentum: bool) -> bool:
+    return _distributed.SHARD_KEY not in state and cpu_adafactor.takes(param, grad, state, momentum)
 
 
 def _options(hp: ref.AdaFactorHyper, sc: ref.AdaFactorScalars, lr: float) -> cpu_adafactor.Options:
@@ -75,9 +75,9 @@ def step_group(stacked_step: Callable[..., None], params: list[Tensor], grads: l
     """
     taken: dict[int, list[int]] = defaultdict(list)
     rest: list[int] = []
-    usable = supported(hyper) and cpu_adafactor.available()
+    usable, momentum = supported(hyper) and cpu_adafactor.available(), hyper.beta1 is not None
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        (taken[steps[i]] if usable and _taken(p, g, state) else rest).append(i)
+        (taken[steps[i]] if usable and _taken(p, g, state, momentum) else rest).append(i)
     # the kernel's check covers one call: with several step counts every gradient is checked first
     check_in_kernel = check_finite and len(taken) == 1
     if check_finite:

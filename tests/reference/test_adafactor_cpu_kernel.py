@@ -279,3 +279,119 @@ def test_f_mask_keys_formed_in_c_are_the_reference_keys():
                  keys.data_ptr() + 8, 2)
             assert [k % (1 << 64) for k in keys[:, 1].tolist()] == [ct.mask_key(seed, s, step) for s in streams.tolist()]
             assert not keys[:, 0].any()  # the stride is kept
+
+
+def test_momentum_switched_on_after_the_state_was_made_is_not_taken():
+    """``beta1`` set after the state was made (no ``exp_avg``): the kernel declines the tensor (it
+    would have no momentum buffer to write) and the reference says what is missing."""
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = optimfx.AdaFactor([p])
+    p.grad = torch.randn(64, 64)
+    opt.step()
+    assert cpu_adafactor.takes(p, p.grad, opt.state[p], momentum=False)
+    assert not cpu_adafactor.takes(p, p.grad, opt.state[p], momentum=True)
+    opt.param_groups[0]["beta1"] = 0.9
+    with pytest.raises(KeyError, match="exp_avg"):
+        opt.step()
+
+
+def test_a_parameter_narrowed_in_place_gets_a_new_plan(monkeypatch):
+    """Vocabulary pruning keeps the first rows of a parameter and of its state as views (same
+    addresses, fewer elements): the kernel's cached layout must not be reused for them."""
+    def run():
+        p = torch.nn.Parameter(torch.randn(100_000, generator=torch.Generator().manual_seed(0)))
+        opt = optimfx.AdaFactor([p], skip_nonfinite=False)
+        p.grad = torch.full((100_000,), 1e-2)
+        opt.step()
+        storage = p.data
+        p.data = p.data[:1000]
+        opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"][:1000]
+        tail = storage[1000:].clone()
+        p.grad = torch.full((1000,), -1e-2)
+        opt.step()
+        assert torch.equal(storage[1000:], tail)  # nothing written past the view
+        return p.detach().clone()
+
+    fast = run()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        slow = run()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+
+
+def test_a_mask_stream_loaded_as_int32(monkeypatch):
+    """A converted checkpoint may hold the F-mask stream as int32: it is read as the same number."""
+    def run():
+        params = _params([(30, 20), (20,)])
+        opt = optimfx.AdaFactor(params, child_tuning_mode="F", reserve_p=0.5, seed=5)
+        for t in range(2):
+            for p, g in zip(params, _grads(t, [(30, 20), (20,)])):
+                p.grad = g
+            opt.step()
+            if t == 0:
+                saved = opt.state_dict()
+                for entry in saved["state"].values():
+                    entry["mask_stream"] = (entry["mask_stream"] + 2**20).to(torch.int32)
+                opt.load_state_dict(saved)
+                assert all(opt.state[p]["mask_stream"].dtype == torch.int64 for p in params)
+        return params, opt
+
+    fast = run()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        slow = run()
+    _assert_same_run(fast, slow, [(30, 20), (20,)])
+
+
+def test_a_gradient_a_mask_scales_past_the_float_range_is_stepped_as_by_the_reference(monkeypatch):
+    """The inf/NaN check reads the gradient as given, before its mask (as the reference checks it):
+    a finite 3e38 that the F mask's 1/p takes to inf is not a reason to skip."""
+    shapes = [(20, 30), (50,)]
+
+    def run():
+        params = _params(shapes)
+        opt = optimfx.AdaFactor(params, child_tuning_mode="F", reserve_p=0.5, seed=1)
+        for t in range(2):
+            grads = _grads(t, shapes)
+            if t == 1:
+                grads[0][3] = 3e38
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    fast, slow = run(), None
+    with monkeypatch.context() as m:
+        m.setattr(cpu_adafactor, "available", lambda: False)
+        m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        slow = run()
+    for (a, b) in zip(fast[0], slow[0]):
+        assert int(fast[1].state[a]["step"]) == int(slow[1].state[b]["step"]) == 2
+        assert torch.equal(a.isfinite(), b.isfinite())
+    assert not fast[0][0].isfinite().all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: optimfx.AdaFactor(ps),
+    lambda ps: optimfx.AdamW(ps, child_tuning_mode="F", reserve_p=0.5),
+    lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps)),
+], ids=["adafactor", "adamw-masked", "eg"])
+def test_autograd_sees_the_kernels_in_place_writes(make):
+    """A graph that saved a parameter before the step refuses to run backward after it, as after
+    any in-place update (the C kernels write through pointers and bump the version counters)."""
+    from optimfx._kernels import cpu_adam, cpu_eg
+
+    if not (cpu_adam.available() and cpu_eg.available()):
+        pytest.skip("CPU kernels unavailable")
+    lin = torch.nn.Linear(64, 64)
+    opt = make(list(lin.parameters()))
+    x = torch.randn(8, 64, requires_grad=True)
+    loss = lin(x).square().sum()
+    loss.backward(retain_graph=True)
+    version = lin.weight._version
+    opt.step()
+    assert lin.weight._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
