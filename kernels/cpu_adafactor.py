@@ -15,9 +15,9 @@ ChildTuning mask is computed where the gradient is loaded. The paper's ε form o
 (``eps_mode="paper"`` with ``ε1`` at least the smallest normal fp32 number); everything else takes
 the reference.
 
-Scratch per call (cached with the call's layout, :data:`_PLANS`): per tensor its row and column
-vectors and two column sums per block of rows, at most 1/32 of the parameter's elements
-(:func:`block_rows`).
+Scratch per call (cached with the call's layout while it is in use, :data:`_PLANS`): per tensor its
+row and column vectors and two column sums per block of rows, at most 1/32 of the parameter's
+elements (:func:`block_rows`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -117,9 +116,13 @@ class _Plan(NamedTuple):
     aligns: tuple[int, ...]
 
 
-#: recent layouts (a layout: the tensors' addresses and shapes) → their plan
-_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
-_PLAN_LIMIT = 8
+#: layouts (a layout: the tensors' addresses and shapes) → their plan and the call that last used it
+_PLANS: dict[tuple, tuple[_Plan, int]] = {}
+#: a plan unused for this many calls is dropped: every param group of a model (each its own layout)
+#: keeps its plan while the groups step in turn, and the plans of layouts that will not come back
+#: (the state replaced by ``load_state_dict``) are released a few steps later
+PLAN_LIFETIME_CALLS = 64
+_calls = 0
 _plans_lock = threading.Lock()
 
 
@@ -142,17 +145,16 @@ def _geometry(param: Tensor, factored: bool) -> tuple[int, int, int]:
 def _plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
     """The plan of these tensors: cached by their addresses and shapes (the gradients, whose
     addresses change from step to step, are written into the table by each call)."""
+    global _calls
     layout = tuple(map(_address, params, states))
     with _plans_lock:
-        plan = _PLANS.get(layout)
-        if plan is not None:
-            _PLANS.move_to_end(layout)
-            return plan
-    plan = _build_plan(params, states)
+        _calls += 1
+        cached = _PLANS.get(layout)
+        for key in [k for k, (_, last) in _PLANS.items() if last < _calls - PLAN_LIFETIME_CALLS]:
+            del _PLANS[key]
+    plan = cached[0] if cached is not None else _build_plan(params, states)
     with _plans_lock:
-        _PLANS[layout] = plan
-        while len(_PLANS) > _PLAN_LIMIT:
-            _PLANS.popitem(last=False)
+        _PLANS[layout] = (plan, _calls)
     return plan
 
 

@@ -395,3 +395,24 @@ def test_autograd_sees_the_kernels_in_place_writes(make):
     assert lin.weight._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_plans_are_kept_for_every_group_and_dropped_when_unused(monkeypatch):
+    """Each param group is its own layout: with many groups every plan is built once and reused; the
+    plans of a state that ``load_state_dict`` replaced are released after ``PLAN_LIFETIME_CALLS``."""
+    built = []
+    original = cpu_adafactor._build_plan
+    monkeypatch.setattr(cpu_adafactor, "_build_plan", lambda *a: built.append(1) or original(*a))
+    cpu_adafactor.free_scratch()
+    params = _params([(8, 4)] * 20)
+    opt = optimfx.AdaFactor([{"params": [p]} for p in params])
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert len(built) == 20
+    opt.load_state_dict(opt.state_dict())  # new state tensors: new layouts
+    for _ in range(cpu_adafactor.PLAN_LIFETIME_CALLS // 20 + 2):
+        opt.step()
+    assert len(built) == 40
+    assert len(cpu_adafactor._PLANS) == 20
