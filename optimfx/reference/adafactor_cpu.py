@@ -2,11 +2,13 @@ r"""AdaFactor's CPU fast path: the C kernel of ``optimfx._kernels.cpu_adafactor`
 
 The reference step (``adafactor.py``) takes about ten ATen passes per tensor, and a model's many
 small tensors cost more in per-op overhead than in arithmetic (which ``stacking.py`` works around by
-stacking them). The C kernel steps every fp32 tensor of a group in three passes per element, the
-same update (``reference/adafactor.py``'s docstring) to rounding:
+stacking them). The C kernel steps every fp32 tensor of a group in two passes over a matrix's
+gradient (three for a vector's), the same update (``reference/adafactor.py``'s docstring) to
+rounding:
 
-1. the rows' and blocks' column sums of ``G²``, ``Σθ²``, and the group's inf/NaN check;
-2. ``ΣU²`` (``Σ_i a_i² Σ_j G²_ij b_j²`` for a factored tensor, no ``U`` formed);
+1. ``Σθ²``, each row's new statistic, the column sums of ``G²`` and of ``G²/R_i`` per block of rows
+   (from which the clip's ``ΣU² = Σ_i a_i² Σ_j G²_ij b_j²`` follows), and the group's inf/NaN check;
+2. (vectors, and a matrix where some ``R̄/R_i`` reaches the cap) the second moment and ``ΣU²``;
 3. ``θ ← θ·(1 − λ·…) − α_t·Û`` (or through the momentum ``M``),
 
 with the factored statistics' update and the clip computed per tensor in between, and the
