@@ -100,13 +100,13 @@ def contenders(base: str | None) -> dict[str, Factory]:
 
 
 def time_preset(preset: str, factories: dict[str, Factory], rounds: int, scale: float,
-                warmup_steps: int = 1) -> dict[str, list[float]]:
+                warmup_steps: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
     """Seconds per step of every contender over ``rounds`` interleaved rounds, after ``warmup_steps``
-    untimed steps each (the first makes the lazy state)."""
+    untimed steps each (the first makes the lazy state), on parameters and gradients of ``dtype``."""
     shapes = get_preset(preset, scale)
     optimizers = {}
     for name, make in factories.items():
-        opt = make(make_params(shapes))
+        opt = make(make_params(shapes, dtype=dtype))
         for _ in range(warmup_steps):
             opt.step()
         optimizers[name] = opt
@@ -144,16 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the presets (smoke runs)")
     parser.add_argument("--base", default=None, help="git revision whose reference step to compare with")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="parameters' and gradients' dtype")
     parser.add_argument("--json", default=None, help="write the raw step times here")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     factories = contenders(args.base)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{args.dtype} parameters")
     raw: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
+                           "dtype": args.dtype,
                            "base": args.base, "presets": {}}
     for preset in args.presets.split(","):
-        seconds = time_preset(preset, factories, args.rounds, args.scale)
+        seconds = time_preset(preset, factories, args.rounds, args.scale, dtype=getattr(torch, args.dtype))
         raw["presets"][preset] = seconds
         print(report(preset, seconds), end="\n\n", flush=True)
     if args.json:

@@ -1,5 +1,6 @@
 /* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in two or three passes per element,
- * for fp32 CPU tensors. Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
+ * for fp32 or bf16 CPU parameters and gradients (fp32 maths and state; a bf16 parameter is rounded
+ * once, to nearest even, as the reference writes it back). Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
  *
  *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (g - g) of the
  *                                 gradient before its mask; for a factored tensor, per row i: its
@@ -50,6 +51,7 @@ enum {
     T_COLPART,  /* float [n_blocks * 2*n_c]: each block's column sums of G^2 and of G^2/R' (factored) */
     T_PARTS,    /* double [n_blocks * P_COUNT]: each block's partial sums */
     T_SCALARS,  /* double [X_COUNT]: the tensor's scalars from the finishes */
+    T_PARAM_BF16, T_GRAD_BF16, /* 1 where the parameter / gradient is bfloat16 (else float32) */
     T_COLUMNS
 };
 enum { K_TENSOR, K_START, K_END, K_COLUMNS };
@@ -91,13 +93,41 @@ static af_scalars unpack(const double *s, int64_t flags) {
     return a;
 }
 
-/* ---- loading G ---- */
+/* ---- loading G and theta ---- */
 
-/* G of elements [s, s + n) of tensor row t (n <= PIECE): the gradient itself, or its ChildTuning-
- * masked copy in buf (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for bit). */
-static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, float *restrict buf,
-                                     const af_scalars *a) {
+/* a thread's fp32 copies of one piece: the masked gradient, the gradient as given (bf16 converted),
+ * the parameter (bf16 converted, and written back rounded once) */
+typedef struct {
+    float grad[PIECE], raw[PIECE], param[PIECE];
+} piece_buffers;
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round to nearest even, NaN to the canonical quiet NaN (c10::BFloat16's rounding) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return f != f ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* G of elements [s, s + n) of tensor row t (n <= PIECE), in fp32: the gradient itself, or its
+ * ChildTuning-masked copy (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for bit);
+ * *raw (when given) is the gradient before its mask, for the inf/NaN probe */
+static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, piece_buffers *buf,
+                                     const af_scalars *a, const float **raw) {
     const float *restrict g = (const float *)t[T_GRAD] + s;
+    if (t[T_GRAD_BF16]) {
+        const uint16_t *restrict h = (const uint16_t *)t[T_GRAD] + s;
+        for (int64_t i = 0; i < n; ++i) buf->raw[i] = bf16_to_f32(h[i]);
+        g = buf->raw;
+    }
+    if (raw) *raw = g;
+    float *restrict out = buf->grad;
     if (a->mask_mode == MASK_BERNOULLI) {
         uint32_t h[HASH_BLOCK / 2 + 2];
         const float scale = a->keep_scale;
@@ -108,17 +138,32 @@ static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, flo
             const int64_t m = hash_block(h, first, n - done, (uint64_t)t[T_KEY]);
             const uint16_t *restrict bits = (const uint16_t *)h + (first & 1);
             for (int64_t i = 0; i < m; ++i)
-                buf[done + i] = 0.0f + ((((uint32_t)bits[i] ^ 0x8000u) < threshold) ? scale : 0.0f) * g[done + i];
+                out[done + i] = 0.0f + ((((uint32_t)bits[i] ^ 0x8000u) < threshold) ? scale : 0.0f) * g[done + i];
             done += m;
         }
-        return buf;
+        return out;
     }
     if (a->mask_mode == MASK_STORED && t[T_MASK] != 0) {
         const uint8_t *restrict keep = (const uint8_t *)t[T_MASK] + s;
-        for (int64_t i = 0; i < n; ++i) buf[i] = g[i] * (float)keep[i];
-        return buf;
+        for (int64_t i = 0; i < n; ++i) out[i] = g[i] * (float)keep[i];
+        return out;
     }
     return g;
+}
+
+/* theta of elements [s, s + n) in fp32: the parameter itself, or its bf16 values converted */
+static inline float *load_param(const int64_t *t, int64_t s, int64_t n, piece_buffers *buf) {
+    if (!t[T_PARAM_BF16]) return (float *)t[T_PARAM] + s;
+    const uint16_t *restrict h = (const uint16_t *)t[T_PARAM] + s;
+    for (int64_t i = 0; i < n; ++i) buf->param[i] = bf16_to_f32(h[i]);
+    return buf->param;
+}
+
+/* a bf16 parameter's updated piece, rounded once into its storage (an fp32 one was written in place) */
+static inline void store_param(const int64_t *t, int64_t s, int64_t n, const piece_buffers *buf) {
+    if (!t[T_PARAM_BF16]) return;
+    uint16_t *restrict h = (uint16_t *)t[T_PARAM] + s;
+    for (int64_t i = 0; i < n; ++i) h[i] = f32_to_bf16(buf->param[i]);
 }
 
 static inline double lane_total(f32x8 v) {
@@ -161,16 +206,15 @@ static inline void piece_sums(const float *restrict g, const float *restrict raw
 }
 
 /* the new statistic of row r and its share of the block's column sums of G^2 / R' */
-static void pass1_row(const int64_t *t, int64_t r, const af_scalars *a, float *buf, float *colpart,
+static void pass1_row(const int64_t *t, int64_t r, const af_scalars *a, piece_buffers *buf, float *colpart,
                       double *param_sq, double *probe) {
     const int64_t cols = t[T_COLS];
-    const float *p = (const float *)t[T_PARAM];
     double row = 0.0;
-    const float *g = 0;
+    const float *g = 0, *raw = 0;
     for (int64_t c = 0; c < cols; c += PIECE) {
         const int64_t n = cols - c < PIECE ? cols - c : PIECE, s = r * cols + c;
-        g = load_grad(t, s, n, buf, a);
-        piece_sums(g, (const float *)t[T_GRAD] + s, p + s, colpart + c, n, &row, param_sq, probe);
+        g = load_grad(t, s, n, buf, a, &raw);
+        piece_sums(g, raw, load_param(t, s, n, buf), colpart + c, n, &row, param_sq, probe);
     }
     const float stat = lerp_f32(((const float *)t[T_ROW])[r], (float)row * a->inv_cols + a->eps1, a->weight,
                                 a->weight_minus_one, a->small_weight);
@@ -180,15 +224,14 @@ static void pass1_row(const int64_t *t, int64_t r, const af_scalars *a, float *b
     /* the row again: from the buffer (one piece) or from cache */
     for (int64_t c = 0; c < cols; c += PIECE) {
         const int64_t n = cols - c < PIECE ? cols - c : PIECE;
-        const float *restrict gp = cols <= PIECE ? g : load_grad(t, r * cols + c, n, buf, a);
+        const float *restrict gp = cols <= PIECE ? g : load_grad(t, r * cols + c, n, buf, a, 0);
         for (int64_t i = 0; i < n; ++i) scaled[c + i] += (gp[i] * gp[i]) * inv;
     }
 }
 
-static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, piece_buffers *buf) {
     const int64_t size = t[T_BLOCK], s0 = block * size;
     const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
-    const float *p = (const float *)t[T_PARAM];
     double *parts = (double *)t[T_PARTS] + block * P_COUNT;
     double param_sq = 0.0, probe = 0.0;
     const int64_t cols = t[T_COLS];
@@ -196,8 +239,8 @@ static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, fl
         double unused = 0.0;
         for (int64_t s = s0; s < e0; s += PIECE) {
             const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
-            piece_sums(load_grad(t, s, n, buf, a), (const float *)t[T_GRAD] + s, p + s, 0, n, &unused, &param_sq,
-                       &probe);
+            const float *raw = 0, *g = load_grad(t, s, n, buf, a, &raw);
+            piece_sums(g, raw, load_param(t, s, n, buf), 0, n, &unused, &param_sq, &probe);
         }
     } else {
         af_scalars row_scalars = *a;
@@ -212,7 +255,7 @@ static void pass1_block(const int64_t *t, int64_t block, const af_scalars *a, fl
 
 /* ---- pass 2 ---- */
 
-static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, piece_buffers *buf) {
     const int64_t size = t[T_BLOCK], s0 = block * size;
     const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
     const int64_t cols = t[T_COLS];
@@ -224,7 +267,7 @@ static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, fl
         const int small = a->small_weight;
         for (int64_t s = s0; s < e0; s += PIECE) {
             const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
-            const float *restrict g = load_grad(t, s, n, buf, a);
+            const float *restrict g = load_grad(t, s, n, buf, a, 0);
             float *restrict vs = v + s;
             float u2[PIECE];
             for (int64_t i = 0; i < n; ++i) {
@@ -248,7 +291,7 @@ static void pass2_block(const int64_t *t, int64_t block, const af_scalars *a, fl
             double row = 0.0;
             for (int64_t c = 0; c < cols; c += PIECE) {
                 const int64_t n = cols - c < PIECE ? cols - c : PIECE;
-                const float *restrict g = load_grad(t, r * cols + c, n, buf, a);
+                const float *restrict g = load_grad(t, r * cols + c, n, buf, a, 0);
                 f32x8 acc = {0};
                 int64_t i = 0;
                 for (; i + LANES <= n; i += LANES) {
@@ -300,23 +343,24 @@ static void apply_span(float *p, float *m, const float *g, const float *b, float
 #undef APPLY
 }
 
-static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, float *buf) {
+static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, piece_buffers *buf) {
     const int64_t size = t[T_BLOCK], s0 = block * size;
     const int64_t e0 = s0 + size < t[T_NUMEL] ? s0 + size : t[T_NUMEL];
     const int64_t cols = t[T_COLS];
     const double *x = (const double *)t[T_SCALARS];
     const float decay = (float)x[X_DECAY];
     const int decayed = decay != 1.0f;
-    float *p = (float *)t[T_PARAM], *m = (float *)t[T_EXP_AVG];
+    float *m = (float *)t[T_EXP_AVG];
     if (cols == 0) {
         const float *restrict v = (const float *)t[T_ROW];
         const float scale = (float)x[X_UPDATE_SCALE];
         float u[PIECE];
         for (int64_t s = s0; s < e0; s += PIECE) {
             const int64_t n = e0 - s < PIECE ? e0 - s : PIECE;
-            const float *restrict g = load_grad(t, s, n, buf, a);
+            const float *restrict g = load_grad(t, s, n, buf, a, 0);
             for (int64_t i = 0; i < n; ++i) u[i] = (1.0f / sqrtf(v[s + i])) * g[i];
-            apply_span(p + s, m ? m + s : 0, u, 0, 1.0f, scale, n, decay, a, decayed, 0);
+            apply_span(load_param(t, s, n, buf), m ? m + s : 0, u, 0, 1.0f, scale, n, decay, a, decayed, 0);
+            store_param(t, s, n, buf);
         }
         return;
     }
@@ -326,8 +370,9 @@ static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, fl
         const float *b = b_all + (r / rows) * cols;
         for (int64_t c = 0; c < cols; c += APPLY_PIECE) {
             const int64_t n = cols - c < APPLY_PIECE ? cols - c : APPLY_PIECE, s = r * cols + c;
-            const float *g = load_grad(t, s, n, buf, a);
-            apply_span(p + s, m ? m + s : 0, g, b + c, a_all[r], 1.0f, n, decay, a, decayed, 1);
+            const float *g = load_grad(t, s, n, buf, a, 0);
+            apply_span(load_param(t, s, n, buf), m ? m + s : 0, g, b + c, a_all[r], 1.0f, n, decay, a, decayed, 1);
+            store_param(t, s, n, buf);
         }
     }
 }
@@ -430,15 +475,15 @@ static void finish2(const int64_t *t, const double *s, int64_t flags) {
 /* ---- entry points ---- */
 
 static void pass_share(int pass, const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const af_scalars *a) {
-    float buf[PIECE];
+    piece_buffers buf;
     for (int64_t k = 0; k < n_tasks; ++k) {
         const int64_t *task = tasks + k * K_COLUMNS;
         const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
         const int64_t size = t[T_BLOCK];
         for (int64_t block = task[K_START] / size; block * size < task[K_END]; ++block) {
-            if (pass == 1) pass1_block(t, block, a, buf);
-            else if (pass == 2) pass2_block(t, block, a, buf);
-            else pass3_block(t, block, a, buf);
+            if (pass == 1) pass1_block(t, block, a, &buf);
+            else if (pass == 2) pass2_block(t, block, a, &buf);
+            else pass3_block(t, block, a, &buf);
         }
     }
 }

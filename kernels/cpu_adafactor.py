@@ -1,5 +1,5 @@
 """Host side of ``cpu_adafactor.c``: AdaFactor's step in two passes per element (three for 1-D
-tensors) for fp32 CPU tensors.
+tensors) for fp32 or bf16 CPU parameters (fp32 maths and state).
 
 The reference takes about ten ATen passes per tensor and step (the squared gradient, its row and
 column sums, ``ΣU²``, the update, the parameter), and on many small tensors mostly per-op cost; the
@@ -43,7 +43,9 @@ MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
 _SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
 # columns of the per-tensor table (the T_* enum of cpu_adafactor.c)
 (T_PARAM, T_GRAD, T_ROW, T_COL, T_EXP_AVG, T_MASK, T_OFFSET, T_KEY, T_NUMEL, T_ROWS, T_COLS, T_BLOCK,
- T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_COLUMNS) = range(18)
+ T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_PARAM_BF16, T_GRAD_BF16, T_COLUMNS) = range(20)
+#: parameter and gradient dtypes the kernel reads (maths and state in fp32)
+DTYPES = (torch.float32, torch.bfloat16)
 _PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 5
 _MASK_DTYPES = (torch.uint8, torch.bool)
 _LIB = cpu_build.Library(NAME, {
@@ -65,19 +67,19 @@ def available() -> bool:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _plain(t: Tensor) -> bool:
+def _plain(t: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     # a tensor subclass (DTensor, ...) may not hold its elements at data_ptr()
-    return t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and type(t) in _PLAIN_TYPES
+    return t.is_cpu and t.dtype in dtypes and t.is_contiguous() and type(t) in _PLAIN_TYPES
 
 
 def takes(param: Tensor, grad: Tensor, state: dict, momentum: bool) -> bool:
-    """Contiguous fp32 CPU tensors, not empty: the parameter, its gradient and its state in the layout
-    ``reference.adafactor.init_state`` gives for the group's options (``momentum``: ``beta1`` set, so
-    an ``exp_avg`` is needed), a ChildTuning-D mask, if any, of one byte per element. Anything else (a
-    state of another shape or dtype loaded from a checkpoint, momentum switched on after the state
-    was made) takes the reference, which says what is wrong."""
+    """Contiguous CPU tensors, not empty: the parameter and its gradient in fp32 or bf16, its fp32
+    state in the layout ``reference.adafactor.init_state`` gives for the group's options
+    (``momentum``: ``beta1`` set, so an ``exp_avg`` is needed), a ChildTuning-D mask, if any, of one
+    byte per element. Anything else (a state of another shape or dtype loaded from a checkpoint,
+    momentum switched on after the state was made) takes the reference, which says what is wrong."""
     shape = param.shape
-    if not (_plain(param) and _plain(grad) and grad.shape == shape and param.numel() > 0):
+    if not (_plain(param, DTYPES) and _plain(grad, DTYPES) and grad.shape == shape and param.numel() > 0):
         return False
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -163,7 +165,7 @@ def _address(param: Tensor, state: dict) -> tuple[int, ...]:
     checked the buffers' shapes against the parameter's, the layout of its row of the table."""
     get = state.get
     row, col, avg, mask = get("exp_avg_sq_row"), get("exp_avg_sq_col"), get("exp_avg"), get("child_mask")
-    return (param.data_ptr(), param.shape, (row if row is not None else state["exp_avg_sq"]).data_ptr(),
+    return (param.data_ptr(), param.shape, param.dtype, (row if row is not None else state["exp_avg_sq"]).data_ptr(),
             0 if col is None else col.data_ptr(), 0 if avg is None else avg.data_ptr(),
             0 if mask is None else mask.data_ptr())
 
@@ -189,7 +191,8 @@ def _build_plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
         parts, scalars = d_at, d_at + 8 * ds[0]
         d_at += 8 * sum(ds)
         rows_out.append((p.data_ptr(), 0, row.data_ptr(), ptr(col), ptr(avg), ptr(mask), 0, 0,
-                         p.numel(), rows, cols, block, a, b, colpart, parts, scalars))
+                         p.numel(), rows, cols, block, a, b, colpart, parts, scalars,
+                         int(p.dtype is torch.bfloat16), 0))
     table = torch.tensor(rows_out, dtype=torch.int64).reshape(-1, T_COLUMNS)
     return _Plan(table, floats, doubles, tuple(p.numel() for p in params), tuple(blk for _, _, blk in geometry))
 
@@ -233,7 +236,9 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
     """
     plan = _plan(params, states)
     table = plan.table
+    # the gradients' addresses and dtypes change from step to step
     table[:, T_GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    table[:, T_GRAD_BF16] = torch.tensor([g.dtype is torch.bfloat16 for g in grads], dtype=torch.int64)
     mask_mode, threshold, keep_scale = (MASK_STORED if stored_masks else MASK_NONE), 0, 1.0
     if f_mask is not None:
         mask_mode, threshold, keep_scale = MASK_BERNOULLI, f_mask.threshold, f_mask.keep_scale

@@ -16,7 +16,8 @@ ChildTuning mask applied where the gradient is loaded (bit for bit the reference
 
 It takes the paper's ε form (``eps_mode="paper"``, ``ε1`` at least the smallest normal fp32 number,
 1e-30 by default) and tensors :func:`optimfx._kernels.cpu_adafactor.takes` accepts (contiguous fp32
-parameters and gradients on CPU, not FSDP2 shards). The rest of a group takes the stacked reference
+or bf16 parameters and gradients on CPU, not FSDP2 shards; bf16 parameters written with stochastic
+rounding take the reference). The rest of a group takes the stacked reference
 step, where the kernel is not built the whole group does.
 """
 
@@ -79,7 +80,9 @@ def step_group(stacked_step: Callable[..., None], params: list[Tensor], grads: l
     rest: list[int] = []
     usable, momentum = supported(hyper) and cpu_adafactor.available(), hyper.beta1 is not None
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        (taken[steps[i]] if usable and _taken(p, g, state, momentum) else rest).append(i)
+        # stochastic rounding of bf16 parameters is keyed per tensor: the reference's
+        kernel = usable and not (stochastic_bf16 and p.dtype is torch.bfloat16) and _taken(p, g, state, momentum)
+        (taken[steps[i]] if kernel else rest).append(i)
     # the kernel's check covers one call: with several step counts every gradient is checked first
     check_in_kernel = check_finite and len(taken) == 1
     if check_finite:
