@@ -1,6 +1,6 @@
 /* AdaFactor (optimfx/reference/adafactor.py, the paper's eps form) in two or three passes per element,
  * for fp32 or bf16 CPU parameters and gradients (fp32 maths and state; a bf16 parameter is rounded
- * once, to nearest even, as the reference writes it back). Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
+ * once, to nearest even, as the reference writes it back; NaN as another quiet NaN). Per tensor, with G the gradient (ChildTuning-masked where it is loaded):
  *
  *   pass 1    (reads G, theta)    per block: sum theta^2, the non-finite probe sum (g - g) of the
  *                                 gradient before its mask; for a factored tensor, per row i: its
@@ -108,7 +108,8 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* round to nearest even, NaN to the canonical quiet NaN (c10::BFloat16's rounding) */
+/* round to nearest even (c10::BFloat16's rounding, which the reference's write-back applies); a NaN
+ * is written as the quiet NaN 0x7FC0 (ATen's vectorised copy writes another NaN pattern) */
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -120,7 +121,8 @@ static inline uint16_t f32_to_bf16(float f) {
  * *raw (when given) is the gradient before its mask, for the inf/NaN probe */
 static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, piece_buffers *buf,
                                      const af_scalars *a, const float **raw) {
-    const float *restrict g = (const float *)t[T_GRAD] + s;
+    /* not restrict: it is pointed at buf->raw once that is filled */
+    const float *g = (const float *)t[T_GRAD] + s;
     if (t[T_GRAD_BF16]) {
         const uint16_t *restrict h = (const uint16_t *)t[T_GRAD] + s;
         for (int64_t i = 0; i < n; ++i) buf->raw[i] = bf16_to_f32(h[i]);
