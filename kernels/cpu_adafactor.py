@@ -64,12 +64,7 @@ def available() -> bool:
     return sys.byteorder == "little" and _LIB.available()
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _plain(t: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    # a tensor subclass (DTensor, ...) may not hold its elements at data_ptr()
-    return t.is_cpu and t.dtype in dtypes and t.is_contiguous() and type(t) in _PLAIN_TYPES
+_plain = cpu_build.plain
 
 
 def takes(param: Tensor, grad: Tensor, state: dict, momentum: bool) -> bool:

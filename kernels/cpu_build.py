@@ -175,6 +175,15 @@ def uses_openmp(lib: ctypes.CDLL) -> bool:
     return bool(lib.optimfx_openmp())
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether a kernel can read ``t`` through its pointer: a contiguous CPU tensor of one of
+    ``dtypes``, not a subclass (a DTensor, ...) that may not hold its elements at ``data_ptr()``."""
+    return t.is_cpu and t.dtype in dtypes and t.is_contiguous() and type(t) in _PLAIN_TYPES
+
+
 def written(tensors: list[torch.Tensor]) -> None:
     """Tell autograd that a kernel wrote ``tensors`` in place through their pointers: a graph that
     saved one of them then refuses to run backward, as after any in-place op."""

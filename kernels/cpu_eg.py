@@ -41,10 +41,7 @@ _LIB = cpu_build.Library(NAME, {
 available = _LIB.available
 
 
-def _plain(t: Tensor) -> bool:
-    # a tensor subclass (DTensor, ...) may not hold its elements at data_ptr()
-    return (type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-            and t.is_contiguous())
+_plain = cpu_build.plain
 
 
 def takes(param: Tensor, grad: Tensor, state: dict) -> bool:

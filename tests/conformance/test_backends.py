@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 
 from _harness import SHAPES, assert_runs_close, make_grads, make_params, model_and_data, require, run, train
 from optim_db import rows_x_backends, rows_x_inputs
+from plain_reference import use_plain_reference
 from optimfx._precision import real_view
 
 STEPS = 5
@@ -55,8 +56,12 @@ def _model_run(row, backend, kwargs, device):
 
 
 def _assert_matches_reference(row, backend, kwargs, device):
+    """``backend`` against the plain-PyTorch reference step (the reference backend's own CPU fast
+    paths off: ``tests/plain_reference.py``)."""
     opt, params = _model_run(row, backend, kwargs, device)
-    ref_opt, ref_params = _model_run(row, "reference", kwargs, device)
+    with pytest.MonkeyPatch.context() as m:
+        use_plain_reference(m)
+        ref_opt, ref_params = _model_run(row, "reference", kwargs, device)
     assert_runs_close(opt, params, ref_opt, ref_params, row.tolerance)
 
 

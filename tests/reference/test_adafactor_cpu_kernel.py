@@ -469,8 +469,10 @@ def test_bf16_parameters_with_stochastic_rounding_take_the_reference(kernel_nume
 
 def test_bf16_rounding_is_round_to_nearest_even():
     """A bf16 parameter is written as the reference writes it back (``Tensor.copy_``): to nearest,
-    ties to even, NaN kept NaN. The update is made tiny against exact-tie parameters so that the
-    rounding, not the arithmetic, decides."""
+    ties to even, NaN kept NaN, a subnormal and a value near the bf16 maximum included. The step is
+    a plain ``θ − 1e-3`` (unfactored, no parameter scale, |U| = 1), whose fp32 results fall between
+    bf16 neighbours; the expected values are torch's own rounding of the same fp32 numbers (a
+    truncating write fails this test)."""
     values = torch.tensor([1.0, 1.0078125, 1.015625, -3.0, 0.0, float("nan"), 1e-40, 3.3895e38])
     params = [torch.nn.Parameter(values.bfloat16().clone())]
     opt = optimfx.AdaFactor(params, lr=1e-3, relative_step=False, scale_parameter=False, skip_nonfinite=False)
