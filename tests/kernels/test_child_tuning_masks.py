@@ -209,6 +209,7 @@ def test_masks_on_adax_and_adafactor_triton_matches_reference(name, mode):
     assert max(float((r - q).detach().abs().max()) for r, q in zip(ref, plain)) > 1e-3
 
 
+@pytest.mark.cpu_fast_paths
 @pytest.mark.parametrize("cpu_kernel", [False, True], ids=["aten-masks", "cpu-kernel"])
 def test_f_mask_acts_on_the_loss_gradient_before_l2(cpu_kernel, monkeypatch):
     """AdaX with coupled L2: masking in the optimizer equals feeding it ``g ⊙ keep / p`` unmasked.
