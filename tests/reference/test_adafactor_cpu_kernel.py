@@ -482,3 +482,43 @@ def test_bf16_rounding_is_round_to_nearest_even():
     got = params[0].detach()
     assert torch.equal(got.isnan(), expected.isnan())
     assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
+
+
+def test_f_mask_past_a_high_word_of_the_pair_index(monkeypatch):
+    """Elements whose pair index passes 2^32 (a tensor of more than 2^33 elements) hash that high
+    word too, and a span of the kernel that crosses it restarts there. The tensor's element offset
+    is set in the kernel's table (no tensor that large is made): its F-masked step equals,
+    bitwise, its unmasked step on the reference's mask of the same elements."""
+    from optimfx.reference import child_tuning as ct
+
+    offset, reserve_p, seed, stream, step = 2**33 - 4097, 0.4, 5, 2, 3
+    original_plan = cpu_adafactor._plan
+
+    def at_offset(params, states):
+        plan = original_plan(params, states)
+        plan.table[:, cpu_adafactor.T_OFFSET] = offset
+        return plan
+
+    monkeypatch.setattr(cpu_adafactor, "_plan", at_offset)
+    shape = (3, 3001)  # rows longer than a piece, odd: pieces and spans start at odd elements
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    options = cpu_adafactor.Options(weight=0.2, eps1=1e-30, eps2=1e-3, clip_threshold=1.0, step=1e-2, lr=1e-2,
+                                    weight_decay=0.0, beta1=0.9, scale_parameter=True, decay_torch=False,
+                                    maximize=False)
+    runs = []
+    for masked_by in ("kernel", "reference"):
+        param = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        state = {"exp_avg_sq_row": torch.zeros(3), "exp_avg_sq_col": torch.zeros(3001), "exp_avg": torch.zeros(shape)}
+        if masked_by == "kernel":
+            f_mask = cpu_adafactor.FMask(ct.seed_words(seed)[0], ct.step_word(seed, step), torch.tensor([stream]),
+                                         ct.keep_threshold(reserve_p), ct.keep_scale(reserve_p))
+            assert cpu_adafactor.step([param], [grad], [state], options, check_finite=True, f_mask=f_mask)
+        else:
+            key = ct.mask_key(seed, stream, step)
+            masked = ct.bernoulli_grad(grad.reshape(-1), reserve_p, key, offset).reshape(shape)
+            assert cpu_adafactor.step([param], [masked], [state], options, check_finite=True)
+        runs.append((param, state))
+    (p_kernel, s_kernel), (p_ref, s_ref) = runs
+    assert torch.equal(p_kernel, p_ref)
+    for name in s_kernel:
+        assert torch.equal(s_kernel[name], s_ref[name]), name
