@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -109,11 +109,48 @@ def check_torch_flags(**flags: Any) -> None:
             raise TypeError(f"unexpected keyword argument {name!r}")
 
 
-def check_loaded_groups(owner: str, groups: list[dict[str, Any]]) -> None:
-    """A checkpoint of a variant optimfx does not implement (``amsgrad=True``: its ``max_exp_avg_sq``
-    would be loaded and never read) is refused instead of continuing as another optimizer."""
-    for group in groups:
+#: Param-group keys that one family of optimizers writes, with the family. A checkpoint whose groups
+#: hold one that the loading optimizer neither has nor accepts was written by that family: its state
+#: (``exp_avg_sq`` of Adam read as AdaX's long-term memory, ...) would be read as another algorithm's.
+#: Keys a user adds to a group for their own use are not here, and load as torch.optim loads them.
+FAMILY_KEYS: dict[str, str] = {
+    **dict.fromkeys(("amsgrad", "decoupled_weight_decay"), "torch.optim.Adam/AdamW"),
+    **dict.fromkeys(("dampening", "nesterov"), "torch.optim.SGD"),
+    **dict.fromkeys(("momentum", "centered", "alpha"), "torch.optim.SGD/RMSprop"),
+    **dict.fromkeys(("lr_decay", "initial_accumulator_value"), "torch.optim.Adagrad"),
+    "rho": "torch.optim.Adadelta",
+    "momentum_decay": "torch.optim.NAdam",
+    **dict.fromkeys(("etas", "step_sizes"), "torch.optim.Rprop"),
+    **dict.fromkeys(("lambd", "t0"), "torch.optim.ASGD"),
+    **dict.fromkeys(("max_iter", "max_eval", "tolerance_grad", "history_size"), "torch.optim.LBFGS"),
+    **dict.fromkeys(("beta2_decay", "d"), "torch.optim.Adafactor"),
+    **dict.fromkeys(("correct_bias", "decay_order", "eps_placement"), "optimfx.AdamW"),
+    "decoupled": "optimfx.AdaX/AdaXW",
+    **dict.fromkeys(("decay_rate", "clip_threshold", "relative_step", "scale_parameter", "warmup_init", "beta1",
+                     "beta2_cap", "lr_mode", "min_dim_size_to_factor", "decay_mode"), "Adafactor"),
+}
+
+
+def check_loaded_groups(owner: str, groups: list[dict[str, Any]], own_keys: Iterable[str] = (),
+                        accepted: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint written by another optimizer instead of continuing as another algorithm.
+
+    * a variant optimfx does not implement (``amsgrad=True``: its ``max_exp_avg_sq`` would be loaded
+      and never read);
+    * a group holding a key of another family (:data:`FAMILY_KEYS`) that is not one of ``own_keys``
+      (the loading optimizer's group keys) or ``accepted`` (keys of checkpoints it reads as its own,
+      e.g. ``torch.optim.AdamW``'s in ``optimfx.AdamW``).
+    """
+    allowed = set(own_keys) | set(accepted)
+    for i, group in enumerate(groups):
         for name, why in _UNSUPPORTED_TORCH_FLAGS.items():
             if group.get(name):
                 raise ValueError(f"{owner}.load_state_dict: the checkpoint's param group has {name}=True "
                                  f"({why}); it was written by another optimizer")
+        foreign = sorted(k for k in group if k in FAMILY_KEYS and k not in allowed)
+        if foreign:
+            family = FAMILY_KEYS[foreign[0]]
+            raise ValueError(
+                f"{owner}.load_state_dict: param group {i} of the checkpoint has {', '.join(map(repr, foreign))}, "
+                f"written by {family}, not {owner}: its state would be read as {owner}'s. Load it into the "
+                f"optimizer that wrote it, or start {owner} from a fresh state (load only the model's weights)")

@@ -71,6 +71,9 @@ class AdamW(GradientMaskMixin, FxOptimizer):
     """
 
     algorithm = ADAMW
+    #: ``torch.optim.Adam``/``AdamW`` checkpoints hold the same moments: they load (Adam's with its
+    #: L2 weight decay refused, see :meth:`_check_loaded_values`)
+    accepted_checkpoint_keys = frozenset({"amsgrad", "decoupled_weight_decay"})
     group_checks = {**MASK_GROUP_CHECKS, "betas": functools.partial(check_betas, ranges=ADAMW_BETAS),
                     "eps": functools.partial(check_nonnegative, "eps"),
                     "eps_placement": functools.partial(check_choice, "eps_placement", choices=ref.EPS_PLACEMENTS),
@@ -94,6 +97,16 @@ class AdamW(GradientMaskMixin, FxOptimizer):
             bf16_rounding=bf16_rounding, rounding_seed=rounding_seed,
         )
         super().__init__(params, defaults)
+
+    def _check_loaded_values(self) -> None:
+        super()._check_loaded_values()
+        for i, group in enumerate(self.param_groups):
+            if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: param group {i} of the checkpoint is torch.optim.Adam's "
+                    f"with L2 weight decay (weight_decay={group['weight_decay']}, added to the gradient); "
+                    f"{type(self).__name__} decays decoupled, a different update: set the group's weight_decay "
+                    "to 0 in the checkpoint, or keep torch.optim.Adam")
 
 
 class ChildTuningAdamW(AdamW):

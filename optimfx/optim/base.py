@@ -61,6 +61,9 @@ class FxOptimizer(Optimizer):
     #: arguments (``torch.optim`` checks only those), with the same checks the constructor's defaults
     #: go through. Classes add their own to :data:`GROUP_CHECKS`.
     group_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+    #: group keys of other optimizers' checkpoints this one reads as its own (``_validation.FAMILY_KEYS``:
+    #: a checkpoint with any other family's key is refused by :meth:`load_state_dict`)
+    accepted_checkpoint_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         # torch.optim's __setstate__ adds this key on load; having it from the start keeps
@@ -230,7 +233,7 @@ class FxOptimizer(Optimizer):
         hooked: dict[str, Any] = {}
 
         def keep(_: Optimizer, sd: dict[str, Any]) -> None:
-            check_loaded_groups(type(self).__name__, sd["param_groups"])
+            check_loaded_groups(type(self).__name__, sd["param_groups"], self.defaults, self.accepted_checkpoint_keys)
             hooked.update(sd=sd)
 
         handle = self.register_load_state_dict_pre_hook(keep)

@@ -174,28 +174,68 @@ def test_state_dict_hooks_and_a_remapping_load_pre_hook(row):
     assert_runs_equal(opt, params, target, reordered[::-1])
 
 
-@pytest.mark.parametrize("source, target", [
-    (optimfx.AdaX, optimfx.AdaFactor),
-    (optimfx.AdaFactor, optimfx.AdaXW),
-], ids=["AdaX-into-AdaFactor", "AdaFactor-into-AdaXW"])
-def test_another_optimizers_checkpoint_is_refused_and_changes_nothing(source, target):
-    """Loaded groups pass the constructor's checks: a value this optimizer cannot take is a
-    ``ValueError`` naming it at load time (it was a bare ``TypeError`` at the first step), and the
-    optimizer keeps its own state and groups."""
+#: (the optimizer that writes the checkpoint, the one that loads it, what the refusal names)
+_FOREIGN_CHECKPOINTS = {
+    "AdaX-into-AdaFactor": (optimfx.AdaX, optimfx.AdaFactor, "'decoupled', written by optimfx.AdaX/AdaXW"),
+    "AdaFactor-into-AdaXW": (optimfx.AdaFactor, optimfx.AdaXW, "'beta1', 'beta2_cap'"),
+    "AdamW-into-AdaXW": (optimfx.AdamW, optimfx.AdaXW, "'correct_bias', 'decay_order', 'eps_placement'"),
+    # its betas are valid AdaX betas: only the keys show it is Adam's (it loaded silently before)
+    "torch-Adam-into-AdaX": (torch.optim.Adam, optimfx.AdaX, "written by torch.optim.Adam/AdamW"),
+    "torch-SGD-into-AdamW": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), optimfx.AdamW,
+                             "'dampening', 'momentum', 'nesterov', written by torch.optim.SGD"),
+    "torch-Adam-L2-into-AdamW": (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), optimfx.AdamW,
+                                 "torch.optim.Adam's with L2 weight decay"),
+    "torch-Adafactor-into-AdaX": (torch.optim.Adafactor, optimfx.AdaX, "written by torch.optim.Adafactor"),
+}
+
+
+@pytest.mark.parametrize("source, target, named", _FOREIGN_CHECKPOINTS.values(), ids=_FOREIGN_CHECKPOINTS.keys())
+def test_another_optimizers_checkpoint_is_refused_and_changes_nothing(source, target, named):
+    """A checkpoint of another algorithm is a ``ValueError`` at load time that names what betrays it
+    (keys only another family writes, or a variant optimfx lacks), and the optimizer keeps its own
+    state and groups."""
     params = [torch.nn.Parameter(torch.randn(3, 2))]
     params[0].grad = torch.randn(3, 2)
     other, opt = source(params), target(params)
     other.step()
     opt.step()
     kept = copy.deepcopy(opt.state_dict())
-    with pytest.raises(ValueError, match=rf"^{type(opt).__name__}\.load_state_dict: param group 0 of the checkpoint: "
-                                         r"Invalid "):
+    with pytest.raises(ValueError, match=rf"^{type(opt).__name__}\.load_state_dict: param group 0 of the checkpoint") as err:
         opt.load_state_dict(other.state_dict())
+    assert named in str(err.value)
     now = opt.state_dict()
     assert now["param_groups"] == kept["param_groups"]
     for key, value in kept["state"][0].items():
         assert torch.equal(now["state"][0][key], value)
     opt.step()
+
+
+def test_a_checkpoint_whose_values_do_not_fit_is_refused_by_name():
+    """Loaded groups pass the constructor's checks: a value this optimizer cannot take is a
+    ``ValueError`` naming it at load time, not an error at the first step."""
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    params[0].grad = torch.randn(3, 2)
+    opt = optimfx.AdaXW(params)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["eps_mode"] = "exact"
+    with pytest.raises(ValueError, match=r"^AdaXW\.load_state_dict: param group 0 of the checkpoint: Invalid eps_mode"):
+        optimfx.AdaXW(params).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("source", [torch.optim.Adam, torch.optim.AdamW], ids=["Adam", "AdamW"])
+def test_torch_adam_checkpoints_load_into_adamw_and_own_group_keys_are_kept(source):
+    """The same moments: ``torch.optim.Adam`` (without L2 decay) and ``AdamW`` checkpoints continue in
+    ``optimfx.AdamW``; a key the user added to a group (not another optimizer's) loads as in torch."""
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    params[0].grad = torch.randn(3, 2)
+    theirs = source([{"params": params, "name": "encoder"}], lr=1e-2)
+    theirs.step()
+    ours = optimfx.AdamW(params, lr=1e-2)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["name"] == "encoder"
+    assert int(ours.state[params[0]]["step"]) == 1
+    torch.testing.assert_close(ours.state[params[0]]["exp_avg_sq"], theirs.state[params[0]]["exp_avg_sq"])
 
 
 def test_a_refused_checkpoint_keeps_pending_d_masks():
