@@ -109,29 +109,44 @@ def check_torch_flags(**flags: Any) -> None:
             raise TypeError(f"unexpected keyword argument {name!r}")
 
 
-#: Param-group keys that one family of optimizers writes, with the family. A checkpoint whose groups
-#: hold one that the loading optimizer neither has nor accepts was written by that family: its state
-#: (``exp_avg_sq`` of Adam read as AdaX's long-term memory, ...) would be read as another algorithm's.
-#: Keys a user adds to a group for their own use are not here, and load as torch.optim loads them.
+#: Param-group keys that one family of optimizers always writes, with the family. A checkpoint whose
+#: groups hold one that the loading optimizer neither has nor accepts was written by that family: its
+#: state (``exp_avg_sq`` of Adam read as AdaX's long-term memory, ...) would be read as another
+#: algorithm's. Only names no one is likely to give a key of their own are here (not ``rho``,
+#: ``alpha`` or ``momentum``, which users and wrappers such as SAM put in groups): keys a user adds
+#: load as torch.optim loads them.
 FAMILY_KEYS: dict[str, str] = {
     **dict.fromkeys(("amsgrad", "decoupled_weight_decay"), "torch.optim.Adam/AdamW"),
     **dict.fromkeys(("dampening", "nesterov"), "torch.optim.SGD"),
-    **dict.fromkeys(("momentum", "centered", "alpha"), "torch.optim.SGD/RMSprop"),
+    "centered": "torch.optim.RMSprop",
     **dict.fromkeys(("lr_decay", "initial_accumulator_value"), "torch.optim.Adagrad"),
-    "rho": "torch.optim.Adadelta",
     "momentum_decay": "torch.optim.NAdam",
     **dict.fromkeys(("etas", "step_sizes"), "torch.optim.Rprop"),
-    **dict.fromkeys(("lambd", "t0"), "torch.optim.ASGD"),
-    **dict.fromkeys(("max_iter", "max_eval", "tolerance_grad", "history_size"), "torch.optim.LBFGS"),
-    **dict.fromkeys(("beta2_decay", "d"), "torch.optim.Adafactor"),
+    **dict.fromkeys(("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size",
+                     "line_search_fn"), "torch.optim.LBFGS"),
+    "beta2_decay": "torch.optim.Adafactor",
+    **dict.fromkeys(("bias_correction", "adam_w_mode"), "apex/DeepSpeed FusedAdam"),
     **dict.fromkeys(("correct_bias", "decay_order", "eps_placement"), "optimfx.AdamW"),
     "decoupled": "optimfx.AdaX/AdaXW",
-    **dict.fromkeys(("decay_rate", "clip_threshold", "relative_step", "scale_parameter", "warmup_init", "beta1",
-                     "beta2_cap", "lr_mode", "min_dim_size_to_factor", "decay_mode"), "Adafactor"),
+    **dict.fromkeys(("clip_threshold", "relative_step", "scale_parameter", "warmup_init", "beta2_cap", "lr_mode",
+                     "min_dim_size_to_factor", "decay_mode"), "Adafactor (optimfx, transformers)"),
+}
+
+#: Per-parameter state keys of other optimizers (none is an optimfx optimizer's, once
+#: ``torch.optim.Adafactor``'s are translated), with the optimizer: a checkpoint whose groups betray
+#: nothing (``torch.optim.Adamax``'s, say) is found by its state.
+FAMILY_STATE_KEYS: dict[str, str] = {
+    "exp_inf": "torch.optim.Adamax",
+    "momentum_buffer": "torch.optim.SGD",
+    "square_avg": "torch.optim.RMSprop/Adadelta",
+    "acc_delta": "torch.optim.Adadelta",
+    "mu_product": "torch.optim.NAdam",
+    "ax": "torch.optim.ASGD",
+    **dict.fromkeys(("row_var", "col_var"), "torch.optim.Adafactor"),
 }
 
 
-def check_loaded_groups(owner: str, groups: list[dict[str, Any]], own_keys: Iterable[str] = (),
+def check_loaded_groups(owner: str, state_dict: dict[str, Any], own_keys: Iterable[str] = (),
                         accepted: Iterable[str] = ()) -> None:
     """Refuse a checkpoint written by another optimizer instead of continuing as another algorithm.
 
@@ -139,18 +154,30 @@ def check_loaded_groups(owner: str, groups: list[dict[str, Any]], own_keys: Iter
       and never read);
     * a group holding a key of another family (:data:`FAMILY_KEYS`) that is not one of ``own_keys``
       (the loading optimizer's group keys) or ``accepted`` (keys of checkpoints it reads as its own,
-      e.g. ``torch.optim.AdamW``'s in ``optimfx.AdamW``).
+      e.g. ``torch.optim.AdamW``'s in ``optimfx.AdamW``);
+    * a parameter's state holding another optimizer's key (:data:`FAMILY_STATE_KEYS`).
+
+    A checkpoint whose groups and state hold only keys every Adam-type optimizer writes
+    (``torch.optim.SparseAdam``'s) cannot be told apart and loads.
     """
     allowed = set(own_keys) | set(accepted)
-    for i, group in enumerate(groups):
+    for i, group in enumerate(state_dict["param_groups"]):
         for name, why in _UNSUPPORTED_TORCH_FLAGS.items():
             if group.get(name):
                 raise ValueError(f"{owner}.load_state_dict: the checkpoint's param group has {name}=True "
                                  f"({why}); it was written by another optimizer")
         foreign = sorted(k for k in group if k in FAMILY_KEYS and k not in allowed)
         if foreign:
-            family = FAMILY_KEYS[foreign[0]]
-            raise ValueError(
-                f"{owner}.load_state_dict: param group {i} of the checkpoint has {', '.join(map(repr, foreign))}, "
-                f"written by {family}, not {owner}: its state would be read as {owner}'s. Load it into the "
-                f"optimizer that wrote it, or start {owner} from a fresh state (load only the model's weights)")
+            _refuse(owner, f"param group {i} of the checkpoint has {', '.join(map(repr, foreign))}",
+                    FAMILY_KEYS[foreign[0]])
+    for entry in state_dict["state"].values():
+        foreign = sorted(k for k in entry if k in FAMILY_STATE_KEYS) if isinstance(entry, dict) else []
+        if foreign:
+            _refuse(owner, f"the checkpoint's state has {', '.join(map(repr, foreign))}",
+                    FAMILY_STATE_KEYS[foreign[0]])
+
+
+def _refuse(owner: str, what: str, family: str) -> None:
+    raise ValueError(f"{owner}.load_state_dict: {what}, written by {family}, not {owner}: its state would be read "
+                     f"as {owner}'s. Load it into the optimizer that wrote it, or start {owner} from a fresh "
+                     "state (load only the model's weights)")

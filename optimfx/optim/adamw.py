@@ -98,6 +98,13 @@ class AdamW(GradientMaskMixin, FxOptimizer):
         )
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            # torch.optim.Adam's flag, from its checkpoint: this optimizer decays decoupled whatever it
+            # says (Adam's L2 decay was refused), and a later weight_decay must not read as Adam's
+            group.pop("decoupled_weight_decay", None)
+
     def _check_loaded_values(self) -> None:
         super()._check_loaded_values()
         for i, group in enumerate(self.param_groups):

@@ -233,7 +233,7 @@ class FxOptimizer(Optimizer):
         hooked: dict[str, Any] = {}
 
         def keep(_: Optimizer, sd: dict[str, Any]) -> None:
-            check_loaded_groups(type(self).__name__, sd["param_groups"], self.defaults, self.accepted_checkpoint_keys)
+            check_loaded_groups(type(self).__name__, sd, self.defaults, self.accepted_checkpoint_keys)
             hooked.update(sd=sd)
 
         handle = self.register_load_state_dict_pre_hook(keep)
