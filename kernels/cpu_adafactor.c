@@ -267,11 +267,11 @@ static inline __attribute__((always_inline)) void piece_sums(
     for (; i + LANES <= n; i += LANES) {
         if (i % HASH_SPAN == 0) {
             for (int64_t k = 0; k < HASH_SPAN; k += 16) {
-                __builtin_prefetch(g + i + PREFETCH + k);
-                __builtin_prefetch(p + i + PREFETCH + k);
+                PREFETCH_AT(g, i + PREFETCH + k, 0);
+                PREFETCH_AT(p, i + PREFETCH + k, 0);
             }
             if (mode == MASK_BERNOULLI) hash_span(m, i, n - i < HASH_SPAN ? n - i : HASH_SPAN);
-            if (mode == MASK_STORED) __builtin_prefetch(m->keep + i + PREFETCH);
+            if (mode == MASK_STORED) PREFETCH_AT(m->keep, i + PREFETCH, 0);
         }
         const f32x8 rv = load_f32x8(g + i), gv = masked_f32x8(g, m, i, mode), pv = load_f32x8(p + i), g2 = gv * gv;
         if (mode != MASK_NONE) store_f32x8(out + i, gv);
@@ -462,11 +462,11 @@ static void apply_row(float *p, float *m, const float *g, const piece_mask *mk, 
     for (int64_t i = 0; i < n; i += HASH_SPAN) {
         const int64_t k = n - i < HASH_SPAN ? n - i : HASH_SPAN;
         for (int64_t j = 0; j < HASH_SPAN; j += 16) {
-            __builtin_prefetch(g + i + PREFETCH + j);
-            __builtin_prefetch(p + i + PREFETCH + j, 1);
-            if (m) __builtin_prefetch(m + i + PREFETCH + j, 1);
+            PREFETCH_AT(g, i + PREFETCH + j, 0);
+            PREFETCH_AT(p, i + PREFETCH + j, 1);
+            if (m) PREFETCH_AT(m, i + PREFETCH + j, 1);
         }
-        if (mode == MASK_STORED) __builtin_prefetch(mk->keep + i + PREFETCH);
+        if (mode == MASK_STORED) PREFETCH_AT(mk->keep, i + PREFETCH, 0);
         piece_mask span = *mk;
         if (mode == MASK_BERNOULLI) {
             hash_span(mk, i, k);

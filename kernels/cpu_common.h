@@ -74,6 +74,12 @@ static inline uint64_t f_mask_key(int64_t stream, uint32_t s0, uint32_t b) {
     return ((uint64_t)mix32((a + b) ^ GOLDEN) << 32) | mix32(a ^ b);
 }
 
+/* Request the cache line of base[index] (write: 1 when it will be written). The address is formed
+ * in integer arithmetic: it may lie past the end of base's array (a request there reads nothing and
+ * cannot fault), where pointer arithmetic would be undefined. */
+#define PREFETCH_AT(base, index, write) \
+    __builtin_prefetch((const void *)((uintptr_t)(base) + (uintptr_t)(index) * sizeof *(base)), (write))
+
 /* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
  * the compiler keeps a scalar reduction in source order otherwise). */
 typedef float f32x8 __attribute__((vector_size(32)));

@@ -34,11 +34,10 @@ enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
 #define SPAN 64
 #define PREFETCH 512
 
-/* request the SPAN floats at x (to be written: `write`), one cache line at a time; a request past
- * the end of an array reads nothing and cannot fault */
-#define prefetch_span(x, write)                                                                      \
+/* request the SPAN floats from base[index] (to be written: `write`), one cache line at a time */
+#define prefetch_span(base, index, write)                                                            \
     do {                                                                                             \
-        for (int j_ = 0; j_ < SPAN; j_ += 16) __builtin_prefetch((x) + j_, (write));                 \
+        for (int j_ = 0; j_ < SPAN; j_ += 16) PREFETCH_AT(base, (index) + j_, write);                \
     } while (0)
 
 /* a*b + c: fused where the target has FMA (one rounding, half the instructions) */
@@ -65,9 +64,10 @@ static inline float exp_reduced(float x, float *n_out) {
     return MADD(q, r * r, r) + 1.0f;
 }
 
-/* 2^n for an integer n in [-126, 127], from its bits */
+/* 2^n for an integer n in [-126, 127], from its bits (other n, as from a NaN, give bits the callers
+ * discard; unsigned, the shift is defined for them too) */
 static inline float pow2i(int32_t n) {
-    const int32_t bits = (n + 127) << 23;
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
     float f;
     memcpy(&f, &bits, 4);
     return f;
@@ -128,9 +128,9 @@ static void chunk_sums(const float *restrict nu, const float *restrict g, const 
     int64_t i = 0;
     for (; i + 2 * LANES <= n; i += 2 * LANES) {
         if (i % SPAN == 0) {
-            prefetch_span(nu + i + PREFETCH, 0);
-            prefetch_span(g + i + PREFETCH, 0);
-            prefetch_span(m + i + PREFETCH, 0);
+            prefetch_span(nu, i + PREFETCH, 0);
+            prefetch_span(g, i + PREFETCH, 0);
+            prefetch_span(m, i + PREFETCH, 0);
         }
         for (int h = 0; h < 2; ++h) {
             const f32x8 a = load_f32x8(nu + i + LANES * h), b = load_f32x8(g + i + LANES * h);
@@ -238,11 +238,11 @@ static void adapt_share(const int64_t *tensors, const int64_t *tasks, int64_t n_
         for (int64_t i = 0; i < n; i += SPAN) {
             const int64_t k = n - i < SPAN ? n - i : SPAN;
             const int64_t a = i + PREFETCH;
-            prefetch_span(theta + a, 1);
-            prefetch_span(g + a, 0);
-            prefetch_span(p + a, 1);
-            prefetch_span(m + a, 1);
-            prefetch_span(e.direct ? nu + a : saved + a, 1);
+            prefetch_span(theta, a, 1);
+            prefetch_span(g, a, 0);
+            prefetch_span(p, a, 1);
+            prefetch_span(m, a, 1);
+            prefetch_span(e.direct ? nu : saved, a, 1);
             adapt_setting(theta + i, g + i, p + i, nu + i, m + i, saved + i, k, coef, scale, &e, bounded);
         }
     }
@@ -280,10 +280,10 @@ static void apply_share(const int64_t *tensors, const int64_t *tasks, int64_t n_
         const float *p = (const float *)t[T_GAINS] + s, *saved = (const float *)t[T_SAVED] + s;
         for (int64_t i = 0; i < n; i += SPAN) {
             const int64_t a = i + PREFETCH;
-            prefetch_span(theta + a, 1);
-            prefetch_span(nu + a, 1);
-            prefetch_span(p + a, 0);
-            prefetch_span(saved + a, 0);
+            prefetch_span(theta, a, 1);
+            prefetch_span(nu, a, 1);
+            prefetch_span(p, a, 0);
+            prefetch_span(saved, a, 0);
             apply_span(theta + i, nu + i, p + i, saved + i, n - i < SPAN ? n - i : SPAN, scale, mu, eta,
                        e.fresh_velocity);
         }
