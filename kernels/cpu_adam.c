@@ -13,8 +13,8 @@
  *     p  = p - lr * m / (sqrt(v) + eps)
  *
  * The F mask is optimfx/reference/child_tuning.py's, bit for bit: pair q = e >> 1 of global element
- * e hashes to 32 bits; element e keeps r = (x >> 16*(e & 1)) & 0xFFFF when (r ^ 0x8000) < T. A span
- * is done BLOCK elements at a time: the block's pair hashes first (uint32 lanes), then the update,
+ * e hashes to 32 bits; element e keeps r = (x >> 16*(e & 1)) & 0xFFFF when (r ^ 0x8000) < T. A task
+ * is done SPAN elements at a time: the span's pair hashes first (uint32 lanes), then the update,
  * which reads the hashes as 16-bit halves (little-endian: the low half is the even element).
  *
  * Work arrives as tasks (tensor, first element, end), a thread's share of a group; the per-tensor
@@ -40,6 +40,8 @@ enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
 enum { DECAY_NONE = 0, DECAY_DECOUPLED = 1, DECAY_COUPLED = 2 };
 
 #define BLOCK HASH_BLOCK
+#define SPAN 64
+#define PREFETCH 512
 
 typedef struct {
     float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay, keep_scale, sign;
@@ -74,22 +76,34 @@ static inline __attribute__((always_inline)) void update(
     }
 }
 
-/* the update of elements [s, e) of tensor row t, for one constant mask mode and decay mode */
+/* the update of elements [s, e) of tensor row t, for one constant mask mode and decay mode: SPAN
+ * elements at a time, each span's F hashes computed just before its update and the memory of the
+ * span PREFETCH elements ahead requested first (software prefetch: the hardware prefetcher alone
+ * left the update's loads waiting while the hashing ran) */
 static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t s, int64_t e,
                                                         const adam_scalars *sc, const int mode, const int decay_mode) {
     float *p = (float *)t[T_PARAM], *m = (float *)t[T_EXP_AVG], *v = (float *)t[T_EXP_AVG_SQ];
     const float *g = (const float *)t[T_GRAD];
-    if (mode != MASK_BERNOULLI) {
-        const uint8_t *stored = mode == MASK_STORED ? (const uint8_t *)t[T_MASK] + s : 0;
-        update(p + s, g + s, m + s, v + s, e - s, sc, mode, decay_mode, 0, stored);
-        return;
-    }
-    uint32_t h[BLOCK / 2 + 2];
-    while (s < e) {
-        const uint64_t first = (uint64_t)(t[T_OFFSET] + s);
-        const int64_t n = hash_block(h, first, e - s < BLOCK ? e - s : BLOCK, (uint64_t)t[T_KEY]);
-        update(p + s, g + s, m + s, v + s, n, sc, MASK_BERNOULLI, decay_mode, (const uint16_t *)h + (first & 1), 0);
-        s += n;
+    const uint8_t *stored = mode == MASK_STORED ? (const uint8_t *)t[T_MASK] : 0;
+    uint32_t h[SPAN / 2 + 2];
+    for (int64_t i = s; i < e; i += SPAN) {
+        const int64_t n = e - i < SPAN ? e - i : SPAN;
+        for (int64_t j = 0; j < SPAN; j += 16) {
+            PREFETCH_AT(p, i + PREFETCH + j, 1);
+            PREFETCH_AT(g, i + PREFETCH + j, 0);
+            PREFETCH_AT(m, i + PREFETCH + j, 1);
+            PREFETCH_AT(v, i + PREFETCH + j, 1);
+        }
+        const uint16_t *bits = 0;
+        if (mode == MASK_STORED) PREFETCH_AT(stored, i + PREFETCH, 0);
+        if (mode == MASK_BERNOULLI) {
+            /* a span whose pairs change high word restarts at an even element: its pairs follow on */
+            const uint64_t first = (uint64_t)(t[T_OFFSET] + i);
+            for (int64_t done = 0; done < n;)
+                done += hash_block(h + ((first & 1) + done) / 2, first + done, n - done, (uint64_t)t[T_KEY]);
+            bits = (const uint16_t *)h + (first & 1);
+        }
+        update(p + i, g + i, m + i, v + i, n, sc, mode, decay_mode, bits, stored ? stored + i : 0);
     }
 }
 
