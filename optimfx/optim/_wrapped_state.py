@@ -9,8 +9,9 @@ separate top-level ``"base"`` state dict would be dropped by its optimizer state
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from torch.optim import Optimizer
 
@@ -87,6 +88,30 @@ def state_dict_with_base(wrapper: Any) -> dict[str, Any]:
         handle.remove()
 
 
+#: the attribute a ChildTuning optimizer keeps its pending D masks in (mutated in place on load)
+_PENDING = "_pending_gradient_masks"
+
+
+@contextlib.contextmanager
+def unchanged_if_refused(wrapper: Any) -> Iterator[None]:
+    """A load that raises leaves ``wrapper`` and its base as they were. ``torch.optim``'s load puts new
+    state and group objects in place of the old ones (it never changes the old ones), so the
+    attributes taken before are the whole previous state; the pending D masks, which a load clears in
+    place, are copied."""
+    kept = [(obj, dict(obj.__dict__), dict(obj.__dict__.get(_PENDING, {}))) for obj in (wrapper, wrapper.base)]
+    try:
+        yield
+    except BaseException:
+        for obj, attrs, pending in kept:
+            had_pending = _PENDING in attrs
+            obj.__dict__.clear()
+            obj.__dict__.update(attrs)
+            if had_pending:
+                obj.__dict__[_PENDING].clear()
+                obj.__dict__[_PENDING].update(pending)
+        raise
+
+
 def load_with_base_state(wrapper: Any, state_dict: dict[str, Any], own_keys: Collection[str],
                          owner: str) -> dict[str, Any]:
     """``Optimizer.load_state_dict`` of ``wrapper`` on its part of ``state_dict``; the base's part
@@ -97,6 +122,14 @@ def load_with_base_state(wrapper: Any, state_dict: dict[str, Any], own_keys: Col
 
     def split(_: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
         mine, base = split_base_state(saved, own_keys, owner)
+        if mine["state"] and not base["state"] and any(wrapper.base.state.values()):
+            # torch.distributed.checkpoint rebuilds a flattened optimizer state dict
+            # (flatten_optimizer_state_dict=True) from the keys of the wrapper's own state, which
+            # leaves out the base's "base/<key>" entries
+            raise ValueError(f"{owner}.load_state_dict: the checkpoint holds {owner}'s state but none of its "
+                             f"base's ({type(wrapper.base).__name__}), which has state: loading it would lose "
+                             "that state. A torch.distributed.checkpoint state dict taken with "
+                             "flatten_optimizer_state_dict=True drops it; save and load without that option")
         wrapper.base.load_state_dict(base)
         loaded["state_dict"] = mine
         return mine

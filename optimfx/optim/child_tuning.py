@@ -22,7 +22,8 @@ from .._precision import real_view, working_copy
 from .._validation import apply_checks
 from ..reference import child_tuning as ct
 from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
-                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base)
+                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base,
+                             unchanged_if_refused)
 from .gradient_masks import (MASK_GROUP_CHECKS, GradientMaskMixin, pending_for_copy, pending_from_copy, save_pending,
                              stored_masks, take_back_pending, warn_if_no_d_mask)
 from .mask_streams import fix_streams
@@ -284,7 +285,8 @@ class ChildTuning(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the adapter's and the base's state (also a checkpoint holding the base's under ``"base"``)."""
-        saved = load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
+        with unchanged_if_refused(self):
+            saved = load_with_base_state(self, state_dict, STATE_KEYS, "ChildTuning")
         self._pending_masks.clear()
         if self._delegates:
             self._adopt_earlier_layout()

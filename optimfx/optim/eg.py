@@ -37,7 +37,8 @@ from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
 from ..reference import eg as ref
 from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
-                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base)
+                             refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base,
+                             unchanged_if_refused)
 from .base import FxOptimizer
 
 Tensor = torch.Tensor
@@ -463,10 +464,11 @@ class EGStepSize(Optimizer):
         the base's ``load_state_dict``. EG state is restored from the saved values in the precision
         policy's dtype (``torch.optim`` would cast it to the parameter dtype: bf16 for a bf16 model).
         """
-        saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
-        fill_own_defaults(self)
-        for group in self.param_groups:
-            self._place_momentum(group)
+        with unchanged_if_refused(self):
+            saved = load_with_base_state(self, state_dict, ref.STATE_KEYS, "EGStepSize")
+            fill_own_defaults(self)
+            for group in self.param_groups:
+                self._place_momentum(group)
         saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for saved_id, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             for key, value in saved["state"].get(saved_id, {}).items():
