@@ -168,13 +168,10 @@ static inline piece_mask mask_of(const int64_t *t, int64_t s, piece_buffers *buf
     return m;
 }
 
-/* F: the hashes of elements [i, i + n) of the piece into m->hashes (a span whose pairs change high
- * word restarts at an even element: its pairs follow on) */
+/* F: the hashes of elements [i, i + n) of the piece into m->hashes (i even: every span starts at a
+ * multiple of HASH_SPAN, so its halves follow on from those before it) */
 static inline void hash_span(const piece_mask *m, int64_t i, int64_t n) {
-    for (int64_t done = 0; done < n;) {
-        const int64_t at = i + done;
-        done += hash_block(m->hashes + ((m->first & 1) + at) / 2, m->first + at, n - done, m->key);
-    }
+    hash_elements(m->hashes + i / 2, m->first + (uint64_t)i, n, m->key);
 }
 
 /* The masked G of element i (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for

@@ -97,10 +97,8 @@ static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t
         const uint16_t *bits = 0;
         if (mode == MASK_STORED) PREFETCH_AT(stored, i + PREFETCH, 0);
         if (mode == MASK_BERNOULLI) {
-            /* a span whose pairs change high word restarts at an even element: its pairs follow on */
             const uint64_t first = (uint64_t)(t[T_OFFSET] + i);
-            for (int64_t done = 0; done < n;)
-                done += hash_block(h + ((first & 1) + done) / 2, first + done, n - done, (uint64_t)t[T_KEY]);
+            hash_elements(h, first, n, (uint64_t)t[T_KEY]);
             bits = (const uint16_t *)h + (first & 1);
         }
         update(p + i, g + i, m + i, v + i, n, sc, mode, decay_mode, bits, stored ? stored + i : 0);

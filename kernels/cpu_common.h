@@ -56,6 +56,13 @@ static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n
     return n;
 }
 
+/* The hashes of elements [first, first + n) into h (n <= HASH_BLOCK; HASH_BLOCK / 2 + 2 words):
+ * element first + i keeps its half ((const uint16_t *)h)[(first & 1) + i]. A span whose pairs
+ * change high word restarts at an even element, its pairs following on in h. */
+static inline void hash_elements(uint32_t *restrict h, uint64_t first, int64_t n, uint64_t key) {
+    for (int64_t done = 0; done < n;) done += hash_block(h + ((first & 1) + done) / 2, first + done, n - done, key);
+}
+
 /* The 64-bit key (k1 << 32) | k0 of a tensor's F mask at a step (child_tuning.mask_key): from the
  * tensor's stream number, the seed's low word s0 and the step's word b = mix32(step ^ s1). */
 #define MIX_A 0x7FEB352Du
