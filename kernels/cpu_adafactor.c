@@ -198,7 +198,8 @@ static inline __attribute__((always_inline)) f32x8 masked_f32x8(const float *g, 
     if (mode == MASK_STORED) {
         u8x8 k;
         memcpy(&k, m->keep + i, sizeof k);
-        return gv * __builtin_convertvector(k, f32x8);
+        /* widened through 16 and 32 bits: GCC converts a u8x8 straight to floats one lane at a time */
+        return gv * __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(k, u16x8), i32x8), f32x8);
     }
     return gv;
 }
