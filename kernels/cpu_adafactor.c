@@ -20,6 +20,9 @@
  *
  * A ChildTuning mask is applied where the gradient is read (F: the pair hash computed a span
  * ahead of its use, D: the stored bytes); pass 1 keeps a row's masked copy for its second look.
+ * A factored tensor's F mask of step t+1 is drawn by pass 3 of step t, whose loads leave the hash
+ * its time, and kept as one bit per element (T_KEEPS): pass 1, where the hash's arithmetic was the
+ * masked step's extra cost, then reads the bits.
  *
  * A factored tensor [B, n_r, n_c] (leading axes flattened into B) is cut into blocks of whole rows
  * of one slice; an unfactored one into blocks of CHUNK elements. Every sum is taken per block (per
@@ -35,6 +38,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_common.h"
 
@@ -55,21 +61,33 @@ enum {
     T_PARTS,    /* double [n_blocks * P_COUNT]: each block's partial sums */
     T_SCALARS,  /* double [X_COUNT]: the tensor's scalars from the finishes */
     T_PARAM_BF16, T_GRAD_BF16, /* 1 where the parameter / gradient is bfloat16 (else float32) */
+    T_KEEPS,    /* ChildTuning-F, factored: uint64 keep bits of a step's mask (KEEPS_HEADER words, then
+                   per row (n_c + 63) / 64 words; bit j of word w: element 64*w + j of the row), or 0 */
+    T_NEXT_KEY, /* ChildTuning-F: the key of the next step's mask */
     T_COLUMNS
 };
 enum { K_TENSOR, K_START, K_END, K_COLUMNS };
 enum { P_PARAM_SQ, P_PROBE, P_UPDATE_SQ, P_COUNT };
-enum { X_PARAM_SCALE, X_UPDATE_SCALE, X_DECAY, X_UPDATE_SQ, X_SUMMED_IN_PASS_2, X_COUNT };
+enum { X_PARAM_SCALE, X_UPDATE_SCALE, X_DECAY, X_UPDATE_SQ, X_SUMMED_IN_PASS_2, X_KEEPS_VALID, X_COUNT };
 /* the doubles of `scalars` */
 enum { S_WEIGHT, S_EPS1, S_EPS2, S_CLIP, S_STEP, S_LR, S_WEIGHT_DECAY, S_BETA1, S_KEEP_SCALE, S_COUNT };
 /* bits of `flags`; the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
 enum { F_SCALE_PARAMETER = 1, F_MOMENTUM = 2, F_DECAY_TORCH = 4, F_MAXIMIZE = 8 };
 enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
+/* the F mask read from its keep bits (pass 1 of a tensor whose bits are this step's) */
+enum { MASK_BITS = 3 };
 
 #define CHUNK 16384
 #define PIECE HASH_BLOCK /* elements of a row loaded (and masked) at a time */
 #define APPLY_PIECE 512 /* the same in pass 3, which needs no whole row: a bf16 piece converted stays in L1 */
 #define LANES 8
+
+/* The F mask's keep bits (T_KEEPS): pass 3 of step t hashes step t+1's mask where it reads memory
+ * anyway and stores one bit per element; passes 1 and 3 of step t+1 read the bits instead of
+ * hashing. The header holds the key and threshold the bits were drawn for: other bits (a first step,
+ * a step skipped or repeated, another seed or reserve_p) are not used, and the mask is hashed. */
+#define KEEPS_HEADER 2
+enum { KEEPS_KEY, KEEPS_THRESHOLD };
 
 typedef struct {
     float weight, weight_minus_one, eps1, neg_step, momentum_coef, beta1, keep_scale;
@@ -117,6 +135,9 @@ typedef struct {
     float scale;
     uint64_t first, key; /* F: the global index of element 0 of the piece, the tensor's key */
     uint32_t *hashes;
+    uint64_t *keeps;     /* F: the keep bits of element 0 of the piece (a row's word), or 0 */
+    int keeps_valid;     /* F: the bits are this step's mask (else hashed, and pass 3 stores them) */
+    uint64_t next_key;   /* F: the next step's key (pass 3 stores its bits) */
 } piece_mask;
 
 /* The loops over a row that read memory work HASH_SPAN elements at a time: before each span they
@@ -130,6 +151,7 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 static inline float bf16_to_f32(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
@@ -156,16 +178,27 @@ static inline const float *load_raw(const int64_t *t, int64_t s, int64_t n, piec
 
 /* the mask of elements [s, s + n) (n <= PIECE): D's bytes, or F's key and where its hashes go */
 static inline piece_mask mask_of(const int64_t *t, int64_t s, piece_buffers *buf, const af_scalars *a) {
-    piece_mask m = {0, 0, a->threshold, a->keep_scale, 0, 0, 0};
+    piece_mask m = {0, 0, a->threshold, a->keep_scale, 0, 0, 0, 0, 0, 0};
     if (a->mask_mode == MASK_BERNOULLI) {
         m.first = (uint64_t)(t[T_OFFSET] + s);
         m.key = (uint64_t)t[T_KEY];
         m.hashes = buf->hashes;
         m.halves = (const uint16_t *)buf->hashes + (m.first & 1);
+        if (t[T_KEEPS] != 0) {
+            const int64_t cols = t[T_COLS], words = (cols + 63) / 64;
+            m.keeps = (uint64_t *)t[T_KEEPS] + KEEPS_HEADER + (s / cols) * words + (s % cols) / 64;
+            m.next_key = (uint64_t)t[T_NEXT_KEY];
+        }
     } else if (a->mask_mode == MASK_STORED && t[T_MASK] != 0) {
         m.keep = (const uint8_t *)t[T_MASK] + s;
     }
     return m;
+}
+
+/* F: whether the tensor's keep bits are this step's mask (read before pass 3 stores the next's) */
+static inline int keeps_drawn_for(const int64_t *t, const af_scalars *a) {
+    const uint64_t *keeps = (const uint64_t *)t[T_KEEPS];
+    return keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == a->threshold;
 }
 
 /* F: the hashes of elements [i, i + n) of the piece into m->hashes (i even: every span starts at a
@@ -174,11 +207,70 @@ static inline void hash_span(const piece_mask *m, int64_t i, int64_t n) {
     hash_elements(m->hashes + i / 2, m->first + (uint64_t)i, n, m->key);
 }
 
+/* F: the keep halves of elements [i, i + n) of the piece (i a multiple of 64, n <= 64), as
+ * hash_span leaves them: from the step's keep bits where they are valid, else hashed. A kept
+ * element's half is 0x8000 (0 < T), a dropped one's 0x7FFF (0xFFFF >= T unless every element is
+ * kept, T = 2^16, when no bit is 0). */
+static inline void span_keeps(const piece_mask *m, int64_t i, int64_t n) {
+    if (!m->keeps_valid) {
+        hash_span(m, i, n);
+        return;
+    }
+    uint16_t *restrict h = (uint16_t *)m->halves + i;
+    const uint64_t word = m->keeps[i / 64];
+    const u16x16 lane_bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+    const u16x16 zero = {0};
+    for (int64_t j = 0; j < n; j += 16) { /* up to 15 halves past n: the buffer has room */
+        const u16x16 bits = zero + (uint16_t)(word >> j);
+        /* a set bit's lane compares as all ones: 0x7FFF - 0xFFFF = 0x8000 (mod 2^16) */
+        const u16x16 halves = (zero + 0x7FFF) - (u16x16)((bits & lane_bit) == lane_bit);
+        memcpy(h + j, &halves, sizeof halves);
+    }
+}
+
+/* bit j: whether element j of n (<= 64) is kept, from its half */
+static inline uint64_t pack_keeps(const uint16_t *halves, int64_t n, uint32_t threshold) {
+    if (threshold > 0xFFFFu) return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1; /* all kept */
+    uint64_t word = 0;
+    int64_t j = 0;
+#if defined(__AVX2__)
+    /* (h ^ 0x8000) < T unsigned is (int16)h < (int16)(T ^ 0x8000) signed */
+    const __m256i bound = _mm256_set1_epi16((short)(threshold ^ 0x8000u));
+    for (; j + 32 <= n; j += 32) {
+        const __m256i a = _mm256_cmpgt_epi16(bound, _mm256_loadu_si256((const __m256i *)(halves + j)));
+        const __m256i b = _mm256_cmpgt_epi16(bound, _mm256_loadu_si256((const __m256i *)(halves + j + 16)));
+        const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8); /* in order */
+        word |= (uint64_t)(uint32_t)_mm256_movemask_epi8(bytes) << j;
+    }
+#else
+    /* eight 0/1 bytes to eight bits: the product's top byte gathers byte k's bit at bit k */
+    for (; j + 8 <= n; j += 8) {
+        uint8_t kept[8];
+        for (int l = 0; l < 8; ++l) kept[l] = ((uint32_t)halves[j + l] ^ 0x8000u) < threshold;
+        uint64_t v;
+        memcpy(&v, kept, sizeof v);
+        word |= ((v * 0x0102040810204080ull) >> 56) << j;
+    }
+#endif
+    for (; j < n; ++j) word |= (uint64_t)(((uint32_t)halves[j] ^ 0x8000u) < threshold) << j;
+    return word;
+}
+
+/* F, pass 3: the next step's keep bits of elements [i, i + n) of the piece, into their word */
+static inline void store_next_keeps(const piece_mask *m, int64_t i, int64_t n) {
+    uint32_t h[HASH_SPAN / 2 + 2];
+    const uint64_t first = m->first + (uint64_t)i;
+    hash_elements(h, first, n, m->next_key);
+    m->keeps[i / 64] = pack_keeps((const uint16_t *)h + (first & 1), n, m->threshold);
+}
+
 /* The masked G of element i (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for
- * bit), `mode` a constant of the caller: MASK_NONE, MASK_BERNOULLI or MASK_STORED (D with a mask). */
+ * bit), `mode` a constant of the caller: MASK_NONE, MASK_BERNOULLI (F from the hashes), MASK_BITS
+ * (F from the keep bits) or MASK_STORED (D with a mask). */
 static inline __attribute__((always_inline)) float masked(const float *g, const piece_mask *m, int64_t i,
                                                            const int mode) {
     if (mode == MASK_BERNOULLI) return 0.0f + ((((uint32_t)m->halves[i] ^ 0x8000u) < m->threshold) ? m->scale : 0.0f) * g[i];
+    if (mode == MASK_BITS) return 0.0f + (((m->keeps[i / 64] >> (i % 64)) & 1) ? m->scale : 0.0f) * g[i];
     if (mode == MASK_STORED) return g[i] * (float)m->keep[i];
     return g[i];
 }
@@ -192,6 +284,12 @@ static inline __attribute__((always_inline)) f32x8 masked_f32x8(const float *g, 
         memcpy(&h, m->halves + i, sizeof h);
         const u32x8 threshold = {0}, r = __builtin_convertvector(h, u32x8) ^ 0x8000u;
         const i32x8 keep = r < threshold + m->threshold;
+        const f32x8 zero = {0}, scale = zero + m->scale;
+        return zero + (f32x8)(keep & (i32x8)scale) * gv;
+    }
+    if (mode == MASK_BITS) { /* i is a multiple of 8: its byte of the word */
+        const i32x8 zero_i = {0}, lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+        const i32x8 keep = ((zero_i + (int32_t)((m->keeps[i / 64] >> (i % 64)) & 0xFF)) & lane_bit) != 0;
         const f32x8 zero = {0}, scale = zero + m->scale;
         return zero + (f32x8)(keep & (i32x8)scale) * gv;
     }
@@ -268,7 +366,7 @@ static inline __attribute__((always_inline)) void piece_sums(
                 PREFETCH_AT(g, i + PREFETCH + k, 0);
                 PREFETCH_AT(p, i + PREFETCH + k, 0);
             }
-            if (mode == MASK_BERNOULLI) hash_span(m, i, n - i < HASH_SPAN ? n - i : HASH_SPAN);
+            if (mode == MASK_BERNOULLI) span_keeps(m, i, n - i < HASH_SPAN ? n - i : HASH_SPAN);
             if (mode == MASK_STORED) PREFETCH_AT(m->keep, i + PREFETCH, 0);
         }
         const f32x8 rv = load_f32x8(g + i), gv = masked_f32x8(g, m, i, mode), pv = load_f32x8(p + i), g2 = gv * gv;
@@ -279,7 +377,7 @@ static inline __attribute__((always_inline)) void piece_sums(
         if (colpart) store_f32x8(colpart + i, load_f32x8(colpart + i) + g2);
     }
     double sg = lane_total(acc_g), sp = lane_total(acc_p), sprobe = lane_total(acc_probe);
-    if (mode == MASK_BERNOULLI && i % HASH_SPAN == 0 && i < n) hash_span(m, i, n - i);
+    if (mode == MASK_BERNOULLI && i % HASH_SPAN == 0 && i < n) span_keeps(m, i, n - i);
     for (; i < n; ++i) {
         const float gi = masked(g, m, i, mode), g2 = gi * gi;
         if (mode != MASK_NONE) out[i] = gi;
@@ -324,7 +422,10 @@ static void pass1_rows(const int64_t *t, int64_t r0, int64_t r1, const af_scalar
                        float *colpart, double *param_sq, double *probe) {
 #define ROWS(mode) for (int64_t r = r0; r < r1; ++r) pass1_row(t, r, a, buf, colpart, param_sq, probe, mode)
     switch (mask_mode_of(t, a)) {
-    case MASK_BERNOULLI: ROWS(MASK_BERNOULLI); break;
+    case MASK_BERNOULLI:
+        if (t[T_KEEPS] != 0 && keeps_drawn_for(t, a)) ROWS(MASK_BITS);
+        else ROWS(MASK_BERNOULLI);
+        break;
     case MASK_STORED: ROWS(MASK_STORED); break;
     default: ROWS(MASK_NONE);
     }
@@ -467,8 +568,9 @@ static void apply_row(float *p, float *m, const float *g, const piece_mask *mk, 
         if (mode == MASK_STORED) PREFETCH_AT(mk->keep, i + PREFETCH, 0);
         piece_mask span = *mk;
         if (mode == MASK_BERNOULLI) {
-            hash_span(mk, i, k);
+            span_keeps(mk, i, k);
             span.halves += i;
+            if (mk->keeps) store_next_keeps(mk, i, k); /* this span's bits were read just before */
         } else if (mode == MASK_STORED) {
             span.keep += i;
         }
@@ -514,7 +616,8 @@ static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, pi
         const float *b = b_all + (r / rows) * cols;
         for (int64_t c = 0; c < cols; c += APPLY_PIECE) {
             const int64_t n = cols - c < APPLY_PIECE ? cols - c : APPLY_PIECE, s = r * cols + c;
-            const piece_mask mk = mask_of(t, s, buf, a);
+            piece_mask mk = mask_of(t, s, buf, a);
+            mk.keeps_valid = mk.keeps != 0 && x[X_KEEPS_VALID] != 0.0;
             apply_row(load_param(t, s, n, buf), m ? m + s : 0, load_raw(t, s, n, buf), &mk, b + c, a_all[r],
                             n, decay, a, decayed, mode);
             store_param(t, s, n, buf);
@@ -605,6 +708,14 @@ static void finish2(const int64_t *t, const double *s, int64_t flags) {
     const float inv_clip = 1.0f / sqrtf(clip < 1.0f ? 1.0f : clip);
     const float pscale = (float)x[X_PARAM_SCALE], scale = inv_clip * pscale;
     x[X_UPDATE_SCALE] = scale;
+    if (((flags >> 8) & 0xFF) == MASK_BERNOULLI && t[T_KEEPS] != 0) {
+        /* the step is taken: pass 3 reads this step's bits, if they are, and stores the next's */
+        uint64_t *keeps = (uint64_t *)t[T_KEEPS];
+        const uint64_t threshold = (uint64_t)((flags >> 16) & 0x1FFFF);
+        x[X_KEEPS_VALID] = keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == threshold;
+        keeps[KEEPS_KEY] = (uint64_t)t[T_NEXT_KEY];
+        keeps[KEEPS_THRESHOLD] = threshold;
+    }
     /* HF/fairseq: theta -= lambda*alpha_t*theta with alpha_t = rho*s; torch: theta *= 1 - lr*lambda */
     const double wd = s[S_WEIGHT_DECAY];
     x[X_DECAY] = wd == 0.0 ? 1.0

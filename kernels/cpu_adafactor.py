@@ -17,7 +17,9 @@ the reference.
 
 Scratch per call (cached with the call's layout while it is in use, :data:`_PLANS`): per tensor its
 row and column vectors and two column sums per block of rows, at most 1/32 of the parameter's
-elements (:func:`block_rows`).
+elements (:func:`block_rows`). With ChildTuning-F masks, each factored tensor also keeps one bit per
+element: the next step's mask, drawn by the update pass so that the next first pass reads it
+instead of hashing (bits drawn for another step, seed or ``reserve_p`` are not used).
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ MASK_NONE, MASK_BERNOULLI, MASK_STORED = 0, 1, 2
 _SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
 # columns of the per-tensor table (the T_* enum of cpu_adafactor.c)
 (T_PARAM, T_GRAD, T_ROW, T_COL, T_EXP_AVG, T_MASK, T_OFFSET, T_KEY, T_NUMEL, T_ROWS, T_COLS, T_BLOCK,
- T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_PARAM_BF16, T_GRAD_BF16, T_COLUMNS) = range(20)
+ T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_PARAM_BF16, T_GRAD_BF16, T_KEEPS, T_NEXT_KEY, T_COLUMNS) = range(22)
+#: int64 words before a tensor's F keep bits: the key and the threshold they were drawn for
+KEEPS_HEADER = 2
 #: parameter and gradient dtypes the kernel reads (maths and state in fp32)
 DTYPES = (torch.float32, torch.bfloat16)
-_PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 5
+_PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 6
 _MASK_DTYPES = (torch.uint8, torch.bool)
 _LIB = cpu_build.Library(NAME, {
     "optimfx_adafactor_pass": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -111,6 +115,23 @@ class _Plan(NamedTuple):
     doubles: Tensor  # float64 scratch: blocks' partial sums, per-tensor scalars
     numels: tuple[int, ...]
     aligns: tuple[int, ...]
+    keep_words: tuple[int, ...]  # int64 words of each tensor's F keep bits (0: unfactored, none)
+    keeps: list[Tensor]  # the keep bits of every tensor, made by the first F-masked call (else empty)
+
+
+def _keep_bits(plan: _Plan) -> None:
+    """Give the plan's factored tensors their F keep bits (one bit per element, a row's bits in
+    whole words: 1/32 of the fp32 elements), headed by a threshold no mask has: not yet drawn."""
+    if plan.keeps:
+        return
+    bits = torch.zeros(max(1, sum(plan.keep_words)), dtype=torch.int64)
+    at = 0
+    for k, words in enumerate(plan.keep_words):
+        if words:
+            bits[at + 1] = -1  # KEEPS_THRESHOLD
+            plan.table[k, T_KEEPS] = bits.data_ptr() + 8 * at
+        at += words
+    plan.keeps.append(bits)
 
 
 #: layouts (a layout: the tensors' addresses and shapes) → their plan and the call that last used it
@@ -187,9 +208,12 @@ def _build_plan(params: Sequence[Tensor], states: Sequence[dict]) -> _Plan:
         d_at += 8 * sum(ds)
         rows_out.append((p.data_ptr(), 0, row.data_ptr(), ptr(col), ptr(avg), ptr(mask), 0, 0,
                          p.numel(), rows, cols, block, a, b, colpart, parts, scalars,
-                         int(p.dtype is torch.bfloat16), 0))
+                         int(p.dtype is torch.bfloat16), 0, 0, 0))
     table = torch.tensor(rows_out, dtype=torch.int64).reshape(-1, T_COLUMNS)
-    return _Plan(table, floats, doubles, tuple(p.numel() for p in params), tuple(blk for _, _, blk in geometry))
+    keep_words = tuple(KEEPS_HEADER + (p.numel() // cols) * -(-cols // 64) if cols else 0
+                       for p, (_, cols, _) in zip(params, geometry))
+    return _Plan(table, floats, doubles, tuple(p.numel() for p in params), tuple(blk for _, _, blk in geometry),
+                 keep_words, [])
 
 
 class Options(NamedTuple):
@@ -215,6 +239,7 @@ class FMask(NamedTuple):
 
     seed_word: int  # s0 of the seed
     step_word: int  # b of the step
+    next_step_word: int  # b of the step after it (pass 3 draws that step's mask ahead)
     streams: Tensor  # int64 [T]: each tensor's mask stream
     threshold: int
     keep_scale: float
@@ -238,9 +263,10 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
     if f_mask is not None:
         mask_mode, threshold, keep_scale = MASK_BERNOULLI, f_mask.threshold, f_mask.keep_scale
         streams = f_mask.streams.to(torch.int64).contiguous()
-        _LIB.function("optimfx_adafactor_mask_keys")(
-            streams.data_ptr(), len(params), f_mask.seed_word, f_mask.step_word,
-            table.data_ptr() + 8 * T_KEY, T_COLUMNS)
+        _keep_bits(plan)
+        keys = _LIB.function("optimfx_adafactor_mask_keys")
+        for column, word in ((T_KEY, f_mask.step_word), (T_NEXT_KEY, f_mask.next_step_word)):
+            keys(streams.data_ptr(), len(params), f_mask.seed_word, word, table.data_ptr() + 8 * column, T_COLUMNS)
     o = options
     scalars = (ctypes.c_double * 9)(o.weight, o.eps1, o.eps2, o.clip_threshold, o.step, o.lr, o.weight_decay,
                                     0.0 if o.beta1 is None else o.beta1, keep_scale)

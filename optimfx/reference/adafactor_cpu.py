@@ -60,7 +60,7 @@ def _mask_arguments(mask: ct.MaskHyper, states: list[dict], step: int) -> dict[s
         # the kernel forms each tensor's key (ct.mask_key) from its stream: in Python that is a call
         # of about 2 µs per tensor, milliseconds on a model of a thousand small tensors
         return {"f_mask": cpu_adafactor.FMask(
-            ct.seed_words(mask.seed)[0], ct.step_word(mask.seed, step),
+            ct.seed_words(mask.seed)[0], ct.step_word(mask.seed, step), ct.step_word(mask.seed, step + 1),
             torch.stack([s["mask_stream"] for s in states]), ct.keep_threshold(mask.reserve_p),
             ct.keep_scale(mask.reserve_p))}
     return {"stored_masks": mask.mode == "D"}

@@ -4,10 +4,12 @@ state of this one does not leak in)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +47,15 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
     # nothing left behind by the build (its temporary directory is gone)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [built[0].name]
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None or not cpu_build.enabled(), reason="no C compiler, or disabled")
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path(cpu_build.__file__).parent.glob("*.c")))
+def test_every_kernel_builds_where_a_compiler_is(name):
+    """Each kernel's tests skip where its library is not available: a kernel that stopped compiling
+    would show only as skipped tests. Where a compiler is, every ``<name>.c`` must build and load."""
+    module = importlib.import_module(f"optimfx._kernels.{name}")
+    assert module.available(), cpu_build.unavailable_reason(name)
 
 
 @pytest.mark.parametrize("env, reason", [

@@ -484,11 +484,81 @@ def test_bf16_rounding_is_round_to_nearest_even():
     assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
 
 
+#: rows of 1 to 2500 columns (pieces and 64-bit words cut short); the second tensor's gradient is
+#: zero (``_grads``), the last is a vector (unfactored: hashed, no bits)
+KEEP_BITS_SHAPES = [(16, 24), (6, 6), (70, 130), (5, 64), (3, 65), (2, 3, 1), (3, 2500), (40,)]
+
+
+def _keep_bits_scenario(kernel: bool, monkeypatch):
+    """Six F-masked steps with what must not read the bits drawn by the step before: reserve_p changed, a step skipped for an
+    inf gradient, a step count set back in place (the kernel's plan and bits stay the same)."""
+    shapes = KEEP_BITS_SHAPES
+    with monkeypatch.context() as m:
+        if not kernel:
+            m.setattr(cpu_adafactor, "available", lambda: False)
+            m.setattr(stacking, "MAX_STACKED_NUMEL", 0)
+        params = _params(shapes)
+        opt = optimfx.AdaFactor(params, child_tuning_mode="F", reserve_p=0.4, seed=9, beta1=0.9)
+        for t in range(6):
+            grads = _grads(t, shapes)
+            if t == 2:
+                opt.param_groups[0]["reserve_p"] = 0.7
+            if t == 3:
+                grads[2][4, 5] = float("inf")
+            if t == 5:
+                for p in params:
+                    opt.state[p]["step"].sub_(2)
+            for p, g in zip(params, grads):
+                p.grad = g
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the skipped step's warning
+                opt.step()
+    return params, opt
+
+
+def test_f_masks_drawn_a_step_ahead(monkeypatch, kernel_numels):
+    """Pass 3 of a step stores the next step's F keep bits, which that step reads instead of hashing
+    where they were drawn for its key and reserve_p. Every step of the scenario equals the
+    reference's, and the bits were read: inverted before the last step, they change it."""
+    shapes = KEEP_BITS_SHAPES
+    fast = _keep_bits_scenario(True, monkeypatch)
+    assert kernel_numels
+    _assert_same_run(fast, _keep_bits_scenario(False, monkeypatch), shapes)
+
+    def last_step_with_inverted_bits(params, opt):
+        for plan, _ in cpu_adafactor._PLANS.values():
+            at = 0
+            for words in plan.keep_words:
+                if words:
+                    body = plan.keeps[0][at + cpu_adafactor.KEEPS_HEADER:at + words]
+                    body.bitwise_not_()
+                at += words
+        for p, g in zip(params, _grads(6, shapes)):
+            p.grad = g
+        opt.step()
+        return [p.detach().clone() for p in params]
+
+    def run(invert: bool):
+        cpu_adafactor.free_scratch()
+        params, opt = _keep_bits_scenario(True, monkeypatch)
+        if invert:
+            return last_step_with_inverted_bits(params, opt)
+        for p, g in zip(params, _grads(6, shapes)):
+            p.grad = g
+        opt.step()
+        return [p.detach().clone() for p in params]
+
+    plain, inverted = run(False), run(True)
+    # every factored tensor with a gradient read them (the vector hashes, the zero gradient stays 0)
+    assert [not torch.equal(a, b) for a, b in zip(plain, inverted)] == [True, False] + [True] * 5 + [False]
+
+
 def test_f_mask_past_a_high_word_of_the_pair_index(monkeypatch):
     """Elements whose pair index passes 2^32 (a tensor of more than 2^33 elements) hash that high
     word too, and a span of the kernel that crosses it restarts there. The tensor's element offset
-    is set in the kernel's table (no tensor that large is made): its F-masked step equals,
-    bitwise, its unmasked step on the reference's mask of the same elements."""
+    is set in the kernel's table (no tensor that large is made): its F-masked steps (the first
+    hashing, the second reading the keep bits the first drew) equal, bitwise, its unmasked steps on
+    the reference's masks of the same elements."""
     from optimfx.reference import child_tuning as ct
 
     offset, reserve_p, seed, stream, step = 2**33 - 4097, 0.4, 5, 2, 3
@@ -509,14 +579,16 @@ def test_f_mask_past_a_high_word_of_the_pair_index(monkeypatch):
     for masked_by in ("kernel", "reference"):
         param = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         state = {"exp_avg_sq_row": torch.zeros(3), "exp_avg_sq_col": torch.zeros(3001), "exp_avg": torch.zeros(shape)}
-        if masked_by == "kernel":
-            f_mask = cpu_adafactor.FMask(ct.seed_words(seed)[0], ct.step_word(seed, step), torch.tensor([stream]),
-                                         ct.keep_threshold(reserve_p), ct.keep_scale(reserve_p))
-            assert cpu_adafactor.step([param], [grad], [state], options, check_finite=True, f_mask=f_mask)
-        else:
-            key = ct.mask_key(seed, stream, step)
-            masked = ct.bernoulli_grad(grad.reshape(-1), reserve_p, key, offset).reshape(shape)
-            assert cpu_adafactor.step([param], [masked], [state], options, check_finite=True)
+        for t in (step, step + 1):  # the second step's mask from the keep bits the first one drew
+            if masked_by == "kernel":
+                f_mask = cpu_adafactor.FMask(ct.seed_words(seed)[0], ct.step_word(seed, t), ct.step_word(seed, t + 1),
+                                             torch.tensor([stream]), ct.keep_threshold(reserve_p),
+                                             ct.keep_scale(reserve_p))
+                assert cpu_adafactor.step([param], [grad], [state], options, check_finite=True, f_mask=f_mask)
+            else:
+                key = ct.mask_key(seed, stream, t)
+                masked = ct.bernoulli_grad(grad.reshape(-1), reserve_p, key, offset).reshape(shape)
+                assert cpu_adafactor.step([param], [masked], [state], options, check_finite=True)
         runs.append((param, state))
     (p_kernel, s_kernel), (p_ref, s_ref) = runs
     assert torch.equal(p_kernel, p_ref)
