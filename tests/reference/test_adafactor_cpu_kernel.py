@@ -594,3 +594,54 @@ def test_f_mask_past_a_high_word_of_the_pair_index(monkeypatch):
     assert torch.equal(p_kernel, p_ref)
     for name in s_kernel:
         assert torch.equal(s_kernel[name], s_ref[name]), name
+
+
+_BASELINE_ISA_RUN = '''
+import warnings, torch, optimfx
+from optimfx._kernels import cpu_adafactor, cpu_build
+from optimfx.reference import stacking
+cpu_build.isa_flags = lambda: ()  # the architecture's baseline: no AVX2 path in the kernel
+
+
+def run(kernel, mode):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 24), (70, 130), (3, 65), (3, 2500)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = optimfx.AdaFactor(params, child_tuning_mode=mode, reserve_p=0.4, seed=4, beta1=0.9)
+    if mode == "D":
+        opt.set_gradient_mask({p: torch.rand(p.shape, generator=gen) < 0.3 for p in params})
+    saved = cpu_adafactor.available, stacking.MAX_STACKED_NUMEL
+    if not kernel:
+        cpu_adafactor.available, stacking.MAX_STACKED_NUMEL = (lambda: False), 0
+    for t in range(4):
+        if t == 2:
+            opt.param_groups[0]["reserve_p"] = 0.6
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        opt.step()
+    cpu_adafactor.available, stacking.MAX_STACKED_NUMEL = saved
+    return params
+
+
+assert cpu_adafactor.available(), cpu_build.unavailable_reason("cpu_adafactor")
+assert "-mavx2" not in " ".join(cpu_build.BASE_FLAGS + cpu_build.isa_flags())
+for mode in ("F", "D"):
+    for a, b in zip(run(True, mode), run(False, mode)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+print("ok")
+'''
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None or not cpu_build.enabled(), reason="no C compiler, or disabled")
+def test_a_build_without_vector_extensions_matches_the_reference(tmp_path):
+    """The kernel's portable code (what an arm64 or pre-AVX2 machine builds: no AVX2 intrinsics for
+    the F keep bits, no AVX2 lowering of the D mask's bytes) steps as the reference does. Built into
+    a fresh cache in another process, so this process's AVX2 library is not the one tested."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPTIMFX_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", _BASELINE_ISA_RUN], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
