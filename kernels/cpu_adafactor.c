@@ -83,11 +83,15 @@ enum { MASK_BITS = 3 };
 #define LANES 8
 
 /* The F mask's keep bits (T_KEEPS): pass 3 of step t hashes step t+1's mask where it reads memory
- * anyway and stores one bit per element; passes 1 and 3 of step t+1 read the bits instead of
- * hashing. The header holds the key and threshold the bits were drawn for: other bits (a first step,
- * a step skipped or repeated, another seed or reserve_p) are not used, and the mask is hashed. */
-#define KEEPS_HEADER 2
-enum { KEEPS_KEY, KEEPS_THRESHOLD };
+ * anyway and stores one bit per element; passes 1, 2 and 3 of step t+1 read the bits instead of
+ * hashing. The header holds the key, threshold and first element's global index the bits were drawn
+ * for: other bits (a first step, a step skipped or repeated, another seed or reserve_p) are not
+ * used, and the mask is hashed. Finish 2 marks the bits as being drawn (KEEPS_UNDRAWN); the host
+ * writes the threshold back once pass 3 has returned, so bits a pass 3 left unfinished are never
+ * read. */
+#define KEEPS_HEADER 3
+enum { KEEPS_KEY, KEEPS_THRESHOLD, KEEPS_OFFSET };
+#define KEEPS_UNDRAWN (~(uint64_t)0)
 
 typedef struct {
     float weight, weight_minus_one, eps1, neg_step, momentum_coef, beta1, keep_scale;
@@ -128,8 +132,11 @@ typedef struct {
  * gradient is read: F keeps element i when (halves[i] ^ 0x8000) < threshold, scaled by 1/p; D
  * multiplies by keep[i] (0 or 1). F's hashes are computed a span at a time (hash_span) just before
  * the span is read: the hashing's arithmetic then overlaps the loads of the memory-bound loops. */
+/* a hash's 16-bit halves, read from (and written into) its uint32 words */
+typedef uint16_t alias_u16 __attribute__((may_alias));
+
 typedef struct {
-    const uint16_t *halves;
+    const alias_u16 *halves;
     const uint8_t *keep;
     uint32_t threshold;
     float scale;
@@ -183,7 +190,7 @@ static inline piece_mask mask_of(const int64_t *t, int64_t s, piece_buffers *buf
         m.first = (uint64_t)(t[T_OFFSET] + s);
         m.key = (uint64_t)t[T_KEY];
         m.hashes = buf->hashes;
-        m.halves = (const uint16_t *)buf->hashes + (m.first & 1);
+        m.halves = (const alias_u16 *)buf->hashes + (m.first & 1);
         if (t[T_KEEPS] != 0) {
             const int64_t cols = t[T_COLS], words = (cols + 63) / 64;
             m.keeps = (uint64_t *)t[T_KEEPS] + KEEPS_HEADER + (s / cols) * words + (s % cols) / 64;
@@ -198,7 +205,8 @@ static inline piece_mask mask_of(const int64_t *t, int64_t s, piece_buffers *buf
 /* F: whether the tensor's keep bits are this step's mask (read before pass 3 stores the next's) */
 static inline int keeps_drawn_for(const int64_t *t, const af_scalars *a) {
     const uint64_t *keeps = (const uint64_t *)t[T_KEEPS];
-    return keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == a->threshold;
+    return keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == a->threshold &&
+           keeps[KEEPS_OFFSET] == (uint64_t)t[T_OFFSET];
 }
 
 /* F: the hashes of elements [i, i + n) of the piece into m->hashes (i even: every span starts at a
@@ -216,7 +224,7 @@ static inline void span_keeps(const piece_mask *m, int64_t i, int64_t n) {
         hash_span(m, i, n);
         return;
     }
-    uint16_t *restrict h = (uint16_t *)m->halves + i;
+    alias_u16 *h = (alias_u16 *)m->halves + i;
     const uint64_t word = m->keeps[i / 64];
     const u16x16 lane_bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
     const u16x16 zero = {0};
@@ -229,7 +237,7 @@ static inline void span_keeps(const piece_mask *m, int64_t i, int64_t n) {
 }
 
 /* bit j: whether element j of n (<= 64) is kept, from its half */
-static inline uint64_t pack_keeps(const uint16_t *halves, int64_t n, uint32_t threshold) {
+static inline uint64_t pack_keeps(const alias_u16 *halves, int64_t n, uint32_t threshold) {
     if (threshold > 0xFFFFu) return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1; /* all kept */
     uint64_t word = 0;
     int64_t j = 0;
@@ -243,7 +251,8 @@ static inline uint64_t pack_keeps(const uint16_t *halves, int64_t n, uint32_t th
         word |= (uint64_t)(uint32_t)_mm256_movemask_epi8(bytes) << j;
     }
 #else
-    /* eight 0/1 bytes to eight bits: the product's top byte gathers byte k's bit at bit k */
+    /* eight 0/1 bytes to eight bits: the product's top byte gathers byte k's bit at bit k (byte k
+     * is bits 8k.. of v on a little-endian machine, the only kind cpu_adafactor.available() takes) */
     for (; j + 8 <= n; j += 8) {
         uint8_t kept[8];
         for (int l = 0; l < 8; ++l) kept[l] = ((uint32_t)halves[j + l] ^ 0x8000u) < threshold;
@@ -261,7 +270,7 @@ static inline void store_next_keeps(const piece_mask *m, int64_t i, int64_t n) {
     uint32_t h[HASH_SPAN / 2 + 2];
     const uint64_t first = m->first + (uint64_t)i;
     hash_elements(h, first, n, m->next_key);
-    m->keeps[i / 64] = pack_keeps((const uint16_t *)h + (first & 1), n, m->threshold);
+    m->keeps[i / 64] = pack_keeps((const alias_u16 *)h + (first & 1), n, m->threshold);
 }
 
 /* The masked G of element i (F: 0 + (keep ? 1/p : 0)*g, D: g*M, as the reference's masks bit for
@@ -316,7 +325,11 @@ static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, pie
     if (mode == MASK_NONE) return raw;
     const piece_mask m = mask_of(t, s, buf, a);
     float *restrict out = buf->grad;
-    if (mode == MASK_BERNOULLI) {
+    if (mode == MASK_BERNOULLI && m.keeps != 0 && keeps_drawn_for(t, a)) { /* passes 1 and 2 */
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) store_f32x8(out + i, masked_f32x8(raw, &m, i, MASK_BITS));
+        for (; i < n; ++i) out[i] = masked(raw, &m, i, MASK_BITS);
+    } else if (mode == MASK_BERNOULLI) {
         hash_span(&m, 0, n);
         for (int64_t i = 0; i < n; ++i) out[i] = masked(raw, &m, i, MASK_BERNOULLI);
     } else
@@ -709,12 +722,14 @@ static void finish2(const int64_t *t, const double *s, int64_t flags) {
     const float pscale = (float)x[X_PARAM_SCALE], scale = inv_clip * pscale;
     x[X_UPDATE_SCALE] = scale;
     if (((flags >> 8) & 0xFF) == MASK_BERNOULLI && t[T_KEEPS] != 0) {
-        /* the step is taken: pass 3 reads this step's bits, if they are, and stores the next's */
+        /* the step is taken: pass 3 reads this step's bits, if they are, and draws the next's */
         uint64_t *keeps = (uint64_t *)t[T_KEEPS];
         const uint64_t threshold = (uint64_t)((flags >> 16) & 0x1FFFF);
-        x[X_KEEPS_VALID] = keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == threshold;
+        x[X_KEEPS_VALID] = keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == threshold &&
+                           keeps[KEEPS_OFFSET] == (uint64_t)t[T_OFFSET];
         keeps[KEEPS_KEY] = (uint64_t)t[T_NEXT_KEY];
-        keeps[KEEPS_THRESHOLD] = threshold;
+        keeps[KEEPS_THRESHOLD] = KEEPS_UNDRAWN; /* the host writes the threshold after pass 3 */
+        keeps[KEEPS_OFFSET] = (uint64_t)t[T_OFFSET];
     }
     /* HF/fairseq: theta -= lambda*alpha_t*theta with alpha_t = rho*s; torch: theta *= 1 - lr*lambda */
     const double wd = s[S_WEIGHT_DECAY];

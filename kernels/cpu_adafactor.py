@@ -46,8 +46,10 @@ _SCALE_PARAMETER, _MOMENTUM, _DECAY_TORCH, _MAXIMIZE = 1, 2, 4, 8
 # columns of the per-tensor table (the T_* enum of cpu_adafactor.c)
 (T_PARAM, T_GRAD, T_ROW, T_COL, T_EXP_AVG, T_MASK, T_OFFSET, T_KEY, T_NUMEL, T_ROWS, T_COLS, T_BLOCK,
  T_A, T_B, T_COLPART, T_PARTS, T_SCALARS, T_PARAM_BF16, T_GRAD_BF16, T_KEEPS, T_NEXT_KEY, T_COLUMNS) = range(22)
-#: int64 words before a tensor's F keep bits: the key and the threshold they were drawn for
-KEEPS_HEADER = 2
+#: int64 words before a tensor's F keep bits: the key, threshold and first element's global index
+#: they were drawn for (``KEEPS_KEY, KEEPS_THRESHOLD, KEEPS_OFFSET`` in ``cpu_adafactor.c``)
+KEEPS_HEADER = 3
+_KEEPS_THRESHOLD = 1
 #: parameter and gradient dtypes the kernel reads (maths and state in fp32)
 DTYPES = (torch.float32, torch.bfloat16)
 _PARTS_PER_BLOCK, _SCALARS_PER_TENSOR = 3, 6
@@ -116,7 +118,8 @@ class _Plan(NamedTuple):
     numels: tuple[int, ...]
     aligns: tuple[int, ...]
     keep_words: tuple[int, ...]  # int64 words of each tensor's F keep bits (0: unfactored, none)
-    keeps: list[Tensor]  # the keep bits of every tensor, made by the first F-masked call (else empty)
+    keeps: list[Tensor]  # the keep bits of every tensor and their threshold words' indices, made by
+    # the first F-masked call (else empty)
 
 
 def _keep_bits(plan: _Plan) -> None:
@@ -125,13 +128,15 @@ def _keep_bits(plan: _Plan) -> None:
     if plan.keeps:
         return
     bits = torch.zeros(max(1, sum(plan.keep_words)), dtype=torch.int64)
-    at = 0
+    at, thresholds = 0, []
     for k, words in enumerate(plan.keep_words):
         if words:
-            bits[at + 1] = -1  # KEEPS_THRESHOLD
+            thresholds.append(at + _KEEPS_THRESHOLD)
             plan.table[k, T_KEEPS] = bits.data_ptr() + 8 * at
         at += words
-    plan.keeps.append(bits)
+    index = torch.tensor(thresholds, dtype=torch.int64)
+    bits[index] = -1
+    plan.keeps.extend((bits, index))
 
 
 #: layouts (a layout: the tensors' addresses and shapes) → their plan and the call that last used it
@@ -288,6 +293,8 @@ def step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dic
         run_pass(2)
     finish_fn(table_ptr, n_tensors, 2, scalars, flags, 0, threads)
     run_pass(3)
+    if f_mask is not None:  # the next step's keep bits are drawn: they may be read
+        plan.keeps[0][plan.keeps[1]] = f_mask.threshold
     cpu_build.written([*params, *(s[k] for s in states for k in _STATE_BUFFERS if k in s)])
     return True
 

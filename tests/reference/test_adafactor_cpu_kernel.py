@@ -553,6 +553,45 @@ def test_f_masks_drawn_a_step_ahead(monkeypatch, kernel_numels):
     assert [not torch.equal(a, b) for a, b in zip(plain, inverted)] == [True, False] + [True] * 5 + [False]
 
 
+def test_keep_bits_of_an_unfinished_update_pass_are_not_read(monkeypatch):
+    """The header names the next step's key before pass 3 draws its bits: until the host marks
+    them drawn, after pass 3 returns, they are not read. A step whose pass 3 never ran (an
+    exception between the passes) leaves the next step hashing: it equals the same step taken
+    with a fresh plan, which has no bits at all."""
+    from optimfx._kernels import cpu_launcher
+
+    shapes = [(16, 24), (70, 130), (3, 2500)]
+    original = cpu_launcher.run
+
+    def run(fresh_plan: bool):
+        cpu_adafactor.free_scratch()
+        params = _params(shapes)
+        opt = optimfx.AdaFactor(params, child_tuning_mode="F", reserve_p=0.4, seed=2)
+        for t in range(5):
+            for p, g in zip(params, _grads(t, shapes)):
+                p.grad = g
+            if t == 3:
+                def fail_pass_3(kernel, openmp, table, numels, number, *args, **kwargs):
+                    if number == 3:
+                        raise RuntimeError("interrupted")
+                    return original(kernel, openmp, table, numels, number, *args, **kwargs)
+
+                with monkeypatch.context() as m:
+                    m.setattr(cpu_launcher, "run", fail_pass_3)
+                    with pytest.raises(RuntimeError, match="interrupted"):
+                        opt.step()
+                (plan, _), = cpu_adafactor._PLANS.values()
+                assert bool((plan.keeps[0][plan.keeps[1]] == -1).all())  # marked as being drawn
+                if fresh_plan:
+                    cpu_adafactor.free_scratch()
+                continue
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
 def test_f_mask_past_a_high_word_of_the_pair_index(monkeypatch):
     """Elements whose pair index passes 2^32 (a tensor of more than 2^33 elements) hash that high
     word too, and a span of the kernel that crosses it restarts there. The tensor's element offset
