@@ -74,7 +74,7 @@ enum { S_WEIGHT, S_EPS1, S_EPS2, S_CLIP, S_STEP, S_LR, S_WEIGHT_DECAY, S_BETA1, 
 /* bits of `flags`; the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
 enum { F_SCALE_PARAMETER = 1, F_MOMENTUM = 2, F_DECAY_TORCH = 4, F_MAXIMIZE = 8 };
 enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
-/* the F mask read from its keep bits (pass 1 of a tensor whose bits are this step's) */
+/* the F mask read from its keep bits (passes 1 and 2 of a tensor whose bits are this step's) */
 enum { MASK_BITS = 3 };
 
 #define CHUNK 16384
@@ -129,12 +129,10 @@ typedef struct {
 } piece_buffers;
 
 /* The ChildTuning mask of one piece (elements [s, s + n) of tensor row t), applied where its
- * gradient is read: F keeps element i when (halves[i] ^ 0x8000) < threshold, scaled by 1/p; D
- * multiplies by keep[i] (0 or 1). F's hashes are computed a span at a time (hash_span) just before
- * the span is read: the hashing's arithmetic then overlaps the loads of the memory-bound loops. */
-/* a hash's 16-bit halves, read from (and written into) its uint32 words */
-typedef uint16_t alias_u16 __attribute__((may_alias));
-
+ * gradient is read: F keeps element i when (halves[i] ^ 0x8000) < threshold, scaled by 1/p (or
+ * where its keep bit is set); D multiplies by keep[i] (0 or 1). F's hashes are computed a span at a
+ * time (hash_span) just before the span is read: the hashing's arithmetic then overlaps the loads
+ * of the memory-bound loops. */
 typedef struct {
     const alias_u16 *halves;
     const uint8_t *keep;
@@ -143,8 +141,8 @@ typedef struct {
     uint64_t first, key; /* F: the global index of element 0 of the piece, the tensor's key */
     uint32_t *hashes;
     uint64_t *keeps;     /* F: the keep bits of element 0 of the piece (a row's word), or 0 */
-    int keeps_valid;     /* F: the bits are this step's mask (else hashed, and pass 3 stores them) */
-    uint64_t next_key;   /* F: the next step's key (pass 3 stores its bits) */
+    int keeps_valid;     /* F, pass 3: the bits are this step's mask (else it is hashed) */
+    uint64_t next_key;   /* F: the next step's key (pass 3 stores that mask's bits) */
 } piece_mask;
 
 /* The loops over a row that read memory work HASH_SPAN elements at a time: before each span they
@@ -202,7 +200,7 @@ static inline piece_mask mask_of(const int64_t *t, int64_t s, piece_buffers *buf
     return m;
 }
 
-/* F: whether the tensor's keep bits are this step's mask (read before pass 3 stores the next's) */
+/* F: whether the tensor's keep bits are this step's mask (until finish 2 marks the next's) */
 static inline int keeps_drawn_for(const int64_t *t, const af_scalars *a) {
     const uint64_t *keeps = (const uint64_t *)t[T_KEEPS];
     return keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == a->threshold &&
@@ -317,7 +315,8 @@ static inline int mask_mode_of(const int64_t *t, const af_scalars *a) {
 }
 
 /* G of elements [s, s + n) as an array: the gradient itself, or its masked copy in buf->grad
- * (the passes that are not on the hot path: vectors, and pass 2) */
+ * (the loops that are not on the hot path: vectors, pass 2, a second look at a row longer than a
+ * piece) */
 static inline const float *load_grad(const int64_t *t, int64_t s, int64_t n, piece_buffers *buf,
                                      const af_scalars *a) {
     const float *raw = load_raw(t, s, n, buf);
@@ -375,12 +374,10 @@ static inline __attribute__((always_inline)) void piece_sums(
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         if (i % HASH_SPAN == 0) {
-            for (int64_t k = 0; k < HASH_SPAN; k += 16) {
-                PREFETCH_AT(g, i + PREFETCH + k, 0);
-                PREFETCH_AT(p, i + PREFETCH + k, 0);
-            }
+            PREFETCH_SPAN(g, i + PREFETCH, HASH_SPAN, 0);
+            PREFETCH_SPAN(p, i + PREFETCH, HASH_SPAN, 0);
             if (mode == MASK_BERNOULLI) span_keeps(m, i, n - i < HASH_SPAN ? n - i : HASH_SPAN);
-            if (mode == MASK_STORED) PREFETCH_AT(m->keep, i + PREFETCH, 0);
+            if (mode == MASK_STORED) PREFETCH_SPAN(m->keep, i + PREFETCH, HASH_SPAN, 0);
         }
         const f32x8 rv = load_f32x8(g + i), gv = masked_f32x8(g, m, i, mode), pv = load_f32x8(p + i), g2 = gv * gv;
         if (mode != MASK_NONE) store_f32x8(out + i, gv);
@@ -573,12 +570,10 @@ static void apply_row(float *p, float *m, const float *g, const piece_mask *mk, 
     }
     for (int64_t i = 0; i < n; i += HASH_SPAN) {
         const int64_t k = n - i < HASH_SPAN ? n - i : HASH_SPAN;
-        for (int64_t j = 0; j < HASH_SPAN; j += 16) {
-            PREFETCH_AT(g, i + PREFETCH + j, 0);
-            PREFETCH_AT(p, i + PREFETCH + j, 1);
-            if (m) PREFETCH_AT(m, i + PREFETCH + j, 1);
-        }
-        if (mode == MASK_STORED) PREFETCH_AT(mk->keep, i + PREFETCH, 0);
+        PREFETCH_SPAN(g, i + PREFETCH, HASH_SPAN, 0);
+        PREFETCH_SPAN(p, i + PREFETCH, HASH_SPAN, 1);
+        if (m) PREFETCH_SPAN(m, i + PREFETCH, HASH_SPAN, 1);
+        if (mode == MASK_STORED) PREFETCH_SPAN(mk->keep, i + PREFETCH, HASH_SPAN, 0);
         piece_mask span = *mk;
         if (mode == MASK_BERNOULLI) {
             span_keeps(mk, i, k);
@@ -631,8 +626,8 @@ static void pass3_block(const int64_t *t, int64_t block, const af_scalars *a, pi
             const int64_t n = cols - c < APPLY_PIECE ? cols - c : APPLY_PIECE, s = r * cols + c;
             piece_mask mk = mask_of(t, s, buf, a);
             mk.keeps_valid = mk.keeps != 0 && x[X_KEEPS_VALID] != 0.0;
-            apply_row(load_param(t, s, n, buf), m ? m + s : 0, load_raw(t, s, n, buf), &mk, b + c, a_all[r],
-                            n, decay, a, decayed, mode);
+            apply_row(load_param(t, s, n, buf), m ? m + s : 0, load_raw(t, s, n, buf), &mk, b + c, a_all[r], n,
+                      decay, a, decayed, mode);
             store_param(t, s, n, buf);
         }
     }
@@ -721,12 +716,11 @@ static void finish2(const int64_t *t, const double *s, int64_t flags) {
     const float inv_clip = 1.0f / sqrtf(clip < 1.0f ? 1.0f : clip);
     const float pscale = (float)x[X_PARAM_SCALE], scale = inv_clip * pscale;
     x[X_UPDATE_SCALE] = scale;
-    if (((flags >> 8) & 0xFF) == MASK_BERNOULLI && t[T_KEEPS] != 0) {
+    const af_scalars sc = unpack(s, flags);
+    if (sc.mask_mode == MASK_BERNOULLI && t[T_KEEPS] != 0) {
         /* the step is taken: pass 3 reads this step's bits, if they are, and draws the next's */
         uint64_t *keeps = (uint64_t *)t[T_KEEPS];
-        const uint64_t threshold = (uint64_t)((flags >> 16) & 0x1FFFF);
-        x[X_KEEPS_VALID] = keeps[KEEPS_KEY] == (uint64_t)t[T_KEY] && keeps[KEEPS_THRESHOLD] == threshold &&
-                           keeps[KEEPS_OFFSET] == (uint64_t)t[T_OFFSET];
+        x[X_KEEPS_VALID] = keeps_drawn_for(t, &sc);
         keeps[KEEPS_KEY] = (uint64_t)t[T_NEXT_KEY];
         keeps[KEEPS_THRESHOLD] = KEEPS_UNDRAWN; /* the host writes the threshold after pass 3 */
         keeps[KEEPS_OFFSET] = (uint64_t)t[T_OFFSET];

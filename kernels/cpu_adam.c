@@ -53,7 +53,7 @@ typedef struct {
  * gets its own loop (a branch on a run-time setting inside a loop stops vectorisation) */
 static inline __attribute__((always_inline)) void update(
     float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
-    const adam_scalars *sc, const int mode, const int decay_mode, const uint16_t *restrict bits,
+    const adam_scalars *sc, const int mode, const int decay_mode, const alias_u16 *restrict bits,
     const uint8_t *restrict stored) {
     const float lr = sc->lr, omb1 = sc->one_minus_beta1, b2 = sc->beta2, omb2 = sc->one_minus_beta2;
     const float wd = sc->weight_decay, eps = sc->eps, decay = sc->decay, scale = sc->keep_scale, sign = sc->sign;
@@ -88,18 +88,16 @@ static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t
     uint32_t h[SPAN / 2 + 2];
     for (int64_t i = s; i < e; i += SPAN) {
         const int64_t n = e - i < SPAN ? e - i : SPAN;
-        for (int64_t j = 0; j < SPAN; j += 16) {
-            PREFETCH_AT(p, i + PREFETCH + j, 1);
-            PREFETCH_AT(g, i + PREFETCH + j, 0);
-            PREFETCH_AT(m, i + PREFETCH + j, 1);
-            PREFETCH_AT(v, i + PREFETCH + j, 1);
-        }
-        const uint16_t *bits = 0;
-        if (mode == MASK_STORED) PREFETCH_AT(stored, i + PREFETCH, 0);
+        PREFETCH_SPAN(p, i + PREFETCH, SPAN, 1);
+        PREFETCH_SPAN(g, i + PREFETCH, SPAN, 0);
+        PREFETCH_SPAN(m, i + PREFETCH, SPAN, 1);
+        PREFETCH_SPAN(v, i + PREFETCH, SPAN, 1);
+        const alias_u16 *bits = 0;
+        if (mode == MASK_STORED) PREFETCH_SPAN(stored, i + PREFETCH, SPAN, 0);
         if (mode == MASK_BERNOULLI) {
             const uint64_t first = (uint64_t)(t[T_OFFSET] + i);
             hash_elements(h, first, n, (uint64_t)t[T_KEY]);
-            bits = (const uint16_t *)h + (first & 1);
+            bits = (const alias_u16 *)h + (first & 1);
         }
         update(p + i, g + i, m + i, v + i, n, sc, mode, decay_mode, bits, stored ? stored + i : 0);
     }
@@ -172,7 +170,7 @@ void optimfx_bernoulli_grad(const float *g, float *out, int64_t n, int64_t offse
         while (s < e) {
             const uint64_t first = (uint64_t)(offset + s);
             const int64_t m = hash_block(h, first, e - s, (uint64_t)key);
-            const uint16_t *restrict bits = (const uint16_t *)h + (first & 1);
+            const alias_u16 *restrict bits = (const alias_u16 *)h + (first & 1);
             const float *restrict src = g + s;
             float *restrict dst = out + s;
             for (int64_t i = 0; i < m; ++i)

@@ -57,7 +57,7 @@ static inline int64_t hash_block(uint32_t *restrict h, uint64_t first, int64_t n
 }
 
 /* The hashes of elements [first, first + n) into h (n <= HASH_BLOCK; HASH_BLOCK / 2 + 2 words):
- * element first + i keeps its half ((const uint16_t *)h)[(first & 1) + i]. A span whose pairs
+ * element first + i keeps its half ((const alias_u16 *)h)[(first & 1) + i]. A span whose pairs
  * change high word restarts at an even element, its pairs following on in h. */
 static inline void hash_elements(uint32_t *restrict h, uint64_t first, int64_t n, uint64_t key) {
     for (int64_t done = 0; done < n;) done += hash_block(h + ((first & 1) + done) / 2, first + done, n - done, key);
@@ -86,6 +86,16 @@ static inline uint64_t f_mask_key(int64_t stream, uint32_t s0, uint32_t b) {
  * cannot fault), where pointer arithmetic would be undefined. */
 #define PREFETCH_AT(base, index, write) \
     __builtin_prefetch((const void *)((uintptr_t)(base) + (uintptr_t)(index) * sizeof *(base)), (write))
+
+/* Request the cache lines of base[index .. index + span) (one request per 64-byte line) */
+#define PREFETCH_SPAN(base, index, span, write)                                                      \
+    do {                                                                                             \
+        for (int64_t j_ = 0; j_ < (span); j_ += 64 / (int64_t)sizeof *(base))                        \
+            PREFETCH_AT(base, (index) + j_, write);                                                  \
+    } while (0)
+
+/* a hash's 16-bit halves, read from (and written into) its uint32 words */
+typedef uint16_t alias_u16 __attribute__((may_alias));
 
 /* 8-lane float vectors (GCC/Clang vector extensions, lowered to the target's vector instructions;
  * the compiler keeps a scalar reduction in source order otherwise). */

@@ -34,11 +34,8 @@ enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
 #define SPAN 64
 #define PREFETCH 512
 
-/* request the SPAN floats from base[index] (to be written: `write`), one cache line at a time */
-#define prefetch_span(base, index, write)                                                            \
-    do {                                                                                             \
-        for (int j_ = 0; j_ < SPAN; j_ += 16) PREFETCH_AT(base, (index) + j_, write);                \
-    } while (0)
+/* request the SPAN floats from base[index] (to be written: `write`) */
+#define prefetch_span(base, index, write) PREFETCH_SPAN(base, index, SPAN, write)
 
 /* a*b + c: fused where the target has FMA (one rounding, half the instructions) */
 #ifdef __FMA__
