@@ -7,6 +7,13 @@
  *                                   or, a plain SGD base ("direct"):  d = (g + wd*theta)*lr,
  *                                       nu = nu*mu + (eta*p)*d,  theta = theta + (-nu)*s
  *   apply  (after the base step)    d = saved - theta;  nu = nu*mu + (eta*p)*d;  theta = theta + (d + (-nu)*s)
+ *   adam   (adapt, base step and apply in one pass, for an Adam-family base whose step is ATen's
+ *           fused Adam without bias correction, as optimfx/reference/aten_fused.py maps it):
+ *                                   z, p and m as in adapt;  then the base's proposal, as kernels/cpu_adam.c
+ *                                   forms it:  q = theta*(1 - lr*wd) (decoupled) | ga = g + wd*theta (coupled),
+ *                                   ma = lerp(ma, ga, 1 - b1),  va = b2*va + (1 - b2)*ga*ga,
+ *                                   q = q - lr*ma/(sqrt(va) + eps);  then apply with saved = theta:
+ *                                   d = theta - q;  nu = nu*mu + (eta*p)*d;  theta = q + (d + (-nu)*s)
  *
  * Each line is the reference's ATen ops in their order of evaluation; `c` (the gain coefficient)
  * and `s` (the scale) are per tensor. A sum is taken over CHUNK-element chunks, each chunk's
@@ -21,9 +28,13 @@
 
 #include "cpu_common.h"
 
-enum { T_PARAM, T_GRAD, T_GAINS, T_VELOCITY, T_AVG_GRAD, T_SAVED, T_SCALE, T_CHUNK_BASE, T_COLUMNS };
+enum { T_PARAM, T_GRAD, T_GAINS, T_VELOCITY, T_AVG_GRAD, T_SAVED, T_SCALE, T_CHUNK_BASE, T_EXP_AVG, T_EXP_AVG_SQ,
+       T_COLUMNS };
 enum { K_TENSOR, K_START, K_END, K_COLUMNS };
 enum { S_BETA, S_EXP_CLIP, S_GAIN_MIN, S_GAIN_MAX, S_MOMENTUM, S_ETA, S_SGD_LR, S_SGD_DECAY, S_COUNT };
+/* the base's Adam scalars (the adam pass) */
+enum { A_LR, A_BETA1, A_BETA2, A_WEIGHT_DECAY, A_EPS, A_DECOUPLED, A_COUNT };
+enum { DECAY_NONE, DECAY_DECOUPLED, DECAY_COUPLED };
 enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
 
 #define CHUNK 16384
@@ -287,6 +298,117 @@ static void apply_share(const int64_t *tensors, const int64_t *tasks, int64_t n_
     }
 }
 
+/* ---- adam: gains, average, the base's Adam step and the velocity and parameter, in one pass ---- */
+
+typedef struct {
+    float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay;
+    int decay_mode, small_weight;
+} adam_scalars;
+
+static adam_scalars unpack_adam(const double *a) {
+    adam_scalars s;
+    s.lr = (float)a[A_LR];
+    s.one_minus_beta1 = (float)(1.0 - a[A_BETA1]);
+    s.weight_minus_one = s.one_minus_beta1 - 1.0f;
+    s.small_weight = fabsf(s.one_minus_beta1) < 0.5f;
+    s.beta2 = (float)a[A_BETA2];
+    s.one_minus_beta2 = (float)(1.0 - a[A_BETA2]);
+    s.weight_decay = (float)a[A_WEIGHT_DECAY];
+    s.eps = (float)a[A_EPS];
+    s.decay = (float)(1.0 - a[A_LR] * a[A_WEIGHT_DECAY]);
+    /* ATen skips the decay term when it is 0 (an inf parameter stays inf) */
+    s.decay_mode = a[A_WEIGHT_DECAY] == 0.0 ? DECAY_NONE : a[A_DECOUPLED] != 0.0 ? DECAY_DECOUPLED : DECAY_COUPLED;
+    return s;
+}
+
+static inline __attribute__((always_inline)) void adam_span(
+    float *restrict theta, const float *restrict g, float *restrict p, float *restrict nu, float *restrict m,
+    float *restrict ma, float *restrict va, int64_t n, float coef, float scale, const eg_scalars *e,
+    const adam_scalars *a, const int fresh, const int decay_mode, const int bounded) {
+    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip;
+    const float gmin = e->gain_min, gmax = e->gain_max, mu = e->momentum, eta = e->eta;
+    const int small = e->small_weight;
+    const float lr = a->lr, omb1 = a->one_minus_beta1, awm1 = a->weight_minus_one, b2 = a->beta2;
+    const float omb2 = a->one_minus_beta2, wd = a->weight_decay, eps = a->eps, decay = a->decay;
+    const int asmall = a->small_weight;
+    for (int64_t i = 0; i < n; ++i) {
+        const float gi = g[i], mi = m[i];
+        /* EG's gains and average (adapt_span's lines) */
+        float z = (coef * mi) * gi;
+        z = z < -clip ? -clip : z;
+        z = z > clip ? clip : z;
+        float pi = p[i] * (bounded ? exp_small(z) : exp_f32(z));
+        pi = pi < gmin ? gmin : pi;
+        pi = pi > gmax ? gmax : pi;
+        p[i] = pi;
+        m[i] = lerp_f32(mi, gi, w, wm1, small);
+        /* the base's proposal (cpu_adam.c's update, the gradient's sign already EG's) */
+        const float th = theta[i];
+        float q = th, ga = gi;
+        if (decay_mode == DECAY_DECOUPLED) q = q * decay;
+        if (decay_mode == DECAY_COUPLED) ga = ga + wd * q;
+        const float mai = lerp_f32(ma[i], ga, omb1, awm1, asmall);
+        const float vai = b2 * va[i] + omb2 * ga * ga;
+        ma[i] = mai;
+        va[i] = vai;
+        q = q - lr * mai / (sqrtf(vai) + eps);
+        /* EG's apply (apply_span's lines, saved = theta) */
+        const float d = th - q;
+        const float v = fresh ? pi * d : nu[i] * mu + (eta * pi) * d;
+        nu[i] = v;
+        theta[i] = q + (d + (-v) * scale);
+    }
+}
+
+/* one loop per setting, as adapt_setting */
+static void adam_setting(float *theta, const float *g, float *p, float *nu, float *m, float *ma, float *va,
+                         int64_t n, float coef, float scale, const eg_scalars *e, const adam_scalars *a,
+                         int bounded) {
+#define ADAM(fresh, decay_mode, bounded) \
+    adam_span(theta, g, p, nu, m, ma, va, n, coef, scale, e, a, fresh, decay_mode, bounded)
+#define ADAM_DECAY(fresh, bounded)                                        \
+    switch (a->decay_mode) {                                              \
+    case DECAY_DECOUPLED: ADAM(fresh, DECAY_DECOUPLED, bounded); break;   \
+    case DECAY_COUPLED: ADAM(fresh, DECAY_COUPLED, bounded); break;       \
+    default: ADAM(fresh, DECAY_NONE, bounded);                            \
+    }
+    if (e->fresh_velocity) {
+        if (bounded) { ADAM_DECAY(1, 1) } else { ADAM_DECAY(1, 0) }
+    } else {
+        if (bounded) { ADAM_DECAY(0, 1) } else { ADAM_DECAY(0, 0) }
+    }
+#undef ADAM_DECAY
+#undef ADAM
+}
+
+static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
+                       const double *scalars, const double *adam, int64_t flags) {
+    const eg_scalars e = unpack(scalars, flags);
+    const adam_scalars a = unpack_adam(adam);
+    const int bounded = e.exp_clip <= 87.0f;
+    for (int64_t k = 0; k < n_tasks; ++k) {
+        const int64_t *task = tasks + k * K_COLUMNS;
+        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
+        const int64_t s = task[K_START], n = task[K_END] - s;
+        const float coef = (float)coefs[task[K_TENSOR]], scale = *(const float *)t[T_SCALE];
+        float *theta = (float *)t[T_PARAM] + s, *p = (float *)t[T_GAINS] + s, *nu = (float *)t[T_VELOCITY] + s;
+        float *m = (float *)t[T_AVG_GRAD] + s, *ma = (float *)t[T_EXP_AVG] + s, *va = (float *)t[T_EXP_AVG_SQ] + s;
+        const float *g = (const float *)t[T_GRAD] + s;
+        for (int64_t i = 0; i < n; i += SPAN) {
+            const int64_t a_ = i + PREFETCH;
+            prefetch_span(theta, a_, 1);
+            prefetch_span(g, a_, 0);
+            prefetch_span(p, a_, 1);
+            prefetch_span(m, a_, 1);
+            prefetch_span(nu, a_, 1);
+            prefetch_span(ma, a_, 1);
+            prefetch_span(va, a_, 1);
+            adam_setting(theta + i, g + i, p + i, nu + i, m + i, ma + i, va + i, n - i < SPAN ? n - i : SPAN, coef,
+                         scale, &e, &a, bounded);
+        }
+    }
+}
+
 /* ---- entry points: every share (rows of `shares`: task table pointer, task count), one per thread ---- */
 
 void optimfx_eg_sums(const int64_t *tensors, const int64_t *shares, int64_t n_shares, double *out) {
@@ -307,4 +429,11 @@ void optimfx_eg_apply(const int64_t *tensors, const int64_t *shares, int64_t n_s
 #pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
     for (int64_t k = 0; k < n_shares; ++k)
         apply_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], scalars, flags);
+}
+
+void optimfx_eg_adam(const int64_t *tensors, const int64_t *shares, int64_t n_shares, const double *coefs,
+                     const double *scalars, const double *adam, int64_t flags) {
+#pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
+    for (int64_t k = 0; k < n_shares; ++k)
+        adam_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, adam, flags);
 }

@@ -21,6 +21,7 @@ formed, and the state is created like the parameter (DTensors for the parameter-
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from functools import partial
@@ -35,16 +36,20 @@ from .._dispatch import on_device, resolve_backend
 from .._kernels import cpu_eg
 from .._precision import compute_dtype, real_view, restored_state
 from .._validation import apply_checks, check_choice, check_lr, check_nonnegative, check_positive, check_range
+from ..reference import aten_fused
 from ..reference import eg as ref
 from ._wrapped_state import (add_param_group_via_base, fill_own_defaults, load_with_base_state,
                              refuse_closure_steps, restore_own_defaults, share_base_groups, state_dict_with_base,
                              unchanged_if_refused)
 from .base import FxOptimizer
+from .eg_adam_pass import AdamPass, base_takes_part
 
 Tensor = torch.Tensor
 BACKENDS = ("auto", "reference", "triton")
 #: ``momentum`` value that takes μ from a plain SGD base's ``momentum`` key (Funnel)
 BASE_MOMENTUM = "base"
+#: how a unit is stepped (:meth:`EGStepSize._reference_before`)
+_REFERENCE, _KERNELS, _IN_BASE_STEP = "reference", "kernels", "in base step"
 
 
 class _Unit(NamedTuple):
@@ -272,7 +277,8 @@ class EGStepSize(Optimizer):
         slow = [u for u in units if u.backend != "triton"]
         # a plain SGD base's step is known exactly: no base step, no θ read back (see ref.sgd_direction_)
         direct = self._base_is_plain_sgd()
-        saved = self._reference_before(slow, direct) if slow else []
+        adam_pass = AdamPass()
+        saved = self._reference_before(slow, direct, None if fast else adam_pass) if slow else []
         if saved is None:
             self._warn_skipped()
             return
@@ -282,8 +288,8 @@ class EGStepSize(Optimizer):
             with on_device(device):
                 handle = self._kernels().before(fast, self.skip_nonfinite, self._scratch, direct)
         if direct:
-            for unit, (directions, fused) in zip(slow, saved):
-                if not fused:  # the CPU kernel has taken the whole step already
+            for unit, (directions, how) in zip(slow, saved):
+                if how == _REFERENCE:  # the CPU kernel has taken the whole step already
                     for p, d, state in zip(unit.params, directions, unit.states):
                         ref.apply_direct_(p, d, state, unit.hp)
             if handle is not None:
@@ -296,20 +302,22 @@ class EGStepSize(Optimizer):
             if bool(handle.flag.ne(0).any()):
                 self._warn_skipped()
                 return
-        if self.skip_nonfinite and not fast and isinstance(self.base, FxOptimizer):
-            # the reference path has just checked every gradient on the host: one check, not two
-            with self.base.gradients_known_finite():
+        with aten_fused.steps_taken_by(adam_pass) if adam_pass else contextlib.nullcontext():
+            if self.skip_nonfinite and not fast and isinstance(self.base, FxOptimizer):
+                # the reference path has just checked every gradient on the host: one check, not two
+                with self.base.gradients_known_finite():
+                    self.base.step()
+            else:
                 self.base.step()
-        else:
-            self.base.step()
-        for unit, (buffers, fused) in zip(slow, saved):
-            if fused:
+        adam_pass.check_done()
+        for unit, (buffers, how) in zip(slow, saved):
+            if how == _KERNELS:
                 cpu_eg.apply(unit.params, unit.states, buffers, unit.hp)
-                continue
-            # d = θ_saved − θ_proposed, in place in the saved buffer
-            torch._foreach_sub_(buffers, unit.params)
-            for p, d, state in zip(unit.params, buffers, unit.states):
-                ref.apply_(p, d, state, unit.hp)
+            elif how == _REFERENCE:
+                # d = θ_saved − θ_proposed, in place in the saved buffer
+                torch._foreach_sub_(buffers, unit.params)
+                for p, d, state in zip(unit.params, buffers, unit.states):
+                    ref.apply_(p, d, state, unit.hp)
         if handle is not None:
             with on_device(device):
                 self._kernels().after(handle)
@@ -357,11 +365,13 @@ class EGStepSize(Optimizer):
                                "with a numeric EG momentum has its own SGD momentum (the base would have to step)")
         return False
 
-    def _reference_before(self, units: list[_Unit],
-                          direct: bool = False) -> Optional[list[tuple[list[Tensor], bool]]]:
+    def _reference_before(self, units: list[_Unit], direct: bool = False,
+                          adam_pass: Optional[AdamPass] = None) -> Optional[list[tuple[list[Tensor], str]]]:
         """Steps 1, 2 and 5 of every unit and the saved parameters (``direct``: the plain SGD step
         ``d_t`` itself, or with the CPU kernels the whole step); ``None`` when the step is skipped.
-        Each unit's entry is ``(saved buffers, whether the CPU kernels step it)``."""
+        Each unit's entry is ``(saved buffers, how it is stepped)``: ``_REFERENCE`` (ATen ops),
+        ``_KERNELS`` (``cpu_eg``'s passes) or ``_IN_BASE_STEP`` (registered in ``adam_pass``: the
+        base's step runs EG's whole pass, :mod:`~optimfx.optim.eg_adam_pass`)."""
         # each in its parameter's compute dtype (a gradient's dtype may differ from its parameter's)
         grads = [[g.to(compute_dtype(p.dtype)) for p, g in zip(u.params, u.grads)] for u in units]
         fused = [self._cpu_kernels_take(u, gs) for u, gs in zip(units, grads)]
@@ -376,20 +386,25 @@ class EGStepSize(Optimizer):
             parts.append(_distributed.sum_rows_(part, [s.get(_distributed.SHARD_KEY) for s in unit.states]))
         if self.skip_nonfinite and not self._finite(units, parts):
             return None
-        saved = []
+        saved: list[tuple[list[Tensor], str]] = []
         exponents = ref.scope_exponents([u.scope for u in units], [u.hp for u in units], parts)
         for unit, gs, part, exponent, fast in zip(units, grads, parts, exponents, fused):
             numels = torch.tensor([_distributed.global_numel(g, s) for g, s in zip(gs, unit.states)],
                                   dtype=part.dtype, device=part.device)
             lr, decay = (float(unit.group["lr"]), float(unit.group["weight_decay"])) if direct else (0.0, 0.0)
             if fast:
+                ref.update_scales_(unit.states, exponent)
+                coefficients = ref.host_gain_coefficients(part, numels, unit.hp)
+                if (not direct and adam_pass is not None
+                        and base_takes_part(self.base, unit, self.skip_nonfinite)):
+                    adam_pass.add(unit, gs, coefficients)
+                    saved.append(([], _IN_BASE_STEP))
+                    continue
                 # with a plain SGD base the kernel takes the whole step: nothing is saved
                 buffers = [] if direct else self._saved_buffers(unit)
-                ref.update_scales_(unit.states, exponent)
-                cpu_eg.adapt(unit.params, gs, unit.states, buffers or None,
-                             ref.host_gain_coefficients(part, numels, unit.hp), unit.hp, direct=direct, sgd_lr=lr,
-                             sgd_decay=decay)
-                saved.append((buffers, True))
+                cpu_eg.adapt(unit.params, gs, unit.states, buffers or None, coefficients, unit.hp, direct=direct,
+                             sgd_lr=lr, sgd_decay=decay)
+                saved.append((buffers, _KERNELS))
                 continue
             buffers = self._saved_buffers(unit)
             # the saved-parameter buffers are the gains' scratch until θ (or d) is written into them
@@ -399,7 +414,7 @@ class EGStepSize(Optimizer):
                     ref.sgd_direction_(buf, g, p, lr, decay)
             else:
                 torch._foreach_copy_(buffers, unit.params)
-            saved.append((buffers, False))
+            saved.append((buffers, _REFERENCE))
         return saved
 
     @staticmethod

@@ -41,8 +41,11 @@ gradients are still in cache.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from collections import defaultdict
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
 
 import torch
 
@@ -70,6 +73,44 @@ class FusedAdamArguments(NamedTuple):
 
 #: ``(hyper, scalars, lr) -> FusedAdamArguments``, or ``None`` when the step does not map exactly
 ArgumentsMap = Callable[[Any, Any, float], Optional[FusedAdamArguments]]
+
+
+class Takeover(Protocol):
+    """Takes the unmasked Adam step of some tensors into a pass of its own (``EGStepSize`` around an
+    optimfx ``AdamW``/``AdaX`` on CPU: ``optimfx._kernels.cpu_eg.adam_step``)."""
+
+    def __call__(self, params: list[Tensor], states: list[dict], args: FusedAdamArguments) -> set[int]:
+        """Step what it takes of ``params`` (their base ``states``, ATen's scalars ``args``); return
+        the positions of the tensors it stepped."""
+
+
+_TAKEOVER: contextvars.ContextVar[Optional[Takeover]] = contextvars.ContextVar("optimfx_adam_takeover",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def steps_taken_by(takeover: Takeover) -> Iterator[None]:
+    """Within it, :func:`step_group` offers every unmasked kernel call to ``takeover`` first and
+    steps only the tensors it leaves."""
+    token = _TAKEOVER.set(takeover)
+    try:
+        yield
+    finally:
+        _TAKEOVER.reset(token)
+
+
+def arguments_map(algorithm: Any) -> Optional[ArgumentsMap]:
+    """The map of an algorithm whose group step is :func:`step_group` (AdamW, AdaX), else ``None``."""
+    step = getattr(algorithm, "group_step", None)
+    if isinstance(step, functools.partial) and step.func is step_group and len(step.args) == 1:
+        return step.args[0]
+    return None
+
+
+def masked(hyper: Any) -> bool:
+    """Whether a group's steps mask its gradients (ChildTuning)."""
+    mask = getattr(hyper, "mask", ct.NO_MASK)
+    return bool(mask.bernoulli or mask.mode == "D")
 
 
 def available() -> bool:
@@ -112,6 +153,10 @@ def step_group(arguments: ArgumentsMap, params: list[Tensor], grads: list[Tensor
             alone.extend(idx)
             continue
         idx = [i for i in idx if params[i].numel()]  # an empty tensor's step changes nothing
+        takeover = _TAKEOVER.get()
+        if takeover is not None and idx and not masked(hyper):
+            taken = takeover([params[i] for i in idx], [states[i] for i in idx], args)
+            idx = [i for k, i in enumerate(idx) if k not in taken]
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         _step_masked(pick(params), pick(grads), pick(states), args, getattr(hyper, "mask", ct.NO_MASK), step)
     return sorted(alone)

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import optimfx
-from optimfx._kernels import cpu_build, cpu_eg, cpu_launcher
+from optimfx._kernels import cpu_adam, cpu_build, cpu_eg, cpu_launcher
+from optimfx.optim import eg as eg_module
+from optimfx.reference import aten_fused
 from optimfx.reference import eg as ref
 
 pytestmark = pytest.mark.skipif(not cpu_eg.available(),
@@ -231,9 +233,12 @@ def test_one_step_mixing_kernel_and_reference_units_tracks_the_reference(monkeyp
         return params, opt
 
     calls = []
-    monkeypatch.setattr(cpu_eg, "adapt", lambda *a, _f=cpu_eg.adapt, **k: calls.append(len(a[0])) or _f(*a, **k))
+    for name in ("adapt", "adam_step"):
+        monkeypatch.setattr(cpu_eg, name, lambda *a, _f=getattr(cpu_eg, name), _n=name, **k:
+                            calls.append((_n, len(a[0]))) or _f(*a, **k))
     fused, fused_opt = run(True)
-    assert calls == [3, 3, 3]  # the fp32 group only
+    # the fp32 group only; from the second step on (the base's state exists) in the base's step
+    assert calls == [("adapt", 3), ("adam_step", 3), ("adam_step", 3)]
     plain, plain_opt = run(False)
     for p, q in zip(fused, plain):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -259,3 +264,184 @@ def test_state_of_another_size_or_dtype_takes_the_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "RuntimeError True"
+
+
+# ---- the pass that takes an Adam-family base's step (cpu_eg.adam_step, optim/eg_adam_pass.py) ----
+
+ADAM_SHAPES = [(1,), (63,), (64 * 9 + 5,), (cpu_eg.CHUNK + 5,)]
+
+
+def _adam_inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in ADAM_SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in ADAM_SHAPES]
+    states = [{"scale": torch.tensor(1.3), "gains": torch.rand(s, generator=gen) + 0.5,
+               "velocity": torch.randn(s, generator=gen) * 0.01, "avg_grad": torch.randn(s, generator=gen)}
+              for s in ADAM_SHAPES]
+    moments = [{"exp_avg": torch.randn(s, generator=gen) * 0.1, "exp_avg_sq": torch.rand(s, generator=gen) * 0.1}
+               for s in ADAM_SHAPES]
+    return params, grads, states, moments
+
+
+ADAM_ARGS = {
+    "adamw": aten_fused.FusedAdamArguments(True, 1e-2, 0.9, 0.999, 0.01, 1e-8, False),
+    "no-decay": aten_fused.FusedAdamArguments(True, 3e-3, 0.8, 0.99, 0.0, 1e-6, False),
+    "coupled-l2": aten_fused.FusedAdamArguments(False, 1e-2, 0.9, 0.9, 0.1, 1e-8, False),
+}
+
+
+@pytest.mark.parametrize("args", list(ADAM_ARGS.values()), ids=list(ADAM_ARGS))
+@pytest.mark.parametrize("hp", [_hyper(), _hyper(momentum=0.9, lr=0.5, exp_clip=None, gain_min=None, gain_max=None)],
+                         ids=["fresh-velocity", "momentum-unclipped"])
+def test_adam_pass_is_bitwise_the_three_passes_around_the_c_adam_step(args, hp):
+    """One pass against ``adapt``, ``cpu_adam.step`` (the same Adam arithmetic) and ``apply``: the
+    same fp32 operations in the same order per element, so the same bits, on lengths around the
+    kernel's 64-element spans and 16384-element chunks."""
+    params, grads, states, moments = _adam_inputs(1)
+    coefs = [0.7, 3.0, 0.05, 1.1]
+    one = [p.clone() for p in params], _clone(states), _clone(moments)
+    cpu_eg.adam_step(one[0], grads, one[1], one[2], coefs, hp, args)
+    three = [p.clone() for p in params], _clone(states), _clone(moments)
+    saved = [torch.empty_like(p) for p in params]
+    cpu_eg.adapt(three[0], grads, three[1], saved, coefs, hp)
+    cpu_adam.step(three[0], grads, [m["exp_avg"] for m in three[2]], [m["exp_avg_sq"] for m in three[2]],
+                  lr=args.lr, beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay, eps=args.eps,
+                  decoupled=args.decoupled, maximize=False)
+    cpu_eg.apply(three[0], three[1], saved, hp)
+    for a, b in zip(one[0], three[0]):
+        assert torch.equal(a, b)
+    for got, want in [(one[1], three[1]), (one[2], three[2])]:
+        for x, y in zip(got, want):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(one[0][0], params[0])  # it stepped
+
+
+def _eg_run(make, steps: int, monkeypatch, taken: bool, grads_at=None, seed: int = 0):
+    """``steps`` steps of ``make(params)``; with ``taken=False`` no base step is taken into EG's
+    pass (the three passes around the base's own step). Returns the parameters, the optimizer and
+    the tensor counts of the ``adam_step`` calls."""
+    calls: list[int] = []
+    with monkeypatch.context() as m:
+        m.setattr(cpu_eg, "adam_step", lambda *a, _f=cpu_eg.adam_step, **k: calls.append(len(a[0])) or _f(*a, **k))
+        if not taken:
+            m.setattr(eg_module, "base_takes_part", lambda *a: False)
+        gen = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5, 7), (130, 70), (0, 3), ()]]
+        opt = make(params)
+        for t in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) + 0.5
+            if grads_at is not None:
+                grads_at(t, params)
+            opt.step()
+    return params, opt, calls
+
+
+TAKEN_BASES = {
+    "adamw": lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps, lr=1e-2), gamma_scale=0.3, gamma_gain=0.1),
+    "adamw-maximize-momentum-global": lambda ps: optimfx.EGStepSize(
+        optimfx.AdamW(ps, lr=1e-2, weight_decay=0.0, maximize=True), momentum=0.9, lr=0.5, scope="global"),
+    "adax-l2-raw-group": lambda ps: optimfx.EGStepSize(optimfx.AdaX(ps, lr=1e-2, weight_decay=0.1), normalize=False,
+                                                       gamma_scale=1e-2, gamma_gain=1e-2, scope="group"),
+    "adamw-two-groups": lambda ps: optimfx.EGStepSize(optimfx.AdamW(
+        [{"params": ps[:2], "betas": (0.8, 0.99)}, {"params": ps[2:], "lr": 3e-3}], lr=1e-2), exp_clip=None),
+}
+
+
+@pytest.mark.parametrize("name", list(TAKEN_BASES))
+def test_eg_takes_an_adam_family_base_step_into_its_own_pass(name, monkeypatch):
+    """From the second step on (the base's moments exist) the base's step runs in EG's pass, and the
+    run tracks the three passes around ATen's kernel: the Adam arithmetic of the two kernels differs
+    by a few ulp per step (``test_cpu_adam.py``), which EG's feedback carries on, so 1e-5 relative
+    over five steps; a wrong term is off by percents."""
+    taken, taken_opt, calls = _eg_run(TAKEN_BASES[name], 5, monkeypatch, taken=True)
+    plain, plain_opt, plain_calls = _eg_run(TAKEN_BASES[name], 5, monkeypatch, taken=False)
+    groups = len(taken_opt.param_groups)
+    assert len(calls) == 4 * groups and sum(calls) == 4 * 4 and plain_calls == []  # 4 non-empty tensors
+    for p, q in zip(taken, plain):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ref.STATE_KEYS:
+            torch.testing.assert_close(taken_opt.state[p][key], plain_opt.state[q][key], rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(taken_opt.base.state[p][key], plain_opt.base.state[q][key], rtol=1e-5,
+                                       atol=1e-7)
+    assert any(float(taken_opt.state[p]["scale"]) != 1.0 for p in taken if p.numel())
+
+
+NOT_TAKEN = {
+    "child-tuning-f": lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps, lr=1e-2, child_tuning_mode="F", reserve_p=0.5)),
+    "decay-after-step": lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps, lr=1e-2, decay_order="alicemind")),
+    "torch-adamw": lambda ps: optimfx.EGStepSize(torch.optim.AdamW(ps, lr=1e-2)),
+    "eg-steps-on-nonfinite": lambda ps: optimfx.EGStepSize(optimfx.AdamW(ps, lr=1e-2), skip_nonfinite=False),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_TAKEN))
+def test_base_steps_it_cannot_take_run_as_before(name, monkeypatch):
+    """Masked steps, a decay the ATen map declines, a torch.optim base and an EG that leaves the
+    finiteness check to the base: the base steps by itself, bit for bit as with no pass to take it."""
+    taken, taken_opt, calls = _eg_run(NOT_TAKEN[name], 3, monkeypatch, taken=True)
+    plain, plain_opt, _ = _eg_run(NOT_TAKEN[name], 3, monkeypatch, taken=False)
+    assert calls == []
+    for p, q in zip(taken, plain):
+        assert torch.equal(p, q)
+
+
+def test_one_group_taken_and_one_masked_in_one_step(monkeypatch):
+    def make(ps):
+        return optimfx.EGStepSize(optimfx.AdamW([{"params": ps[:2], "child_tuning_mode": "F", "reserve_p": 0.5},
+                                                 {"params": ps[2:]}], lr=1e-2))
+    taken, taken_opt, calls = _eg_run(make, 3, monkeypatch, taken=True)
+    plain, _, _ = _eg_run(make, 3, monkeypatch, taken=False)
+    assert calls == [2, 2]  # the unmasked group's non-empty tensors, steps 2 and 3
+    for p, q in zip(taken, plain):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_skipped_step_leaves_everything_as_it_was(monkeypatch):
+    """An inf gradient at the third step: parameters, EG's state, the base's moments and step count
+    unchanged by it, on the path that takes the base's steps."""
+    snapshots = {}
+
+    def poison(t, params):
+        if t == 2:
+            snapshots["before"] = [p.detach().clone() for p in params]
+            params[2].grad[1, 1] = float("inf")
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        params, opt, calls = _eg_run(TAKEN_BASES["adamw"], 3, monkeypatch, taken=True, grads_at=poison)
+    assert len(calls) == 1  # step 2 only
+    for p, before in zip(params, snapshots["before"]):
+        assert torch.equal(p, before)
+        assert int(opt.base.state[p]["step"]) == 2
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_run(monkeypatch):
+    """Three steps, a state_dict round trip into a fresh optimizer and model copy, two more steps:
+    bit for bit the five uninterrupted steps (the pass keeps nothing outside the state)."""
+    whole, whole_opt, _ = _eg_run(TAKEN_BASES["adamw"], 5, monkeypatch, taken=True)
+    gen_grads = []
+
+    def record(t, params):
+        gen_grads.append([p.grad.clone() for p in params])
+
+    first, first_opt, _ = _eg_run(TAKEN_BASES["adamw"], 5, monkeypatch, taken=True, grads_at=record)
+    # replay: 3 steps, checkpoint, fresh objects, 2 steps with the same gradients
+    params, opt, _ = _eg_run(TAKEN_BASES["adamw"], 0, monkeypatch, taken=True)
+    for t in range(3):
+        for p, g in zip(params, gen_grads[t]):
+            p.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = TAKEN_BASES["adamw"](copies)
+    resumed.load_state_dict(saved)
+    calls = []
+    monkeypatch.setattr(cpu_eg, "adam_step", lambda *a, _f=cpu_eg.adam_step, **k: calls.append(len(a[0])) or _f(*a, **k))
+    for t in range(3, 5):
+        for p, g in zip(copies, gen_grads[t]):
+            p.grad = g.clone()
+        resumed.step()
+    assert calls == [4, 4]
+    for p, q in zip(copies, whole):
+        assert torch.equal(p, q)
