@@ -3,8 +3,11 @@ pytest-benchmark, one table per preset (the conventions of ``test_step.py``).
 
 Each base appears alone and wrapped, with the default backend of both (``auto``: the reference on
 CPU, Triton on CUDA), so a table reads as "what EG costs on top of its base". The byte model of a
-wrapped base is the base's one-pass bytes plus EG's 60 B per fp32 parameter (``kernels/eg.py``:
-alignment pass and saved copy, then the apply pass).
+wrapped base (:func:`_eg_bytes`) counts EG's passes per fp32 parameter: on GPU the base's one-pass
+bytes plus 60 (``kernels/eg.py``: alignment pass and saved copy, then the apply pass); on CPU plus 64
+(``kernels/cpu_eg.c``: sums 12, adapt 28, apply 24), or, around optimfx's AdamW/AdaX, whose step runs
+inside EG's pass, 64 in all (sums 12, one pass 52); around a plain SGD base, which EG steps itself,
+48 in all (sums 12, one pass 36).
 
 Full run:  ``pytest benches/test_eg.py --benchmark-json=eg.json``
 Smoke run: ``pytest benches/test_eg.py --benchmark-disable``
@@ -27,8 +30,13 @@ from optimfx.bench.timing import prepare, run_interleaved, synchronize
 from . import presets
 
 ROUNDS = int(os.environ.get("OPTIMFX_BENCH_ROUNDS", "15"))
-#: bytes per fp32 parameter EG moves on top of its base (``kernels/eg.py``)
-EG_BYTES = 60.0
+#: bytes per fp32 parameter EG's passes move besides the base's step: GPU (``kernels/eg.py``), CPU
+#: (``kernels/cpu_eg.c``)
+EG_BYTES = {"cuda": 60.0, "cpu": 64.0}
+#: the whole step per fp32 parameter where EG takes the base's step (optimfx's AdamW/AdaX on CPU)
+#: or forms it (a plain SGD base)
+EG_WITH_ADAM_BYTES = 64.0
+EG_DIRECT_BYTES = 48.0
 
 BASES = {
     "torch.Adam": lambda ps: torch.optim.Adam(ps, lr=BENCH_LR),
@@ -44,7 +52,12 @@ def _available(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _eg_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> float:
-    return one_pass_bytes(optimizer.base, params) + EG_BYTES
+    base, device = optimizer.base, params[0].device.type
+    if type(base) is torch.optim.SGD:
+        return EG_DIRECT_BYTES
+    if device == "cpu" and isinstance(base, (optimfx.AdamW, optimfx.AdaX)):
+        return EG_WITH_ADAM_BYTES
+    return one_pass_bytes(base, params) + EG_BYTES.get(device, EG_BYTES["cuda"])
 
 
 def _cases() -> list[Impl]:
