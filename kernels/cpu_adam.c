@@ -37,42 +37,32 @@ enum { S_LR, S_BETA1, S_BETA2, S_WEIGHT_DECAY, S_EPS, S_KEEP_SCALE, S_COUNT };
 /* bits of `flags`, and the mask mode in bits 8..15, the keep threshold T in bits 16..47 */
 enum { F_DECOUPLED = 1, F_MAXIMIZE = 2 };
 enum { MASK_NONE = 0, MASK_BERNOULLI = 1, MASK_STORED = 2 };
-enum { DECAY_NONE = 0, DECAY_DECOUPLED = 1, DECAY_COUPLED = 2 };
 
 #define BLOCK HASH_BLOCK
 #define SPAN 64
 #define PREFETCH 512
 
 typedef struct {
-    float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay, keep_scale, sign;
-    int decay_mode, small_weight;
+    adam_scalars adam;
+    float keep_scale, sign;
     uint32_t threshold;
-} adam_scalars;
+} masked_adam_scalars;
 
 /* n elements from p, g, m, v; `mode` and `decay` are constants in each caller, so every setting
  * gets its own loop (a branch on a run-time setting inside a loop stops vectorisation) */
 static inline __attribute__((always_inline)) void update(
     float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
-    const adam_scalars *sc, const int mode, const int decay_mode, const alias_u16 *restrict bits,
+    const masked_adam_scalars *sc, const int mode, const int decay_mode, const alias_u16 *restrict bits,
     const uint8_t *restrict stored) {
-    const float lr = sc->lr, omb1 = sc->one_minus_beta1, b2 = sc->beta2, omb2 = sc->one_minus_beta2;
-    const float wd = sc->weight_decay, eps = sc->eps, decay = sc->decay, scale = sc->keep_scale, sign = sc->sign;
+    const float scale = sc->keep_scale, sign = sc->sign;
     const uint32_t threshold = sc->threshold;
-    const int small = sc->small_weight;
-    const float wm1 = sc->weight_minus_one;
+    const adam_scalars adam = sc->adam;
     for (int64_t i = 0; i < n; ++i) {
         float gi = g[i];
         if (mode == MASK_BERNOULLI) gi = gi * ((((uint32_t)bits[i] ^ 0x8000u) < threshold) ? scale : 0.0f);
         if (mode == MASK_STORED) gi = gi * (float)stored[i];
         gi = gi * sign;
-        float pi = p[i];
-        if (decay_mode == DECAY_DECOUPLED) pi = pi * decay;
-        if (decay_mode == DECAY_COUPLED) gi = gi + wd * pi;
-        const float mi = lerp_f32(m[i], gi, omb1, wm1, small);
-        const float vi = b2 * v[i] + omb2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi - lr * mi / (sqrtf(vi) + eps);
+        p[i] = adam_element(p[i], gi, m, v, i, &adam, decay_mode);
     }
 }
 
@@ -81,7 +71,8 @@ static inline __attribute__((always_inline)) void update(
  * span PREFETCH elements ahead requested first (software prefetch: the hardware prefetcher alone
  * left the update's loads waiting while the hashing ran) */
 static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t s, int64_t e,
-                                                        const adam_scalars *sc, const int mode, const int decay_mode) {
+                                                        const masked_adam_scalars *sc, const int mode,
+                                                        const int decay_mode) {
     float *p = (float *)t[T_PARAM], *m = (float *)t[T_EXP_AVG], *v = (float *)t[T_EXP_AVG_SQ];
     const float *g = (const float *)t[T_GRAD];
     const uint8_t *stored = mode == MASK_STORED ? (const uint8_t *)t[T_MASK] : 0;
@@ -104,7 +95,7 @@ static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t
 }
 
 #define TASK_FOR_DECAY(mode)                                                   \
-    switch (sc.decay_mode) {                                                   \
+    switch (sc.adam.decay_mode) {                                                   \
     case DECAY_DECOUPLED: task(t, start, end, &sc, mode, DECAY_DECOUPLED); break; \
     case DECAY_COUPLED: task(t, start, end, &sc, mode, DECAY_COUPLED); break;     \
     default: task(t, start, end, &sc, mode, DECAY_NONE);                        \
@@ -114,20 +105,11 @@ static inline __attribute__((always_inline)) void task(const int64_t *t, int64_t
 static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *scalars,
                        int64_t flags) {
     const int mode = (int)((flags >> 8) & 0xFF);
-    adam_scalars sc;
-    sc.lr = (float)scalars[S_LR];
-    sc.one_minus_beta1 = (float)(1.0 - scalars[S_BETA1]);
-    sc.weight_minus_one = sc.one_minus_beta1 - 1.0f;
-    sc.small_weight = fabsf(sc.one_minus_beta1) < 0.5f;
-    sc.beta2 = (float)scalars[S_BETA2];
-    sc.one_minus_beta2 = (float)(1.0 - scalars[S_BETA2]);
-    sc.weight_decay = (float)scalars[S_WEIGHT_DECAY];
-    sc.eps = (float)scalars[S_EPS];
-    sc.decay = (float)(1.0 - scalars[S_LR] * scalars[S_WEIGHT_DECAY]);
+    masked_adam_scalars sc;
+    sc.adam = adam_unpack(scalars[S_LR], scalars[S_BETA1], scalars[S_BETA2], scalars[S_WEIGHT_DECAY], scalars[S_EPS],
+                          (flags & F_DECOUPLED) != 0);
     sc.keep_scale = (float)scalars[S_KEEP_SCALE];
     sc.sign = (flags & F_MAXIMIZE) ? -1.0f : 1.0f;
-    sc.decay_mode = scalars[S_WEIGHT_DECAY] == 0.0 ? DECAY_NONE
-                    : (flags & F_DECOUPLED) ? DECAY_DECOUPLED : DECAY_COUPLED;
     sc.threshold = (uint32_t)((flags >> 16) & 0x1FFFF);
     for (int64_t k = 0; k < n_tasks; ++k) {
         const int64_t *row = tasks + k * K_COLUMNS;

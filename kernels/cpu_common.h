@@ -13,6 +13,50 @@ static inline float lerp_f32(float start, float end, float w, float w_minus_one,
     return small ? fmaf(w, end - start, start) : fmaf(w_minus_one, end - start, end);
 }
 
+/* ---- one element of ATen's fused Adam step without bias correction (optimfx/reference/aten_fused.py
+ * maps AdamW's and AdaX's steps onto it), shared by cpu_adam.c and cpu_eg.c's adam pass ---- */
+
+enum { DECAY_NONE = 0, DECAY_DECOUPLED = 1, DECAY_COUPLED = 2 };
+
+typedef struct {
+    float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay;
+    int decay_mode, small_weight;
+} adam_scalars;
+
+static inline adam_scalars adam_unpack(double lr, double beta1, double beta2, double weight_decay, double eps,
+                                       int decoupled) {
+    adam_scalars s;
+    s.lr = (float)lr;
+    s.one_minus_beta1 = (float)(1.0 - beta1);
+    s.weight_minus_one = s.one_minus_beta1 - 1.0f;
+    s.small_weight = fabsf(s.one_minus_beta1) < 0.5f;
+    s.beta2 = (float)beta2;
+    s.one_minus_beta2 = (float)(1.0 - beta2);
+    s.weight_decay = (float)weight_decay;
+    s.eps = (float)eps;
+    s.decay = (float)(1.0 - lr * weight_decay);
+    /* ATen skips the decay term when it is 0 (an inf parameter stays inf) */
+    s.decay_mode = weight_decay == 0.0 ? DECAY_NONE : decoupled ? DECAY_DECOUPLED : DECAY_COUPLED;
+    return s;
+}
+
+/* The new parameter from p and the (masked, signed) gradient g of element i; writes the moments
+ * m[i] and v[i]:
+ *     p = p * (1 - lr*wd)  (decoupled)   |   g = g + wd * p  (coupled)
+ *     m = lerp(m, g, 1 - b1),  v = b2 * v + (1 - b2) * g * g,  p = p - lr * m / (sqrt(v) + eps)
+ * `decay_mode` is a constant in each caller's loop. The pointers are not `restrict` here: GCC 12
+ * stops vectorising a caller's loop (restrict pointers of its own) when an inlined helper's are. */
+static inline __attribute__((always_inline)) float adam_element(float p, float g, float *m, float *v, int64_t i,
+                                                                const adam_scalars *sc, const int decay_mode) {
+    if (decay_mode == DECAY_DECOUPLED) p = p * sc->decay;
+    if (decay_mode == DECAY_COUPLED) g = g + sc->weight_decay * p;
+    const float mi = lerp_f32(m[i], g, sc->one_minus_beta1, sc->weight_minus_one, sc->small_weight);
+    const float vi = sc->beta2 * v[i] + sc->one_minus_beta2 * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    return p - sc->lr * mi / (sqrtf(vi) + sc->eps);
+}
+
 /* 1 when built with OpenMP (the runtime torch has loaded: the kernels then run their shares on
  * torch's own threads), 0 when the caller runs each share on a thread of its own. */
 int optimfx_openmp(void) {

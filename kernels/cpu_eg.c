@@ -10,7 +10,8 @@
  *   adam   (adapt, base step and apply in one pass, for an Adam-family base whose step is ATen's
  *           fused Adam without bias correction, as optimfx/reference/aten_fused.py maps it):
  *                                   z, p and m as in adapt;  then the base's proposal, as kernels/cpu_adam.c
- *                                   forms it:  q = theta*(1 - lr*wd) (decoupled) | ga = g + wd*theta (coupled),
+ *                                   forms it (adam_element, cpu_common.h):
+ *                                   q = theta*(1 - lr*wd) (decoupled) | ga = g + wd*theta (coupled),
  *                                   ma = lerp(ma, ga, 1 - b1),  va = b2*va + (1 - b2)*ga*ga,
  *                                   q = q - lr*ma/(sqrt(va) + eps);  then apply with saved = theta:
  *                                   d = theta - q;  nu = nu*mu + (eta*p)*d;  theta = q + (d + (-nu)*s)
@@ -34,7 +35,6 @@ enum { K_TENSOR, K_START, K_END, K_COLUMNS };
 enum { S_BETA, S_EXP_CLIP, S_GAIN_MIN, S_GAIN_MAX, S_MOMENTUM, S_ETA, S_SGD_LR, S_SGD_DECAY, S_COUNT };
 /* the base's Adam scalars (the adam pass) */
 enum { A_LR, A_BETA1, A_BETA2, A_WEIGHT_DECAY, A_EPS, A_DECOUPLED, A_COUNT };
-enum { DECAY_NONE, DECAY_DECOUPLED, DECAY_COUPLED };
 enum { F_DIRECT = 1, F_FRESH_VELOCITY = 2, F_SGD_DECAY = 4 };
 
 #define CHUNK 16384
@@ -181,25 +181,33 @@ static void sums_share(const int64_t *tensors, const int64_t *tasks, int64_t n_t
 
 /* ---- adapt (and, for a plain SGD base, the whole step) ---- */
 
+/* EG's gains and average gradient at element i: p = clamp(p * exp(clip((c*m)*g))), m = lerp(m, g,
+ * 1 - beta) (with no clip, clip = inf); returns the new gain. No `restrict` (see adam_element). */
+static inline __attribute__((always_inline)) float gains_and_average(float *p, float *m, int64_t i,
+                                                                     float gi, float coef, const eg_scalars *e,
+                                                                     const int bounded) {
+    const float mi = m[i], clip = e->exp_clip;
+    float z = (coef * mi) * gi;
+    z = z < -clip ? -clip : z;
+    z = z > clip ? clip : z;
+    float pi = p[i] * (bounded ? exp_small(z) : exp_f32(z));
+    pi = pi < e->gain_min ? e->gain_min : pi;
+    pi = pi > e->gain_max ? e->gain_max : pi;
+    p[i] = pi;
+    m[i] = lerp_f32(mi, gi, e->beta_weight, e->weight_minus_one, e->small_weight);
+    return pi;
+}
+
 static inline __attribute__((always_inline)) void adapt_span(
     float *restrict theta, const float *restrict g, float *restrict p, float *restrict nu, float *restrict m,
     float *restrict saved, int64_t n, float coef, float scale, const eg_scalars *e, const int direct,
     const int fresh, const int decay, const int bounded) {
-    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip;
-    const float gmin = e->gain_min, gmax = e->gain_max;
-    const float mu = e->momentum, eta = e->eta, lr = e->sgd_lr, wd = e->sgd_decay;
-    const int small = e->small_weight;
+    /* local copies: a store through a float pointer cannot alias them (the loop vectorises) */
+    const eg_scalars es = *e;
+    const float mu = es.momentum, eta = es.eta, lr = es.sgd_lr, wd = es.sgd_decay;
     for (int64_t i = 0; i < n; ++i) {
-        const float gi = g[i], mi = m[i];
-        float z = (coef * mi) * gi;
-        /* no clip: clip = inf */
-        z = z < -clip ? -clip : z;
-        z = z > clip ? clip : z;
-        float pi = p[i] * (bounded ? exp_small(z) : exp_f32(z));
-        pi = pi < gmin ? gmin : pi;
-        pi = pi > gmax ? gmax : pi;
-        p[i] = pi;
-        m[i] = lerp_f32(mi, gi, w, wm1, small);
+        const float gi = g[i];
+        const float pi = gains_and_average(p, m, i, gi, coef, &es, bounded);
         if (!direct) {
             saved[i] = theta[i];
         } else {
@@ -228,32 +236,6 @@ static void adapt_setting(float *theta, const float *g, float *p, float *nu, flo
     else
         bounded ? ADAPT(1, 0, 0, 1) : ADAPT(1, 0, 0, 0);
 #undef ADAPT
-}
-
-static void adapt_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
-                      const double *scalars, int64_t flags) {
-    const eg_scalars e = unpack(scalars, flags);
-    /* a clipped exponent needs no range checks in exp */
-    const int bounded = e.exp_clip <= 87.0f;
-    for (int64_t k = 0; k < n_tasks; ++k) {
-        const int64_t *task = tasks + k * K_COLUMNS;
-        const int64_t *t = tensors + task[K_TENSOR] * T_COLUMNS;
-        const int64_t s = task[K_START], n = task[K_END] - s;
-        const float coef = (float)coefs[task[K_TENSOR]], scale = *(const float *)t[T_SCALE];
-        float *theta = (float *)t[T_PARAM] + s, *p = (float *)t[T_GAINS] + s, *nu = (float *)t[T_VELOCITY] + s;
-        float *m = (float *)t[T_AVG_GRAD] + s, *saved = (float *)t[T_SAVED] + s;
-        const float *g = (const float *)t[T_GRAD] + s;
-        for (int64_t i = 0; i < n; i += SPAN) {
-            const int64_t k = n - i < SPAN ? n - i : SPAN;
-            const int64_t a = i + PREFETCH;
-            prefetch_span(theta, a, 1);
-            prefetch_span(g, a, 0);
-            prefetch_span(p, a, 1);
-            prefetch_span(m, a, 1);
-            prefetch_span(e.direct ? nu : saved, a, 1);
-            adapt_setting(theta + i, g + i, p + i, nu + i, m + i, saved + i, k, coef, scale, &e, bounded);
-        }
-    }
 }
 
 /* ---- apply (after the base step) ---- */
@@ -300,59 +282,19 @@ static void apply_share(const int64_t *tensors, const int64_t *tasks, int64_t n_
 
 /* ---- adam: gains, average, the base's Adam step and the velocity and parameter, in one pass ---- */
 
-typedef struct {
-    float lr, one_minus_beta1, weight_minus_one, beta2, one_minus_beta2, weight_decay, eps, decay;
-    int decay_mode, small_weight;
-} adam_scalars;
-
-static adam_scalars unpack_adam(const double *a) {
-    adam_scalars s;
-    s.lr = (float)a[A_LR];
-    s.one_minus_beta1 = (float)(1.0 - a[A_BETA1]);
-    s.weight_minus_one = s.one_minus_beta1 - 1.0f;
-    s.small_weight = fabsf(s.one_minus_beta1) < 0.5f;
-    s.beta2 = (float)a[A_BETA2];
-    s.one_minus_beta2 = (float)(1.0 - a[A_BETA2]);
-    s.weight_decay = (float)a[A_WEIGHT_DECAY];
-    s.eps = (float)a[A_EPS];
-    s.decay = (float)(1.0 - a[A_LR] * a[A_WEIGHT_DECAY]);
-    /* ATen skips the decay term when it is 0 (an inf parameter stays inf) */
-    s.decay_mode = a[A_WEIGHT_DECAY] == 0.0 ? DECAY_NONE : a[A_DECOUPLED] != 0.0 ? DECAY_DECOUPLED : DECAY_COUPLED;
-    return s;
-}
-
+/* The adam pass over n elements: EG's gains and average, the base's proposal q (cpu_adam.c's
+ * adam_element, the gradient's sign already EG's), then apply_span's lines with saved = theta. */
 static inline __attribute__((always_inline)) void adam_span(
     float *restrict theta, const float *restrict g, float *restrict p, float *restrict nu, float *restrict m,
     float *restrict ma, float *restrict va, int64_t n, float coef, float scale, const eg_scalars *e,
     const adam_scalars *a, const int fresh, const int decay_mode, const int bounded) {
-    const float w = e->beta_weight, wm1 = e->weight_minus_one, clip = e->exp_clip;
-    const float gmin = e->gain_min, gmax = e->gain_max, mu = e->momentum, eta = e->eta;
-    const int small = e->small_weight;
-    const float lr = a->lr, omb1 = a->one_minus_beta1, awm1 = a->weight_minus_one, b2 = a->beta2;
-    const float omb2 = a->one_minus_beta2, wd = a->weight_decay, eps = a->eps, decay = a->decay;
-    const int asmall = a->small_weight;
+    const eg_scalars es = *e;  /* local copies, as in adapt_span */
+    const adam_scalars as = *a;
+    const float mu = es.momentum, eta = es.eta;
     for (int64_t i = 0; i < n; ++i) {
-        const float gi = g[i], mi = m[i];
-        /* EG's gains and average (adapt_span's lines) */
-        float z = (coef * mi) * gi;
-        z = z < -clip ? -clip : z;
-        z = z > clip ? clip : z;
-        float pi = p[i] * (bounded ? exp_small(z) : exp_f32(z));
-        pi = pi < gmin ? gmin : pi;
-        pi = pi > gmax ? gmax : pi;
-        p[i] = pi;
-        m[i] = lerp_f32(mi, gi, w, wm1, small);
-        /* the base's proposal (cpu_adam.c's update, the gradient's sign already EG's) */
-        const float th = theta[i];
-        float q = th, ga = gi;
-        if (decay_mode == DECAY_DECOUPLED) q = q * decay;
-        if (decay_mode == DECAY_COUPLED) ga = ga + wd * q;
-        const float mai = lerp_f32(ma[i], ga, omb1, awm1, asmall);
-        const float vai = b2 * va[i] + omb2 * ga * ga;
-        ma[i] = mai;
-        va[i] = vai;
-        q = q - lr * mai / (sqrtf(vai) + eps);
-        /* EG's apply (apply_span's lines, saved = theta) */
+        const float gi = g[i], th = theta[i];
+        const float pi = gains_and_average(p, m, i, gi, coef, &es, bounded);
+        const float q = adam_element(th, gi, ma, va, i, &as, decay_mode);
         const float d = th - q;
         const float v = fresh ? pi * d : nu[i] * mu + (eta * pi) * d;
         nu[i] = v;
@@ -381,10 +323,14 @@ static void adam_setting(float *theta, const float *g, float *p, float *nu, floa
 #undef ADAM
 }
 
-static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
-                       const double *scalars, const double *adam, int64_t flags) {
+/* The adapt pass (`adam` NULL) or the adam pass (`adam`: the base's scalars, A_*) over one share. */
+static void adapt_share(const int64_t *tensors, const int64_t *tasks, int64_t n_tasks, const double *coefs,
+                        const double *scalars, const double *adam, int64_t flags) {
     const eg_scalars e = unpack(scalars, flags);
-    const adam_scalars a = unpack_adam(adam);
+    const adam_scalars a = adam ? adam_unpack(adam[A_LR], adam[A_BETA1], adam[A_BETA2], adam[A_WEIGHT_DECAY],
+                                              adam[A_EPS], adam[A_DECOUPLED] != 0.0)
+                                : adam_unpack(0, 0, 0, 0, 0, 0);
+    /* a clipped exponent needs no range checks in exp */
     const int bounded = e.exp_clip <= 87.0f;
     for (int64_t k = 0; k < n_tasks; ++k) {
         const int64_t *task = tasks + k * K_COLUMNS;
@@ -392,19 +338,25 @@ static void adam_share(const int64_t *tensors, const int64_t *tasks, int64_t n_t
         const int64_t s = task[K_START], n = task[K_END] - s;
         const float coef = (float)coefs[task[K_TENSOR]], scale = *(const float *)t[T_SCALE];
         float *theta = (float *)t[T_PARAM] + s, *p = (float *)t[T_GAINS] + s, *nu = (float *)t[T_VELOCITY] + s;
-        float *m = (float *)t[T_AVG_GRAD] + s, *ma = (float *)t[T_EXP_AVG] + s, *va = (float *)t[T_EXP_AVG_SQ] + s;
+        float *m = (float *)t[T_AVG_GRAD] + s, *saved = (float *)t[T_SAVED] + s;
+        float *ma = (float *)t[T_EXP_AVG] + s, *va = (float *)t[T_EXP_AVG_SQ] + s;
         const float *g = (const float *)t[T_GRAD] + s;
         for (int64_t i = 0; i < n; i += SPAN) {
-            const int64_t a_ = i + PREFETCH;
-            prefetch_span(theta, a_, 1);
-            prefetch_span(g, a_, 0);
-            prefetch_span(p, a_, 1);
-            prefetch_span(m, a_, 1);
-            prefetch_span(nu, a_, 1);
-            prefetch_span(ma, a_, 1);
-            prefetch_span(va, a_, 1);
-            adam_setting(theta + i, g + i, p + i, nu + i, m + i, ma + i, va + i, n - i < SPAN ? n - i : SPAN, coef,
-                         scale, &e, &a, bounded);
+            const int64_t span = n - i < SPAN ? n - i : SPAN, ahead = i + PREFETCH;
+            prefetch_span(theta, ahead, 1);
+            prefetch_span(g, ahead, 0);
+            prefetch_span(p, ahead, 1);
+            prefetch_span(m, ahead, 1);
+            if (adam) {
+                prefetch_span(nu, ahead, 1);
+                prefetch_span(ma, ahead, 1);
+                prefetch_span(va, ahead, 1);
+                adam_setting(theta + i, g + i, p + i, nu + i, m + i, ma + i, va + i, span, coef, scale, &e, &a,
+                             bounded);
+            } else {
+                prefetch_span(e.direct ? nu : saved, ahead, 1);
+                adapt_setting(theta + i, g + i, p + i, nu + i, m + i, saved + i, span, coef, scale, &e, bounded);
+            }
         }
     }
 }
@@ -421,7 +373,7 @@ void optimfx_eg_adapt(const int64_t *tensors, const int64_t *shares, int64_t n_s
                       const double *scalars, int64_t flags) {
 #pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
     for (int64_t k = 0; k < n_shares; ++k)
-        adapt_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, flags);
+        adapt_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, 0, flags);
 }
 
 void optimfx_eg_apply(const int64_t *tensors, const int64_t *shares, int64_t n_shares, const double *scalars,
@@ -435,5 +387,5 @@ void optimfx_eg_adam(const int64_t *tensors, const int64_t *shares, int64_t n_sh
                      const double *scalars, const double *adam, int64_t flags) {
 #pragma omp parallel for num_threads((int)n_shares) schedule(static, 1)
     for (int64_t k = 0; k < n_shares; ++k)
-        adam_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, adam, flags);
+        adapt_share(tensors, (const int64_t *)shares[2 * k], shares[2 * k + 1], coefs, scalars, adam, flags);
 }
