@@ -399,9 +399,11 @@ class EGStepSize(Optimizer):
             if fast:
                 ref.update_scales_(unit.states, exponent)
                 coefficients = ref.host_gain_coefficients(part, numels, unit.hp)
-                if (not direct and adam_pass is not None
-                        and base_takes_part(self.base, unit, self.skip_nonfinite)):
-                    adam_pass.add(unit, gs, coefficients)
+                if (not direct and adam_pass is not None and base_takes_part(self.base, unit, self.skip_nonfinite)
+                        and adam_pass.add(unit, gs, coefficients)):
+                    for owner in unit.owners:
+                        # no saved copy from now on (the first step, before the base's state existed, made one)
+                        self._scratch.pop(owner, None)
                     saved.append(([], _IN_BASE_STEP))
                     continue
                 # with a plain SGD base the kernel takes the whole step: nothing is saved

@@ -84,11 +84,16 @@ class AdamPass:
     def __init__(self) -> None:
         self._pending: dict[int, _Pending] = {}
 
-    def add(self, unit: Any, grads: list[Tensor], coefficients: list[float]) -> None:
-        """Register ``unit``'s non-empty tensors (their scales already updated)."""
-        for param, grad, state, c in zip(unit.params, grads, unit.states, coefficients):
-            if param.numel():
-                self._pending[param.data_ptr()] = _Pending(unit.hp, grad, state, c)
+    def add(self, unit: Any, grads: list[Tensor], coefficients: list[float]) -> bool:
+        """Register ``unit``'s non-empty tensors (their scales already updated); ``False``, with nothing
+        registered, when two tensors start at one address (views of one buffer: the base's calls
+        name tensors by address here)."""
+        entries = {param.data_ptr(): _Pending(unit.hp, grad, state, c)
+                   for param, grad, state, c in zip(unit.params, grads, unit.states, coefficients) if param.numel()}
+        if len(entries) < sum(1 for p in unit.params if p.numel()) or not entries.keys().isdisjoint(self._pending):
+            return False
+        self._pending.update(entries)
+        return True
 
     def __bool__(self) -> bool:
         return bool(self._pending)

@@ -366,6 +366,8 @@ def test_eg_takes_an_adam_family_base_step_into_its_own_pass(name, monkeypatch):
             torch.testing.assert_close(taken_opt.base.state[p][key], plain_opt.base.state[q][key], rtol=1e-5,
                                        atol=1e-7)
     assert any(float(taken_opt.state[p]["scale"]) != 1.0 for p in taken if p.numel())
+    # the first step's saved copies of the parameters are not kept: the pass needs none
+    assert not any(p in taken_opt._scratch for p in taken) and any(p in plain_opt._scratch for p in plain)
 
 
 NOT_TAKEN = {
@@ -445,3 +447,25 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(monkeypatch):
     assert calls == [4, 4]
     for p, q in zip(copies, whole):
         assert torch.equal(p, q)
+
+
+def test_parameters_viewing_one_buffer_keep_the_three_passes(monkeypatch):
+    """Two parameters that start at one address (views of one buffer): the pass names the base's
+    tensors by address, so that group steps as before, and the result is the three passes'."""
+    def run(taken: bool):
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(cpu_eg, "adam_step", lambda *a, _f=cpu_eg.adam_step, **k: calls.append(len(a[0])) or _f(*a, **k))
+            if not taken:
+                m.setattr(eg_module, "base_takes_part", lambda *a: False)
+            buffer = torch.randn(64, generator=torch.Generator().manual_seed(0))
+            a, b = torch.nn.Parameter(buffer[:32]), torch.nn.Parameter(buffer[:32].view(4, 8))
+            opt = optimfx.EGStepSize(optimfx.AdamW([a, b], lr=1e-2))
+            for t in range(3):
+                a.grad, b.grad = torch.full((32,), 0.5 + t), torch.full((4, 8), -0.25)
+                opt.step()
+        return a.detach().clone(), calls
+
+    (got, calls), (want, _) = run(True), run(False)
+    assert calls == []
+    assert torch.equal(got, want)
