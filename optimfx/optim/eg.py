@@ -14,9 +14,8 @@ step and nothing is saved. On fp32 CPU tensors the reference backend runs these 
 kernels of ``optimfx._kernels.cpu_eg`` (sums; gains, average and saved ``θ``; velocity and
 parameter), or, with a plain SGD base, the whole step in its second pass. Around optimfx's
 ``AdamW``/``AdaX`` (unmasked, on the reference backend) step 1's gains and average and steps 2
-and 3 run in one pass: the base's
-``step()`` hands its Adam kernel call to that pass, which forms the proposal in registers
-(``eg_adam_pass.py``).
+and 3 run in one pass: the base's ``step()`` hands its Adam kernel call to that pass, which forms
+the proposal in registers (``eg_adam_pass.py``).
 
 On FSDP2 (DTensor) parameters both backends step the local shards: the per-tensor sums are this
 rank's partial sums, completed across ranks (``_distributed.sum_rows_``) before any exponent is

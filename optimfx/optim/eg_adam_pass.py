@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import _distributed
-from .._dispatch import resolve_backend
+from .._dispatch import _host_lr, resolve_backend
 from .._kernels import cpu_eg
 from .._precision import real_view
 from ..reference import aten_fused
@@ -63,8 +63,7 @@ def base_takes_part(base: Any, unit: Any, eg_checks_finite: bool) -> bool:
     hyper = base.algorithm.hyper(group)
     if aten_fused.masked(hyper):
         return False
-    lr = base._step_lr(group)
-    lr = float(lr) if isinstance(lr, Tensor) else lr
+    lr = _host_lr(base._step_lr(group))  # as the base's step reads it
     steps = set()
     for owner, param, state in zip(unit.owners, unit.params, unit.states):
         base_state = base.state.get(owner)

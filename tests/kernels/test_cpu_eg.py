@@ -316,15 +316,18 @@ def test_adam_pass_is_bitwise_the_three_passes_around_the_c_adam_step(args, hp):
     assert not torch.equal(one[0][0], params[0])  # it stepped
 
 
-def _eg_run(make, steps: int, monkeypatch, taken: bool, grads_at=None, seed: int = 0):
+def _eg_run(make, steps: int, monkeypatch, taken: bool, grads_at=None, seed: int = 0, reference: bool = False):
     """``steps`` steps of ``make(params)``; with ``taken=False`` no base step is taken into EG's
-    pass (the three passes around the base's own step). Returns the parameters, the optimizer and
-    the tensor counts of the ``adam_step`` calls."""
+    pass (the three passes around the base's own step); with ``reference`` EG runs the reference's
+    ATen ops (no C kernel). Returns the parameters, the optimizer and the tensor counts of the
+    ``adam_step`` calls."""
     calls: list[int] = []
     with monkeypatch.context() as m:
         m.setattr(cpu_eg, "adam_step", lambda *a, _f=cpu_eg.adam_step, **k: calls.append(len(a[0])) or _f(*a, **k))
         if not taken:
             m.setattr(eg_module, "base_takes_part", lambda *a: False)
+        if reference:
+            m.setattr(cpu_eg, "available", lambda: False)
         gen = torch.Generator().manual_seed(seed)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(7,), (3, 5, 7), (130, 70), (0, 3), ()]]
         opt = make(params)
@@ -356,8 +359,14 @@ def test_eg_takes_an_adam_family_base_step_into_its_own_pass(name, monkeypatch):
     over five steps; a wrong term is off by percents."""
     taken, taken_opt, calls = _eg_run(TAKEN_BASES[name], 5, monkeypatch, taken=True)
     plain, plain_opt, plain_calls = _eg_run(TAKEN_BASES[name], 5, monkeypatch, taken=False)
+    reference, reference_opt, reference_calls = _eg_run(TAKEN_BASES[name], 5, monkeypatch, taken=False,
+                                                        reference=True)
     groups = len(taken_opt.param_groups)
-    assert len(calls) == 4 * groups and sum(calls) == 4 * 4 and plain_calls == []  # 4 non-empty tensors
+    assert len(calls) == 4 * groups and sum(calls) == 4 * 4 and plain_calls == reference_calls == []
+    # against the reference's ATen ops (the base stepped by its own reference-backend kernel) and
+    # against the three C passes
+    for p, q in [*zip(taken, reference), *zip(taken, plain)]:
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     for p, q in zip(taken, plain):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         for key in ref.STATE_KEYS:
